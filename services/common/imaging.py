@@ -1,0 +1,78 @@
+"""Decode untrusted image bytes into the fixed-size RGB tensor the models take, cheaply and safely."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from services.common.config import DecodeSettings
+from services.common.errors import BadInput
+from services.common.schemas import ErrorKind
+
+# Pillow's own bomb guard is set per call below; disable the global one so our limit is the single source.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # uint8, (size, size, 3), RGB, EXIF-oriented
+    format: str
+    width: int  # original, after orientation
+    height: int
+
+
+def decode_image(data: bytes, settings: DecodeSettings, size: int = 256) -> DecodedImage:
+    if not data:
+        raise BadInput(ErrorKind.CORRUPT_IMAGE, "empty body (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format or "UNKNOWN"
+            if fmt not in settings.allowed_formats:
+                raise BadInput(ErrorKind.UNSUPPORTED_FORMAT, f"format {fmt} is not allowed")
+            width, height = image.size
+            if width * height > settings.max_pixels:
+                raise BadInput(
+                    ErrorKind.DECOMPRESSION_BOMB,
+                    f"declared canvas {width}x{height} exceeds {settings.max_pixels} pixels",
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated GIF/WebP: moderate the first frame
+            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: most of the cost of big photos disappears.
+            image.draft("RGB", (size, size))
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            oriented_w, oriented_h = image.size
+            if image.mode not in ("RGB",):
+                image = _to_rgb(image)
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except BadInput:
+        raise
+    except (UnidentifiedImageError, SyntaxError) as exc:
+        raise BadInput(ErrorKind.UNSUPPORTED_FORMAT, f"not a recognised image: {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise BadInput(ErrorKind.DECOMPRESSION_BOMB, str(exc)) from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInput(ErrorKind.CORRUPT_IMAGE, f"cannot decode image: {exc}") from exc
+    if pixels.shape != (size, size, 3):
+        raise BadInput(ErrorKind.CORRUPT_IMAGE, f"unexpected decoded shape {pixels.shape}")
+    return DecodedImage(pixels=pixels, format=fmt, width=oriented_w, height=oriented_h)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Flattens alpha onto white, and maps CMYK, 16-bit and palette images to 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        peak = arr.max() or 1.0
+        image = Image.fromarray((arr / peak * 255.0).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -1,0 +1,116 @@
+"""A replica's view of the shared index: snapshot + stream tail from Redis, with a local buffer for outages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections import deque
+
+import numpy as np
+import redis
+
+from services.common.index.base import IndexEntry, Neighbour, Snapshot
+from services.common.index.faiss_index import FaissVectorIndex
+from services.common.index.redis_store import RedisIndexStore
+
+log = logging.getLogger(__name__)
+READ_COUNT = 10_000
+
+
+class SharedRecentIndex:
+    """Every replica sees every recent image: it replays others' additions before each search.
+
+    If Redis is down, additions wait in ``pending`` and searches use the local index; both catch up later.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, model_version: str, dim: int, retention_s: int) -> None:
+        self.model_version = model_version
+        self.store = RedisIndexStore(client, prefix, model_version)
+        self.local = FaissVectorIndex(dim)
+        self.retention_s = retention_s
+        self.stream_id = "0-0"
+        self.pending: deque[IndexEntry] = deque()
+        self.loaded = False
+        self.redis_ok = True
+        self._lock = threading.Lock()
+        self._owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def _load(self) -> None:
+        snapshot = self.store.load_snapshot()
+        if snapshot is not None:
+            self.local.add(snapshot.entries)
+            self.stream_id = snapshot.stream_id
+        self.loaded = True
+
+    def sync(self) -> bool:
+        """Flushes pending additions and replays the stream tail; False while Redis is unreachable."""
+        with self._lock:
+            try:
+                if not self.loaded:
+                    self._load()
+                while self.pending:
+                    batch = list(self.pending)
+                    self.store.append(batch)
+                    for _ in batch:
+                        self.pending.popleft()
+                while True:
+                    entries, last = self.store.read_since(self.stream_id, READ_COUNT)
+                    if not entries:
+                        break
+                    self.local.add(entries)
+                    self.stream_id = last
+                    if len(entries) < READ_COUNT:
+                        break
+                if not self.redis_ok:
+                    log.info("index: Redis reachable again; caught up to %s", self.stream_id)
+                self.redis_ok = True
+                return True
+            except redis.RedisError as exc:
+                if self.redis_ok:
+                    log.warning("index: Redis unavailable (%s); serving from the local index", exc)
+                self.redis_ok = False
+                return False
+
+    def search(self, vectors: np.ndarray, k: int, exclude: list[str] | None = None) -> list[list[Neighbour]]:
+        """Top-k neighbours per vector, never the query's own upload (redelivered work is idempotent)."""
+        results = self.local.search(vectors, k + 1)
+        out = []
+        for i, row in enumerate(results):
+            own = exclude[i] if exclude else None
+            out.append([n for n in row if n.upload_id != own][:k])
+        return out
+
+    def add(self, entries: list[IndexEntry]) -> None:
+        """Local first (so the next item of this batch sees it), then Redis, or the pending buffer."""
+        self.local.add(entries)
+        with self._lock:
+            self.pending.extend(entries)
+        self.sync()
+
+    def compact(self, now: float | None = None, lock_ttl_s: int = 60) -> int | None:
+        """Writes a snapshot of the retention window and trims the stream; one replica at a time."""
+        now = time.time() if now is None else now
+        if not self.store.acquire_compactor_lock(self._owner, lock_ttl_s):
+            return None
+        try:
+            self.sync()
+            cutoff = now - self.retention_s
+            with self._lock:
+                self.local.evict_older_than(cutoff)
+                snapshot = Snapshot(entries=self.local.entries(), stream_id=self.stream_id)
+            self.store.write_snapshot(snapshot)
+            self.store.trim_before(snapshot.stream_id)
+            return len(snapshot.entries)
+        finally:
+            self.store.release_compactor_lock(self._owner)
+
+    def reload_jitter_s(self, base_s: float) -> float:
+        """Spread periodic reloads so that N replicas never hit Redis in the same instant."""
+        return base_s * (0.5 + random.random())

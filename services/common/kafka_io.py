@@ -1,0 +1,105 @@
+"""Kafka plumbing shared by the services: topic creation, an acknowledged producer, consumer settings."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from services.common.config import KafkaSettings
+from services.common.errors import TransientError
+
+
+def ensure_topics(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
+    admin = AdminClient(settings.client_config())
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [
+        (settings.topic_uploads, settings.partitions, {}),
+        (settings.topic_verdicts, settings.partitions, {"cleanup.policy": "compact,delete"}),
+        (settings.topic_review, settings.partitions, {"cleanup.policy": "compact,delete"}),
+        (settings.topic_feedback, settings.partitions, {}),
+        (settings.topic_dlq, 1, {}),
+    ]
+    new = [
+        NewTopic(name, num_partitions=n, replication_factor=1, config=cfg)
+        for name, n, cfg in wanted
+        if name not in existing
+    ]
+    if not new:
+        return
+    for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise RuntimeError(f"cannot create topic {topic}: {exc}") from exc
+
+
+def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dict[str, object]:
+    """Manual commits only for finished work; cooperative-sticky so a rebalance moves few partitions."""
+    return {
+        **settings.client_config(),
+        "group.id": group_id or settings.consumer_group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": 15000,
+        "heartbeat.interval.ms": 1000,
+        "max.poll.interval.ms": 600000,
+        "fetch.max.bytes": 16 * 1024 * 1024,
+    }
+
+
+@dataclass
+class _Acks:
+    pending: int = 0
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AckedProducer:
+    """An idempotent producer whose flush() fails loudly if any message of the batch was not acknowledged."""
+
+    def __init__(self, settings: KafkaSettings, extra: dict[str, object] | None = None) -> None:
+        conf: dict[str, object] = {
+            **settings.client_config(),
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "message.timeout.ms": 120000,
+        }
+        conf.update(extra or {})
+        self.producer = Producer(conf)
+        self._acks = _Acks()
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        with self._acks.lock:
+            self._acks.pending -= 1
+            if err is not None:
+                self._acks.errors.append(str(err))
+
+    def produce(self, topic: str, key: str | None, value: bytes, headers: Iterable[tuple[str, bytes]] = ()) -> None:
+        with self._acks.lock:
+            self._acks.pending += 1
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, headers=list(headers), on_delivery=self._on_delivery)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        remaining = self.producer.flush(timeout_s)
+        with self._acks.lock:
+            errors, self._acks.errors = self._acks.errors, []
+            pending = self._acks.pending
+        if remaining or errors or pending:
+            raise TransientError("kafka", f"{remaining} unsent, {pending} unacknowledged, errors: {errors[:3]}")
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        self.producer.poll(timeout_s)

@@ -1,0 +1,1 @@
+"""Network definitions shared by the Triton models, training and evaluation."""

@@ -1,0 +1,305 @@
+"""One batch of upload messages in, verdicts, review requests and dead letters out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+from confluent_kafka import Message
+from opentelemetry import trace
+from opentelemetry.trace import Span
+from pydantic import ValidationError
+
+from services.common.config import Settings
+from services.common.errors import BadInput, TransientError
+from services.common.fetch import FetcherRegistry
+from services.common.imaging import DecodedImage, decode_image
+from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.inference import ImageModels
+from services.common.schemas import DeadLetter, ErrorKind, ReviewRequest, UploadEvent, Verdict
+from services.common.telemetry import extract_context, tracer
+from services.moderator.decide import decide
+from services.moderator.metrics import ModeratorMetrics
+from services.moderator.processed import ProcessedEvents
+
+log = logging.getLogger(__name__)
+_tracer = tracer("sieve.moderator")
+
+
+@dataclass
+class Item:
+    message: Message
+    span: Span
+    timings: dict[str, float] = field(default_factory=dict)
+    event: UploadEvent | None = None
+    image: DecodedImage | None = None
+    failure: BadInput | None = None
+
+
+@dataclass
+class BatchOutput:
+    verdicts: list[tuple[Verdict, Span]] = field(default_factory=list)
+    reviews: list[tuple[ReviewRequest, Span]] = field(default_factory=list)
+    dead_letters: list[tuple[DeadLetter, Span]] = field(default_factory=list)
+    index_entries: list[IndexEntry] = field(default_factory=list)
+    fresh_verdicts: list[Verdict] = field(default_factory=list)
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ImageModels,
+        redis_client: redis.Redis,
+        fetcher: FetcherRegistry | None = None,
+        metrics: ModeratorMetrics | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.redis = redis_client
+        self.fetcher = fetcher or FetcherRegistry(settings.fetch)
+        self.metrics = metrics or ModeratorMetrics()
+        self.processed = ProcessedEvents(redis_client, settings.redis.key_prefix, settings.moderator.dedup_ttl_s)
+        self.indexes: dict[str, SharedRecentIndex] = {}
+        self.sleep = sleep
+        self._pool = ThreadPoolExecutor(max_workers=settings.moderator.fetch_workers, thread_name_prefix="fetch")
+
+    def index_for(self, model_version: str, dim: int) -> SharedRecentIndex:
+        """One index per model version: embeddings of two versions never share an index."""
+        index = self.indexes.get(model_version)
+        if index is None:
+            index = SharedRecentIndex(
+                self.redis, self.settings.redis.key_prefix, model_version, dim, self.settings.index.retention_s
+            )
+            self.indexes[model_version] = index
+        return index
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def _parse(self, item: Item) -> None:
+        raw = item.message.value() or b""
+        try:
+            item.event = UploadEvent.model_validate_json(raw)
+            item.span.set_attribute("sieve.upload_id", item.event.upload_id)
+            item.span.set_attribute("sieve.event_id", item.event.event_id)
+        except ValidationError as exc:
+            kind = ErrorKind.MALFORMED_EVENT if _is_json_error(exc, raw) else ErrorKind.SCHEMA_VIOLATION
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
+            item.failure = BadInput(kind, detail[:2000])
+
+    def _fetch_decode(self, item: Item) -> None:
+        assert item.event is not None
+        ctx = trace.set_span_in_context(item.span)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with _tracer.start_as_current_span("fetch", context=ctx) as span:
+                    began = time.perf_counter()
+                    data = self.fetcher.fetch(item.event.image_uri)
+                    item.timings["fetch_ms"] = _ms(began)
+                    span.set_attribute("sieve.bytes", len(data))
+                with _tracer.start_as_current_span("decode", context=ctx) as span:
+                    began = time.perf_counter()
+                    item.image = decode_image(data, self.settings.decode, self.settings.triton.input_size)
+                    item.timings["decode_ms"] = _ms(began)
+                    span.set_attribute("sieve.format", item.image.format)
+                return
+            except BadInput as exc:
+                item.failure = exc
+                return
+            except TransientError as exc:
+                if attempts >= self.settings.moderator.max_retries:
+                    item.failure = BadInput(ErrorKind.RETRIES_EXHAUSTED, f"{attempts} attempts: {exc}")
+                    return
+                self.sleep(min(self.settings.moderator.retry_backoff_s * 2 ** (attempts - 1), 5.0))
+            except Exception as exc:  # a bug or an unforeseen input must not stall the partition
+                log.exception("unexpected error preparing %s", item.event.upload_id)
+                item.failure = BadInput(ErrorKind.CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}")
+                return
+
+    # -- the batch ------------------------------------------------------------------------------------
+
+    def start_items(self, messages: list[Message]) -> list[Item]:
+        items = []
+        for msg in messages:
+            parent = extract_context(msg.headers())
+            span = _tracer.start_span(
+                "moderator.process",
+                context=parent,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": msg.topic() or "",
+                    "messaging.kafka.partition": msg.partition() or 0,
+                    "messaging.kafka.offset": msg.offset() or 0,
+                },
+            )
+            items.append(Item(message=msg, span=span))
+        return items
+
+    def run(self, items: list[Item]) -> BatchOutput:
+        """Everything except publishing; raises TransientError when a shared dependency is down."""
+        out = BatchOutput()
+        for item in items:
+            began = time.perf_counter()
+            self._parse(item)
+            item.timings["parse_ms"] = _ms(began)
+
+        live = [i for i in items if i.failure is None and i.event is not None]
+        known = self.processed.get_many([i.event.event_id for i in live if i.event])
+        todo: list[Item] = []
+        for item in live:
+            assert item.event is not None
+            previous = known.get(item.event.event_id)
+            if previous is not None and previous.upload_id == item.event.upload_id:
+                out.verdicts.append((previous, item.span))  # redelivery: republish the same verdict
+                item.span.set_attribute("sieve.redelivered", True)
+            else:
+                todo.append(item)
+
+        list(self._pool.map(self._fetch_decode, todo))
+        ready = [i for i in todo if i.failure is None and i.image is not None]
+
+        if ready:
+            self._infer_and_decide(ready, out)
+
+        for item in items:
+            if item.failure is not None:
+                out.dead_letters.append((self._dead_letter(item), item.span))
+        return out
+
+    def _infer_and_decide(self, ready: list[Item], out: BatchOutput) -> None:
+        batch = np.stack([i.image.pixels for i in ready if i.image is not None])
+        t0 = _now_ns()
+        began = time.perf_counter()
+        result = self.models.infer(batch)
+        infer_ms = _ms(began)
+        t1 = _now_ns()
+        self.metrics.stage("triton", infer_ms / 1000.0)
+        index = self.index_for(result.model_version, int(result.embeddings.shape[1]))
+        index.sync()
+        cfg = self.settings.decision
+        t2 = _now_ns()
+        search_total = 0.0
+        for row, item in enumerate(ready):
+            assert item.event is not None
+            _child(
+                item.span,
+                "triton.infer",
+                t0,
+                t1,
+                {"sieve.model_version": result.model_version, "sieve.batch_size": len(ready)},
+            )
+            item.timings["infer_ms"] = round(infer_ms, 3)
+            s0 = _now_ns()
+            began = time.perf_counter()
+            neighbours = index.search(result.embeddings[row : row + 1], cfg.top_k, exclude=[item.event.upload_id])[0]
+            scores = {c: float(result.scores[row, k]) for k, c in enumerate(result.categories)}
+            decision = decide(neighbours, scores, cfg)
+            entry = IndexEntry(item.event.upload_id, result.embeddings[row], time.time())
+            index.local.add([entry])  # later items of this batch must see it
+            item.timings["search_ms"] = _ms(began)
+            search_total += item.timings["search_ms"]
+            _child(
+                item.span,
+                "index.search",
+                s0,
+                _now_ns(),
+                {"sieve.neighbours": len(neighbours), "sieve.index_size": len(index)},
+            )
+            out.index_entries.append(entry)
+            verdict = Verdict(
+                upload_id=item.event.upload_id,
+                event_id=item.event.event_id,
+                model_version=result.model_version,
+                action=decision.action,
+                duplicate_of=decision.duplicate_of,
+                flags=decision.flags,
+                reasons=decision.reasons,
+                timings=item.timings,
+            )
+            item.span.set_attribute("sieve.action", decision.action.value)
+            out.verdicts.append((verdict, item.span))
+            out.fresh_verdicts.append(verdict)
+            if decision.review_reason is not None:
+                out.reviews.append(
+                    (
+                        ReviewRequest(
+                            upload_id=item.event.upload_id,
+                            image_uri=item.event.image_uri,
+                            reason=decision.review_reason,
+                            priority=decision.review_priority,
+                            scores=decision.flags,
+                            neighbours=decision.neighbours,
+                            model_version=result.model_version,
+                        ),
+                        item.span,
+                    )
+                )
+        self.metrics.stage("index_search", search_total / 1000.0)
+        self.metrics.index_size(result.model_version, len(index))
+        del t2
+
+    def commit_index(self, out: BatchOutput, model_versions: list[str] | None = None) -> None:
+        """After the verdicts are acknowledged: share the batch's embeddings and remember the events."""
+        by_version: dict[str, list[IndexEntry]] = {}
+        for verdict in out.fresh_verdicts:
+            by_version.setdefault(verdict.model_version, [])
+        for entry, verdict in zip(out.index_entries, out.fresh_verdicts, strict=True):
+            by_version[verdict.model_version].append(entry)
+        for version, entries in by_version.items():
+            if entries:
+                self.indexes[version].add(entries)
+        self.processed.put_many(out.fresh_verdicts)
+
+    def _dead_letter(self, item: Item) -> DeadLetter:
+        assert item.failure is not None
+        msg = item.message
+        key = msg.key()
+        item.span.set_attribute("sieve.dlq", item.failure.kind.value)
+        item.span.set_status(trace.Status(trace.StatusCode.ERROR, item.failure.detail[:200]))
+        return DeadLetter(
+            original=msg.value() or b"",
+            original_key=key.decode(errors="replace") if isinstance(key, bytes) else key,
+            source_topic=msg.topic() or "",
+            source_partition=msg.partition() or 0,
+            source_offset=msg.offset() or 0,
+            error_kind=item.failure.kind,
+            detail=item.failure.detail,
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def _is_json_error(exc: ValidationError, raw: bytes) -> bool:
+    if any(e["type"] == "json_invalid" for e in exc.errors()):
+        return True
+    try:
+        json.loads(raw)
+    except ValueError:
+        return True
+    return False
+
+
+def _ms(began: float) -> float:
+    return round((time.perf_counter() - began) * 1000.0, 3)
+
+
+def _child(parent: Span, name: str, start_ns: int, end_ns: int, attributes: dict[str, str | int | float]) -> None:
+    """A per-upload child span for a stage that ran once for the whole batch."""
+    span = _tracer.start_span(
+        name, context=trace.set_span_in_context(parent), start_time=start_ns, attributes=attributes
+    )
+    span.end(end_time=end_ns)

@@ -1,0 +1,245 @@
+"""The consumer-group loop: batch, process, publish, then commit. Pauses while a dependency is down."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from opentelemetry import trace
+
+from services.common.config import Settings
+from services.common.errors import TransientError
+from services.common.fetch import FetcherRegistry
+from services.common.health import HealthServer
+from services.common.inference import ImageModels, TritonModels
+from services.common.kafka_io import AckedProducer, consumer_config, ensure_topics
+from services.common.telemetry import inject_headers
+from services.moderator.metrics import ModeratorMetrics
+from services.moderator.pipeline import BatchOutput, Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class Moderator:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ImageModels | None = None,
+        fetcher: FetcherRegistry | None = None,
+        on_batch: Callable[[BatchOutput], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(
+            settings.redis.url.get_secret_value(),
+            socket_timeout=settings.redis.socket_timeout_s,
+            socket_connect_timeout=settings.redis.socket_timeout_s,
+        )
+        self.metrics = ModeratorMetrics()
+        self.models = models or TritonModels(settings.triton, max_batch=64)
+        self.pipeline = Pipeline(settings, self.models, self.redis, fetcher, self.metrics)
+        self.producer = AckedProducer(settings.kafka)
+        self.stop_event = threading.Event()
+        self.on_batch = on_batch
+        self.consumer: Consumer | None = None
+        self.assigned: set[tuple[str, int]] = set()
+        self.dependency_down: str | None = None
+        self.last_loop = time.monotonic()
+        self.processed_count = 0
+        self._last_maintenance = time.monotonic()
+        self._last_lag = 0.0
+
+    # -- rebalance callbacks ------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("assigned %s", sorted(p.partition for p in partitions))
+        if self.dependency_down:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The loop is single-threaded: finished work is already committed when this runs between batches.
+        self.assigned -= {(p.topic, p.partition) for p in partitions}
+        log.info("revoked %s", sorted(p.partition for p in partitions))
+
+    # -- main loop ----------------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            log.info("signal %s: draining in-flight work, then committing", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, idle_exit_s: float | None = None) -> None:
+        cfg = self.settings
+        ensure_topics(cfg.kafka)
+        health = None
+        if cfg.moderator.health_port:
+            health = HealthServer(cfg.moderator.health_port, self._live, self._ready)
+            health.start()
+        consumer = Consumer(consumer_config(cfg.kafka))
+        self.consumer = consumer
+        consumer.subscribe(
+            [cfg.kafka.topic_uploads], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+        idle_since = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                self.last_loop = time.monotonic()
+                messages = consumer.consume(
+                    num_messages=cfg.moderator.batch_size, timeout=cfg.moderator.batch_timeout_ms / 1000.0
+                )
+                good = [m for m in messages if self._usable(m)]
+                if not good:
+                    self._maintenance(consumer)
+                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                        break
+                    continue
+                idle_since = time.monotonic()
+                self.metrics.batch_size.record(len(good))
+                self._process(consumer, good)
+        finally:
+            consumer.close()  # leaves the group: partitions are handed over at once, not after a timeout
+            self.pipeline.close()
+            if health:
+                health.stop()
+
+    def _usable(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error: %s", err)
+        return False
+
+    def _process(self, consumer: Consumer, messages: list[Message]) -> None:
+        began = time.perf_counter()
+        items = self.pipeline.start_items(messages)
+        try:
+            out = self._with_retry(consumer, lambda: self.pipeline.run(items))
+            self._with_retry(consumer, lambda: self._publish(out))
+            self.pipeline.commit_index(out)
+            self._commit(consumer, messages)
+            if self.on_batch:
+                self.on_batch(out)
+            self.processed_count += len(messages)
+            self.metrics.processed.add(len(out.verdicts))
+            for verdict, _ in out.verdicts:
+                self.metrics.verdicts.add(1, {"action": verdict.action.value})
+            for dead, _ in out.dead_letters:
+                self.metrics.dlq.add(1, {"error_kind": dead.error_kind.value})
+            self.metrics.reviews.add(len(out.reviews))
+            if out.verdicts:
+                self.metrics.model_version(out.verdicts[-1][0].model_version)
+        finally:
+            for item in items:
+                item.span.end()
+        self.metrics.stage("batch", time.perf_counter() - began)
+
+    def _with_retry(self, consumer: Consumer, work: Callable[[], Any]) -> Any:
+        """Retries a batch while a dependency is down; partitions stay paused so nothing runs ahead."""
+        attempt = 0
+        cfg = self.settings.moderator
+        while True:
+            try:
+                result = work()
+                if self.dependency_down:
+                    log.info("%s is back; resuming consumption", self.dependency_down)
+                    self.dependency_down = None
+                    consumer.resume(consumer.assignment())
+                return result
+            except (TransientError, redis.RedisError) as exc:
+                attempt += 1
+                name = exc.dependency if isinstance(exc, TransientError) else "redis"
+                if not self.dependency_down:
+                    log.warning("%s unavailable (%s); pausing consumption and retrying", name, exc)
+                    consumer.pause(consumer.assignment())
+                self.dependency_down = name
+                delay = min(cfg.retry_backoff_s * 2 ** min(attempt - 1, 10), cfg.retry_backoff_max_s)
+                self._wait_paused(consumer, delay)
+
+    def _wait_paused(self, consumer: Consumer, delay: float) -> None:
+        """Keeps serving group heartbeats and rebalance callbacks while paused; nothing is consumed."""
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            self.last_loop = time.monotonic()
+            for msg in consumer.consume(num_messages=100, timeout=min(0.2, max(deadline - time.monotonic(), 0))):
+                if msg.error() is None:
+                    # Arrived for a partition assigned during the pause: give it back for later.
+                    consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+
+    def _publish(self, out: BatchOutput) -> None:
+        k = self.settings.kafka
+        for verdict, span in out.verdicts:
+            with trace.use_span(span, end_on_exit=False):
+                self.producer.produce(
+                    k.topic_verdicts, verdict.upload_id, verdict.model_dump_json().encode(), inject_headers()
+                )
+        for review, span in out.reviews:
+            with trace.use_span(span, end_on_exit=False):
+                self.producer.produce(
+                    k.topic_review, review.upload_id, review.model_dump_json().encode(), inject_headers()
+                )
+        for dead, span in out.dead_letters:
+            with trace.use_span(span, end_on_exit=False):
+                headers = inject_headers([("error_kind", dead.error_kind.value.encode())])
+                self.producer.produce(k.topic_dlq, dead.original_key, dead.model_dump_json().encode(), headers)
+        began = time.perf_counter()
+        self.producer.flush()
+        self.metrics.stage("publish", time.perf_counter() - began)
+
+    def _commit(self, consumer: Consumer, messages: list[Message]) -> None:
+        latest: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic() or "", m.partition() or 0)
+            latest[key] = max(latest.get(key, -1), m.offset() or 0)
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in latest.items() if (t, p) in self.assigned]
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # lost the partition in a rebalance: the new owner redoes it, idempotently
+            log.warning("commit failed, work will be redelivered: %s", exc)
+
+    def _maintenance(self, consumer: Consumer) -> None:
+        now = time.monotonic()
+        if now - self._last_lag > 5.0:
+            self._last_lag = now
+            for topic, partition in list(self.assigned):
+                tp = TopicPartition(topic, partition)
+                try:
+                    _low, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                    position = consumer.position([tp])[0].offset
+                    if position >= 0:
+                        self.metrics.lag(str(partition), max(high - position, 0))
+                except Exception:  # lag is best effort
+                    pass
+        interval = self.settings.index.sync_interval_s
+        if now - self._last_maintenance < interval:
+            return
+        self._last_maintenance = now
+        for index in self.pipeline.indexes.values():
+            index.sync()
+            index.local.evict_older_than(time.time() - index.retention_s)
+            try:
+                if self.redis.xlen(index.store.stream_key) >= self.settings.index.snapshot_every:
+                    index.compact()
+            except redis.RedisError:
+                pass
+
+    def _live(self) -> bool:
+        return time.monotonic() - self.last_loop < 120.0
+
+    def _ready(self) -> dict[str, bool]:
+        try:
+            redis_ok = bool(self.redis.ping())
+        except redis.RedisError:
+            redis_ok = False
+        return {"consuming": self._live(), "dependencies": self.dependency_down is None, "redis": redis_ok}

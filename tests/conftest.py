@@ -1,0 +1,69 @@
+"""Session fixtures: each real server starts once per test session, and every test gets its own namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.config import Settings
+from services.common.stack import LocalStack, StackEndpoints
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    """Kafka, Redis and Triton as real local processes on free loopback ports."""
+    local = LocalStack()
+    local.start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="session")
+def endpoints(stack: LocalStack) -> StackEndpoints:
+    return stack.endpoints()
+
+
+@pytest.fixture()
+def namespace() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture()
+def stack_env(
+    endpoints: StackEndpoints, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """Environment for one test: its own topics, consumer group and Redis key prefix on the shared stack."""
+    env = {
+        **endpoints.env(),
+        "SIEVE_KAFKA_TOPIC_UPLOADS": f"uploads-{namespace}",
+        "SIEVE_KAFKA_TOPIC_VERDICTS": f"verdicts-{namespace}",
+        "SIEVE_KAFKA_TOPIC_REVIEW": f"review-{namespace}",
+        "SIEVE_KAFKA_TOPIC_FEEDBACK": f"feedback-{namespace}",
+        "SIEVE_KAFKA_TOPIC_DLQ": f"uploads.dlq-{namespace}",
+        "SIEVE_KAFKA_CONSUMER_GROUP": f"moderator-{namespace}",
+        "SIEVE_REDIS_KEY_PREFIX": f"sieve-{namespace}",
+        "SIEVE_FETCH_FILE_ROOTS": json.dumps([str(tmp_path)]),
+        "SIEVE_MODERATOR_BATCH_TIMEOUT_MS": "100",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture()
+def settings(stack_env: dict[str, str]) -> Settings:
+    return Settings()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Fast unit tests first, so a broken build fails before the servers start.
+    order = {"unit": 0, "integration": 1, "e2e": 2}
+    items.sort(key=lambda it: order.get(Path(str(it.fspath)).relative_to(Path(__file__).parent).parts[0], 3))
+
+
+os.environ.setdefault("SIEVE_OTEL_EXPORTER", "none")
