@@ -38,9 +38,9 @@ class KafkaSettings(BaseSettings):
     partitions: int = 4
     transactional: bool = False
 
-    def client_config(self) -> dict[str, str]:
+    def client_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka settings shared by producers, consumers and the admin client."""
-        conf: dict[str, str] = {
+        conf: dict[str, str | int | float | bool] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
         }

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from services.common.config import DecodeSettings
@@ -19,7 +21,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 @dataclass(frozen=True)
 class DecodedImage:
-    pixels: np.ndarray  # uint8, (size, size, 3), RGB, EXIF-oriented
+    pixels: NDArray[Any]  # uint8, (size, size, 3), RGB, EXIF-oriented
     format: str
     width: int  # original, after orientation
     height: int
@@ -31,7 +33,7 @@ def decode_image(data: bytes, settings: DecodeSettings, size: int = 256) -> Deco
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             fmt = image.format or "UNKNOWN"
             if fmt not in settings.allowed_formats:
                 raise BadInput(ErrorKind.UNSUPPORTED_FORMAT, f"format {fmt} is not allowed")

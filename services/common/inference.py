@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
 from services.common.config import TritonSettings
@@ -17,14 +18,14 @@ from services.common.errors import TransientError
 
 @dataclass(frozen=True)
 class InferenceResult:
-    embeddings: np.ndarray  # (n, d) float32, L2-normalised
-    scores: np.ndarray  # (n, k) float32
+    embeddings: NDArray[Any]  # (n, d) float32, L2-normalised
+    scores: NDArray[Any]  # (n, k) float32
     categories: list[str]
     model_version: str  # "<embedder>:<version>", the key of the index these embeddings belong to
 
 
 class ImageModels(Protocol):
-    def infer(self, images: np.ndarray) -> InferenceResult: ...
+    def infer(self, images: NDArray[Any]) -> InferenceResult: ...
 
 
 class TritonModels:
@@ -60,7 +61,7 @@ class TritonModels:
             self._categories = names
         return self._categories
 
-    def _call(self, model: str, version: str, output: str, images: np.ndarray) -> tuple[np.ndarray, str]:
+    def _call(self, model: str, version: str, output: str, images: NDArray[Any]) -> tuple[NDArray[Any], str]:
         inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
         inp.set_data_from_numpy(images)
         try:
@@ -79,9 +80,9 @@ class TritonModels:
         response: Any = result.get_response()
         return np.asarray(array, dtype=np.float32), str(response.model_version)
 
-    def infer(self, images: np.ndarray) -> InferenceResult:
-        embeddings: list[np.ndarray] = []
-        scores: list[np.ndarray] = []
+    def infer(self, images: NDArray[Any]) -> InferenceResult:
+        embeddings: list[NDArray[Any]] = []
+        scores: list[NDArray[Any]] = []
         versions: set[str] = set()
         categories = self.categories()
         for start in range(0, len(images), self.max_batch):

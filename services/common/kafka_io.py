@@ -7,14 +7,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from services.common.config import KafkaSettings
 from services.common.errors import TransientError
 
 
 def ensure_topics(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
-    admin = AdminClient(settings.client_config())
+    admin = AdminClient(dict(settings.client_config()))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [
         (settings.topic_uploads, settings.partitions, {}),

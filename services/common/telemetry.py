@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.common.config import TelemetrySettings
 
-KafkaHeaders = Sequence[tuple[str, bytes | str | None]] | None
+KafkaHeaders = Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None
 
 _memory_exporter: InMemorySpanExporter | None = None
 _configured = False
@@ -94,7 +94,8 @@ def inject_headers(headers: list[tuple[str, bytes]] | None = None) -> list[tuple
 
 def extract_context(headers: KafkaHeaders) -> otel_context.Context:
     carrier: dict[str, str] = {}
-    for key, value in headers or []:
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    for key, value in pairs:
         if value is None:
             continue
         carrier[key] = value.decode(errors="replace") if isinstance(value, bytes) else value

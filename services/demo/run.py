@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 from confluent_kafka import Consumer
 from rich.console import Console, Group
@@ -92,7 +93,7 @@ def _stream(
     progress = Progress(TextColumn("verdicts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     task = progress.add_task("verdicts", total=len(samples))
     rows: list[tuple[str, str, str, str, str]] = []
-    seen: dict[str, dict[str, object]] = {}
+    seen: dict[str, dict[str, Any]] = {}
     began = time.monotonic()
     publisher.publish(event_for_file(s.path, s.upload_id) for s in samples)
     with Live(Group(_table(rows), progress), console=console, refresh_per_second=4) as live:
@@ -100,7 +101,7 @@ def _stream(
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            verdict = json.loads(msg.value())
+            verdict = json.loads(msg.value() or b"{}")
             uid = verdict["upload_id"]
             if uid in seen:
                 continue
@@ -125,7 +126,7 @@ def _stream(
         1
         for s in planted
         if s.upload_id in seen and any(d["upload_id"] == s.duplicate_of for d in seen[s.upload_id]["duplicate_of"])
-    )  # type: ignore[attr-defined]
+    )
     false_flags = sum(
         1 for s in samples if not s.duplicate_of and s.upload_id in seen and seen[s.upload_id]["duplicate_of"]
     )

@@ -173,7 +173,7 @@ class Moderator:
             for msg in consumer.consume(num_messages=100, timeout=min(0.2, max(deadline - time.monotonic(), 0))):
                 if msg.error() is None:
                     # Arrived for a partition assigned during the pause: give it back for later.
-                    consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                    consumer.seek(TopicPartition(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
 
     def _publish(self, out: BatchOutput) -> None:
         k = self.settings.kafka

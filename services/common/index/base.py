@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-import numpy as np
+from numpy.typing import NDArray
 
 
 @dataclass(frozen=True)
@@ -17,14 +17,14 @@ class Neighbour:
 @dataclass(frozen=True)
 class IndexEntry:
     upload_id: str
-    vector: np.ndarray  # float32, (d,)
+    vector: NDArray[Any]  # float32, (d,)
     added_at: float  # unix seconds
 
 
 class VectorIndex(Protocol):
     def add(self, entries: list[IndexEntry]) -> int: ...
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Neighbour]]: ...
+    def search(self, vectors: NDArray[Any], k: int) -> list[list[Neighbour]]: ...
 
     def evict_older_than(self, cutoff: float) -> int: ...
 

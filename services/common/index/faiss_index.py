@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import faiss
 import numpy as np
+from numpy.typing import NDArray
 
 from services.common.index.base import IndexEntry, Neighbour
 
@@ -45,7 +47,7 @@ class FaissVectorIndex:
             self._next += len(unique)
             return len(unique)
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
+    def search(self, vectors: NDArray[Any], k: int) -> list[list[Neighbour]]:
         with self._lock:
             if not self._ids or len(vectors) == 0:
                 return [[] for _ in range(len(vectors))]
@@ -59,7 +61,7 @@ class FaissVectorIndex:
         with self._lock:
             old = [i for i, e in self._ids.items() if e.added_at < cutoff]
             if old:
-                self._index.remove_ids(np.asarray(old, dtype=np.int64))
+                self._index.remove_ids(np.asarray(old, dtype=np.int64))  # type: ignore[arg-type]
                 for i in old:
                     entry = self._ids.pop(i)
                     self._by_upload.pop(entry.upload_id, None)

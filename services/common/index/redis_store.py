@@ -6,6 +6,7 @@ Vectors are raw little-endian float32 bytes and metadata is JSON: nothing is eve
 from __future__ import annotations
 
 import json
+from typing import cast
 
 import numpy as np
 import redis
@@ -36,7 +37,10 @@ class RedisIndexStore:
         return str(results[-1].decode() if isinstance(results[-1], bytes) else results[-1]) if results else "0-0"
 
     def read_since(self, stream_id: str, count: int) -> tuple[list[IndexEntry], str]:
-        raw = self.client.xrange(self.stream_key, min=f"({stream_id}", max="+", count=count)
+        raw = cast(
+            list[tuple[bytes, dict[bytes, bytes]]],
+            self.client.xrange(self.stream_key, min=f"({stream_id}", max="+", count=count),
+        )
         entries: list[IndexEntry] = []
         last = stream_id
         for entry_id, fields in raw:
@@ -51,7 +55,7 @@ class RedisIndexStore:
         return entries, last
 
     def load_snapshot(self) -> Snapshot | None:
-        data = self.client.hgetall(self.snapshot_key)
+        data = cast(dict[bytes, bytes], self.client.hgetall(self.snapshot_key))
         if not data:
             return None
         meta = json.loads(data[b"meta"])
@@ -90,6 +94,6 @@ class RedisIndexStore:
         return bool(self.client.set(self.lock_key, owner, nx=True, ex=ttl_s))
 
     def release_compactor_lock(self, owner: str) -> None:
-        current = self.client.get(self.lock_key)
+        current = cast(bytes | None, self.client.get(self.lock_key))
         if current is not None and current.decode() == owner:
             self.client.delete(self.lock_key)

@@ -9,9 +9,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from typing import Any
 
-import numpy as np
 import redis
+from numpy.typing import NDArray
 
 from services.common.index.base import IndexEntry, Neighbour, Snapshot
 from services.common.index.faiss_index import FaissVectorIndex
@@ -78,7 +79,7 @@ class SharedRecentIndex:
                 self.redis_ok = False
                 return False
 
-    def search(self, vectors: np.ndarray, k: int, exclude: list[str] | None = None) -> list[list[Neighbour]]:
+    def search(self, vectors: NDArray[Any], k: int, exclude: list[str] | None = None) -> list[list[Neighbour]]:
         """Top-k neighbours per vector, never the query's own upload (redelivered work is idempotent)."""
         results = self.local.search(vectors, k + 1)
         out = []

@@ -26,6 +26,8 @@ class ImageNormalizer(nn.Module):
     def __init__(self, size: int = 224) -> None:
         super().__init__()
         self.size = size
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
 
@@ -33,7 +35,9 @@ class ImageNormalizer(nn.Module):
         x = images.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.mean) / self.std
+        mean: torch.Tensor = self.mean
+        std: torch.Tensor = self.std
+        return (x - mean) / std
 
 
 class GeMEmbedder(nn.Module):
