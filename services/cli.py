@@ -117,7 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("photos", help="build the real-photo set from Debian packages and scikit-image")
     p.add_argument("--out", default=None)
     p.set_defaults(func=_cmd_photos)
+
+    for module in PLUGIN_MODULES:
+        _register_plugin(module, sub)
     return parser
+
+
+# Services that add their own subcommands: each module defines add_subcommands(subparsers).
+PLUGIN_MODULES = (
+    "services.trainer.cli",
+    "services.evaluation.cli",
+    "services.reviewer.cli",
+    "services.batch.cli",
+    "services.ops.cli",
+)
+
+
+def _register_plugin(module: str, sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None or importlib.util.find_spec(module) is None:
+        return
+    importlib.import_module(module).add_subcommands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -12,9 +14,13 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from services.common.config import KafkaSettings
 from services.common.errors import TransientError
 
+# librdkafka's own log lines go through Python logging (JSON, with trace ids) instead of raw stderr.
+RDKAFKA_LOG = logging.getLogger("rdkafka")
+
 
 def ensure_topics(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
-    admin = AdminClient(dict(settings.client_config()))
+    conf: dict[str, Any] = {**settings.client_config(), "logger": RDKAFKA_LOG}
+    admin = AdminClient(conf)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [
         (settings.topic_uploads, settings.partitions, {}),
@@ -38,7 +44,7 @@ def ensure_topics(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
                 raise RuntimeError(f"cannot create topic {topic}: {exc}") from exc
 
 
-def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dict[str, object]:
+def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dict[str, Any]:
     """Manual commits only for finished work; cooperative-sticky so a rebalance moves few partitions."""
     return {
         **settings.client_config(),
@@ -51,6 +57,7 @@ def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dic
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 600000,
         "fetch.max.bytes": 16 * 1024 * 1024,
+        "logger": RDKAFKA_LOG,
     }
 
 
@@ -72,6 +79,7 @@ class AckedProducer:
             "linger.ms": 5,
             "compression.type": "lz4",
             "message.timeout.ms": 120000,
+            "logger": RDKAFKA_LOG,
         }
         conf.update(extra or {})
         self.producer = Producer(conf)
