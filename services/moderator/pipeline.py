@@ -16,15 +16,26 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
+from services.common.banks import HashBankStore
 from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
+from services.common.hashing import informative_phash, phash_hex, sha256_hex
 from services.common.imaging import DecodedImage, decode_image
 from services.common.index import IndexEntry, SharedRecentIndex
 from services.common.inference import ImageModels
-from services.common.schemas import DeadLetter, ErrorKind, ReviewRequest, UploadEvent, Verdict
+from services.common.schemas import (
+    Action,
+    DeadLetter,
+    DuplicateMatch,
+    ErrorKind,
+    ReviewRequest,
+    UploadEvent,
+    Verdict,
+)
 from services.common.telemetry import extract_context, tracer
 from services.moderator.decide import decide
+from services.moderator.exact import ExactMatchStore, KnownUpload
 from services.moderator.metrics import ModeratorMetrics
 from services.moderator.processed import ProcessedEvents
 
@@ -40,6 +51,9 @@ class Item:
     event: UploadEvent | None = None
     image: DecodedImage | None = None
     failure: BadInput | None = None
+    sha256: str = ""
+    phash: str = ""
+    bank_check_failed: bool = False
 
 
 @dataclass
@@ -48,7 +62,8 @@ class BatchOutput:
     reviews: list[tuple[ReviewRequest, Span]] = field(default_factory=list)
     dead_letters: list[tuple[DeadLetter, Span]] = field(default_factory=list)
     index_entries: list[IndexEntry] = field(default_factory=list)
-    fresh_verdicts: list[Verdict] = field(default_factory=list)
+    fresh_verdicts: list[Verdict] = field(default_factory=list)  # decided by the model in this batch
+    hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload_id -> (sha256, phash)
 
 
 def _now_ns() -> int:
@@ -71,6 +86,8 @@ class Pipeline:
         self.fetcher = fetcher or FetcherRegistry(settings.fetch)
         self.metrics = metrics or ModeratorMetrics()
         self.processed = ProcessedEvents(redis_client, settings.redis.key_prefix, settings.moderator.dedup_ttl_s)
+        self.exact = ExactMatchStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
+        self.banks = HashBankStore(redis_client, settings.redis.key_prefix)
         self.indexes: dict[str, SharedRecentIndex] = {}
         self.sleep = sleep
         self._pool = ThreadPoolExecutor(max_workers=settings.moderator.fetch_workers, thread_name_prefix="fetch")
@@ -109,10 +126,12 @@ class Pipeline:
                     began = time.perf_counter()
                     data = self.fetcher.fetch(item.event.image_uri)
                     item.timings["fetch_ms"] = _ms(began)
+                    item.sha256 = sha256_hex(data)
                     span.set_attribute("sieve.bytes", len(data))
                 with _tracer.start_as_current_span("decode", context=ctx) as span:
                     began = time.perf_counter()
                     item.image = decode_image(data, self.settings.decode, self.settings.triton.input_size)
+                    item.phash = phash_hex(item.image.pixels)
                     item.timings["decode_ms"] = _ms(began)
                     span.set_attribute("sieve.format", item.image.format)
                 return
@@ -170,6 +189,7 @@ class Pipeline:
 
         list(self._pool.map(self._fetch_decode, todo))
         ready = [i for i in todo if i.failure is None and i.image is not None]
+        ready = self._fast_paths(ready, out)
 
         if ready:
             self._infer_and_decide(ready, out)
@@ -178,6 +198,73 @@ class Pipeline:
             if item.failure is not None:
                 out.dead_letters.append((self._dead_letter(item), item.span))
         return out
+
+    def _fast_paths(self, ready: list[Item], out: BatchOutput) -> list[Item]:
+        """Bank matches block and exact re-uploads reuse the first verdict; neither needs the model."""
+        remaining: list[Item] = []
+        first_in_batch: dict[str, Item] = {}
+        for item in ready:
+            assert item.event is not None
+            began = time.perf_counter()
+            try:
+                banks = self.banks.match(item.sha256, item.phash if informative_phash(item.phash) else None)
+            except redis.RedisError:
+                banks, item.bank_check_failed = [], True
+            if banks:
+                item.timings["hash_ms"] = _ms(began)
+                reasons = [f"bank_match:{name}" for name in banks]
+                out.verdicts.append((self._fast_verdict(item, Action.BLOCK, [], {}, "", reasons), item.span))
+                continue
+            known = self._exact_lookup(item)
+            item.timings["hash_ms"] = _ms(began)
+            if known is None and item.sha256 in first_in_batch:
+                remaining.append(item)  # decided after its twin, by the model's near-duplicate search
+                continue
+            if known is not None:
+                upload, kind = known
+                match = [DuplicateMatch(upload_id=upload.upload_id, score=1.0)]
+                reasons = [f"exact_hash_match:{kind}:{upload.upload_id}"]
+                verdict = self._fast_verdict(
+                    item, Action(upload.action), match, upload.flags, upload.model_version, reasons
+                )
+                out.verdicts.append((verdict, item.span))
+                continue
+            first_in_batch[item.sha256] = item
+            remaining.append(item)
+        return remaining
+
+    def _exact_lookup(self, item: Item) -> tuple[KnownUpload, str] | None:
+        assert item.event is not None
+        try:
+            found = self.exact.lookup(item.sha256, item.phash if informative_phash(item.phash) else None)
+        except redis.RedisError:
+            return None  # the model path still finds it as a near-duplicate
+        if found is None or found[0].upload_id == item.event.upload_id:
+            return None
+        return found
+
+    def _fast_verdict(
+        self,
+        item: Item,
+        action: Action,
+        matches: list[DuplicateMatch],
+        flags: dict[str, float],
+        model_version: str,
+        reasons: list[str],
+    ) -> Verdict:
+        assert item.event is not None
+        item.span.set_attribute("sieve.action", action.value)
+        item.span.set_attribute("sieve.fast_path", reasons[0].split(":", 1)[0])
+        return Verdict(
+            upload_id=item.event.upload_id,
+            event_id=item.event.event_id,
+            model_version=model_version or "none",
+            action=action,
+            duplicate_of=matches,
+            flags=flags,
+            reasons=reasons,
+            timings=item.timings,
+        )
 
     def _infer_and_decide(self, ready: list[Item], out: BatchOutput) -> None:
         batch = np.stack([i.image.pixels for i in ready if i.image is not None])
@@ -207,6 +294,7 @@ class Pipeline:
             neighbours = index.search(result.embeddings[row : row + 1], cfg.top_k, exclude=[item.event.upload_id])[0]
             scores = {c: float(result.scores[row, k]) for k, c in enumerate(result.categories)}
             decision = decide(neighbours, scores, cfg)
+            reasons = decision.reasons + (["bank_check_unavailable"] if item.bank_check_failed else [])
             entry = IndexEntry(item.event.upload_id, result.embeddings[row], time.time())
             index.local.add([entry])  # later items of this batch must see it
             item.timings["search_ms"] = _ms(began)
@@ -226,9 +314,10 @@ class Pipeline:
                 action=decision.action,
                 duplicate_of=decision.duplicate_of,
                 flags=decision.flags,
-                reasons=decision.reasons,
+                reasons=reasons,
                 timings=item.timings,
             )
+            out.hashes[verdict.upload_id] = (item.sha256, item.phash)
             item.span.set_attribute("sieve.action", decision.action.value)
             out.verdicts.append((verdict, item.span))
             out.fresh_verdicts.append(verdict)
@@ -262,6 +351,13 @@ class Pipeline:
             if entries:
                 self.indexes[version].add(entries)
         self.processed.put_many(out.fresh_verdicts)
+        for verdict in out.fresh_verdicts:
+            sha, phash = out.hashes[verdict.upload_id]
+            known = KnownUpload(verdict.upload_id, verdict.action.value, verdict.model_version, verdict.flags)
+            try:
+                self.exact.remember(sha, phash if informative_phash(phash) else None, known)
+            except redis.RedisError:
+                break  # only the fast path is lost; the model still catches the re-upload
 
     def _dead_letter(self, item: Item) -> DeadLetter:
         assert item.failure is not None

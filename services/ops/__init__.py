@@ -1,0 +1,1 @@
+"""Operator commands: hash banks and index maintenance."""
