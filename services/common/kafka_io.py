@@ -57,6 +57,8 @@ def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dic
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 600000,
         "fetch.max.bytes": 16 * 1024 * 1024,
+        # Bounds the prefetch buffer: a slow Triton backs up into Kafka, not into this process's memory.
+        "queued.max.messages.kbytes": 8192,
         "logger": RDKAFKA_LOG,
     }
 

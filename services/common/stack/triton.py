@@ -100,6 +100,11 @@ class TritonServer:
         finally:
             client.close()
 
+    def restart(self, log_dir: Path, timeout_s: float) -> None:
+        """Same ports, same models: what a Triton pod restart looks like to its clients."""
+        self.stop()
+        self.start(log_dir, timeout_s)
+
     def stop(self) -> None:
         if self.process:
             self.process.stop()
