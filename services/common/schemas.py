@@ -104,6 +104,7 @@ class ErrorKind(StrEnum):
     CORRUPT_IMAGE = "corrupt_image"
     DECOMPRESSION_BOMB = "decompression_bomb"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    DUPLICATE_EVENT = "duplicate_event"
 
 
 class DeadLetter(_Strict):

@@ -178,12 +178,24 @@ class Pipeline:
         live = [i for i in items if i.failure is None and i.event is not None]
         known = self.processed.get_many([i.event.event_id for i in live if i.event])
         todo: list[Item] = []
+        batch_events: dict[str, str] = {}
         for item in live:
             assert item.event is not None
+            twin = batch_events.setdefault(item.event.event_id, item.event.upload_id)
+            if twin != item.event.upload_id:
+                item.failure = BadInput(
+                    ErrorKind.DUPLICATE_EVENT, f"event_id {item.event.event_id} was already used for upload {twin}"
+                )
+                continue
             previous = known.get(item.event.event_id)
             if previous is not None and previous.upload_id == item.event.upload_id:
                 out.verdicts.append((previous, item.span))  # redelivery: republish the same verdict
                 item.span.set_attribute("sieve.redelivered", True)
+            elif previous is not None:
+                item.failure = BadInput(
+                    ErrorKind.DUPLICATE_EVENT,
+                    f"event_id {item.event.event_id} was already used for upload {previous.upload_id}",
+                )
             else:
                 todo.append(item)
 
