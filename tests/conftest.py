@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import Settings
+from services.common.config import Settings, TelemetrySettings
 from services.common.stack import LocalStack, StackEndpoints
+from services.common.telemetry import setup_telemetry
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +50,7 @@ def stack_env(
         "SIEVE_REDIS_KEY_PREFIX": f"sieve-{namespace}",
         "SIEVE_FETCH_FILE_ROOTS": json.dumps([str(tmp_path)]),
         "SIEVE_MODERATOR_BATCH_TIMEOUT_MS": "100",
+        "SIEVE_OTEL_EXPORTER": "none",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -66,4 +68,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda it: order.get(Path(str(it.fspath)).relative_to(Path(__file__).parent).parts[0], 3))
 
 
-os.environ.setdefault("SIEVE_OTEL_EXPORTER", "none")
+# This process keeps spans and metrics in memory so tests can assert on them; replicas started as
+# subprocesses get exporter "none" through stack_env.
+os.environ["SIEVE_OTEL_EXPORTER"] = "memory"
+setup_telemetry(TelemetrySettings(), "sieve-tests")

@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -29,12 +29,13 @@ from services.common.config import TelemetrySettings
 KafkaHeaders = Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None
 
 _memory_exporter: InMemorySpanExporter | None = None
+_memory_metrics: InMemoryMetricReader | None = None
 _configured = False
 
 
 def setup_telemetry(settings: TelemetrySettings, service_name: str) -> None:
     """Idempotent: the first call in a process wins, so tests and the CLI can both call it."""
-    global _configured, _memory_exporter
+    global _configured, _memory_exporter, _memory_metrics
     if _configured:
         return
     resource = Resource.create({"service.name": service_name})
@@ -54,6 +55,9 @@ def setup_telemetry(settings: TelemetrySettings, service_name: str) -> None:
     trace.set_tracer_provider(provider)
 
     readers: list[MetricReader] = []
+    if settings.exporter == "memory":
+        _memory_metrics = InMemoryMetricReader()
+        readers.append(_memory_metrics)
     if settings.prometheus_port:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
@@ -73,6 +77,10 @@ def setup_telemetry(settings: TelemetrySettings, service_name: str) -> None:
 
 def memory_exporter() -> InMemorySpanExporter | None:
     return _memory_exporter
+
+
+def memory_metrics() -> InMemoryMetricReader | None:
+    return _memory_metrics
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -19,11 +19,12 @@ from services.common.fetch import FetcherRegistry
 from services.common.health import HealthServer
 from services.common.inference import ImageModels, TritonModels
 from services.common.kafka_io import AckedProducer, consumer_config, ensure_topics
-from services.common.telemetry import inject_headers
+from services.common.telemetry import inject_headers, tracer
 from services.moderator.metrics import ModeratorMetrics
 from services.moderator.pipeline import BatchOutput, Pipeline
 
 log = logging.getLogger(__name__)
+_tracer = tracer("sieve.moderator")
 
 
 class Moderator:
@@ -178,12 +179,17 @@ class Moderator:
     def _publish(self, out: BatchOutput) -> None:
         k = self.settings.kafka
         for verdict, span in out.verdicts:
-            with trace.use_span(span, end_on_exit=False):
+            with (
+                trace.use_span(span, end_on_exit=False),
+                _tracer.start_as_current_span(
+                    "verdict.publish", attributes={"messaging.destination.name": k.topic_verdicts}
+                ),
+            ):
                 self.producer.produce(
                     k.topic_verdicts, verdict.upload_id, verdict.model_dump_json().encode(), inject_headers()
                 )
         for review, span in out.reviews:
-            with trace.use_span(span, end_on_exit=False):
+            with trace.use_span(span, end_on_exit=False), _tracer.start_as_current_span("review.publish"):
                 self.producer.produce(
                     k.topic_review, review.upload_id, review.model_dump_json().encode(), inject_headers()
                 )
