@@ -73,6 +73,15 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(_args: argparse.Namespace) -> int:
+    from services.common.config import settings_table
+
+    print("| variable | default |\n|---|---|")
+    for name, default in settings_table():
+        print(f"| `{name}` | `{default}` |")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -107,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schemas", help="write (or --check) the JSON Schema files in schemas/")
     p.add_argument("--check", action="store_true")
     p.set_defaults(func=_cmd_schemas)
+
+    p = sub.add_parser("config", help="print every SIEVE_* setting and its default (the README table)")
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("demo", help="start the stack, run the moderator and feed it sample photos")
     p.add_argument("--originals", type=int, default=40)

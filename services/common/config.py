@@ -74,6 +74,8 @@ class TritonSettings(BaseSettings):
     embedder_version: str = ""
     timeout_s: float = 30.0
     input_size: int = 256
+    # Pass the image batch through POSIX shared memory instead of the gRPC body (same host as Triton only).
+    shared_memory: bool = False
 
 
 class FetchSettings(BaseSettings):
@@ -174,3 +176,17 @@ SETTINGS_GROUPS: dict[str, type[BaseSettings]] = {
     "telemetry": TelemetrySettings,
     "stack": StackSettings,
 }
+
+
+def settings_table() -> list[tuple[str, str]]:
+    """(variable, default) for every setting: the README's configuration table is generated from this."""
+    rows = []
+    for cls in SETTINGS_GROUPS.values():
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for name, field in cls.model_fields.items():
+            default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
+            if isinstance(default, SecretStr):
+                default = "(secret)"
+            text = str(default).replace(str(REPO_ROOT), "<repo>").replace(str(Path.home()), "~")
+            rows.append((f"{prefix}{name.upper()}", text))
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class TritonModels:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="triton")
         self._categories: list[str] | None = None
+        self._infer_lock = threading.Lock()
+        self._shm: _InputRegion | None = None
 
     def _client(self) -> grpcclient.InferenceServerClient:
         client = getattr(self._local, "client", None)
@@ -63,7 +66,10 @@ class TritonModels:
 
     def _call(self, model: str, version: str, output: str, images: NDArray[Any]) -> tuple[NDArray[Any], str]:
         inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
-        inp.set_data_from_numpy(images)
+        if self._shm is not None:
+            inp.set_shared_memory(self._shm.name, images.nbytes)  # both models read the one copy
+        else:
+            inp.set_data_from_numpy(images)
         try:
             result = self._client().infer(
                 model,
@@ -81,12 +87,24 @@ class TritonModels:
         return np.asarray(array, dtype=np.float32), str(response.model_version)
 
     def infer(self, images: NDArray[Any]) -> InferenceResult:
+        with self._infer_lock:
+            try:
+                return self._infer(images)
+            except TransientError:
+                if self._shm is not None:  # a restarted server forgot the region: register it afresh
+                    self._shm.close(self._client())
+                    self._shm = None
+                raise
+
+    def _infer(self, images: NDArray[Any]) -> InferenceResult:
         embeddings: list[NDArray[Any]] = []
         scores: list[NDArray[Any]] = []
         versions: set[str] = set()
         categories = self.categories()
         for start in range(0, len(images), self.max_batch):
             chunk = np.ascontiguousarray(images[start : start + self.max_batch])
+            if self.settings.shared_memory:
+                self._region().write(chunk)
             emb_future = self._pool.submit(
                 self._call, self.settings.embedder_model, self.settings.embedder_version, "EMBEDDING", chunk
             )
@@ -107,5 +125,42 @@ class TritonModels:
             model_version=f"{self.settings.embedder_model}:{version}",
         )
 
+    def _region(self) -> _InputRegion:
+        if self._shm is None:
+            size = self.max_batch * self.settings.input_size * self.settings.input_size * 3
+            self._shm = _InputRegion(self._client(), size)
+        return self._shm
+
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close(self._client())
+            self._shm = None
         self._pool.shutdown(wait=False)
+
+
+class _InputRegion:
+    """A POSIX shared-memory region registered with Triton, reused for every batch."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, size: int) -> None:
+        import os
+        import uuid
+
+        import tritonclient.utils.shared_memory as shm
+
+        self._shm = shm
+        self.name = f"sieve_in_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.key = f"/{self.name}"
+        self.handle = shm.create_shared_memory_region(self.name, self.key, size)
+        try:
+            client.register_system_shared_memory(self.name, self.key, size)
+        except InferenceServerException as exc:
+            shm.destroy_shared_memory_region(self.handle)
+            raise TransientError("triton", f"cannot register shared memory: {exc}") from exc
+
+    def write(self, chunk: NDArray[Any]) -> None:
+        self._shm.set_shared_memory_region(self.handle, [chunk])
+
+    def close(self, client: grpcclient.InferenceServerClient) -> None:
+        with contextlib.suppress(InferenceServerException):
+            client.unregister_system_shared_memory(self.name)
+        self._shm.destroy_shared_memory_region(self.handle)

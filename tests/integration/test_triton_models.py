@@ -45,3 +45,18 @@ def test_near_duplicate_is_closer_than_an_unrelated_photo(settings: Settings) ->
     emb = TritonModels(settings.triton).infer(batch).embeddings
     assert emb[0] @ emb[1] > settings.decision.duplicate_threshold
     assert emb[0] @ emb[2] < settings.decision.duplicate_threshold
+
+
+def test_shared_memory_transport_gives_identical_outputs(settings: Settings) -> None:
+    photos = [Image.open(DATA / f"{n}.png").convert("RGB") for n in ("chelsea", "coffee")]
+    batch = np.stack([_pixels(p) for p in photos])
+    plain = TritonModels(settings.triton).infer(batch)
+    shm_models = TritonModels(settings.triton.model_copy(update={"shared_memory": True}))
+    try:
+        via_shm = shm_models.infer(batch)
+        again = shm_models.infer(batch[::-1].copy())  # the region is reused across batches
+    finally:
+        shm_models.close()
+    assert np.array_equal(plain.embeddings, via_shm.embeddings)
+    assert np.array_equal(plain.scores, via_shm.scores)
+    assert np.allclose(again.embeddings, plain.embeddings[::-1], atol=1e-6)
