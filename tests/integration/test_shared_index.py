@@ -82,3 +82,16 @@ def test_redis_outage_buffers_additions_and_catches_up(stack: LocalStack, settin
     other = _replica(redis.Redis.from_url(settings.redis.url.get_secret_value()), settings)
     other.sync()
     assert {"before", "during"} <= {h.upload_id for h in other.search(_vec(2)[None], 5)[0]}
+
+
+def test_replica_behind_a_compaction_rebuilds_from_the_snapshot(client: redis.Redis, settings: Settings) -> None:
+    behind, compactor = _replica(client, settings), _replica(client, settings)
+    behind.add([IndexEntry("first", _vec(1), time.time())])
+    compactor.add([IndexEntry(f"c{i}", _vec(10 + i), time.time()) for i in range(5)])
+    assert compactor.compact() == 6  # trims the stream past where `behind` stands
+    compactor.add([IndexEntry("after", _vec(50), time.time())])
+    assert behind.sync()
+    assert behind.rebuilds == 1
+    assert {h.upload_id for h in behind.search(_vec(12)[None], 1)[0]} == {"c2"}
+    assert len(behind) == 7
+    assert behind.sync() and behind.rebuilds == 1  # caught up: no second rebuild

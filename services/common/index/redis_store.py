@@ -6,7 +6,7 @@ Vectors are raw little-endian float32 bytes and metadata is JSON: nothing is eve
 from __future__ import annotations
 
 import json
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -86,6 +86,15 @@ class RedisIndexStore:
         pipe.delete(self.snapshot_key)
         pipe.hset(self.snapshot_key, mapping={"meta": json.dumps(meta), "vectors": vectors.tobytes()})
         pipe.execute()
+
+    def max_deleted_id(self) -> str:
+        """The newest stream entry ever trimmed (Redis 7): a replica positioned before it has missed entries."""
+        try:
+            info: dict[str, Any] = self.client.xinfo_stream(self.stream_key)
+        except redis.ResponseError:  # no stream yet
+            return "0-0"
+        value = info.get("max-deleted-entry-id", b"0-0")
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     def trim_before(self, stream_id: str) -> int:
         return int(self.client.xtrim(self.stream_key, minid=stream_id, approximate=False))

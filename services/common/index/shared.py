@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 READ_COUNT = 10_000
 
 
+def stream_id_key(stream_id: str) -> tuple[int, int]:
+    """Redis stream ids order by (milliseconds, sequence), not as strings."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
 class SharedRecentIndex:
     """Every replica sees every recent image: it replays others' additions before each search.
 
@@ -37,6 +43,7 @@ class SharedRecentIndex:
         self.pending: deque[IndexEntry] = deque()
         self.loaded = False
         self.redis_ok = True
+        self.rebuilds = 0
         self._lock = threading.Lock()
         self._owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -50,12 +57,33 @@ class SharedRecentIndex:
             self.stream_id = snapshot.stream_id
         self.loaded = True
 
+    def _rebuild_if_trimmed_past_us(self) -> None:
+        """A compactor trimmed entries this replica never read: rebuild from the snapshot, then swap.
+
+        The new index is built beside the old one (which keeps serving searches), so peak memory is twice the
+        index for the moment of the swap, never more.
+        """
+        if stream_id_key(self.store.max_deleted_id()) <= stream_id_key(self.stream_id):
+            return
+        snapshot = self.store.load_snapshot()
+        if snapshot is None:
+            return
+        fresh = FaissVectorIndex(self.local.dim)
+        fresh.add(snapshot.entries)
+        fresh.add([e for e in self.local.entries() if e.upload_id not in fresh])  # keep what only we have
+        log.info(
+            "index %s: rebuilt from snapshot at %s (was at %s)", self.model_version, snapshot.stream_id, self.stream_id
+        )
+        self.local, self.stream_id = fresh, snapshot.stream_id
+        self.rebuilds += 1
+
     def sync(self) -> bool:
         """Flushes pending additions and replays the stream tail; False while Redis is unreachable."""
         with self._lock:
             try:
                 if not self.loaded:
                     self._load()
+                self._rebuild_if_trimmed_past_us()
                 while self.pending:
                     batch = list(self.pending)
                     self.store.append(batch)

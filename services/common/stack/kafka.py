@@ -133,7 +133,7 @@ class KafkaBroker:
             f"{libs}/*",
         ]
         fmt = subprocess.run(
-            [*java, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(config)],
+            [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}", "-c", str(config)],
             capture_output=True,
             text=True,
             env=self._java_env(),
