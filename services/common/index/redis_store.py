@@ -85,16 +85,17 @@ class RedisIndexStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.snapshot_key)
         pipe.hset(self.snapshot_key, mapping={"meta": json.dumps(meta), "vectors": vectors.tobytes()})
+        pipe.set(f"{self.snapshot_key}:sid", snapshot.stream_id)
         pipe.execute()
 
-    def max_deleted_id(self) -> str:
-        """The newest stream entry ever trimmed (Redis 7): a replica positioned before it has missed entries."""
-        try:
-            info: dict[str, Any] = self.client.xinfo_stream(self.stream_key)
-        except redis.ResponseError:  # no stream yet
-            return "0-0"
-        value = info.get("max-deleted-entry-id", b"0-0")
-        return value.decode() if isinstance(value, bytes) else str(value)
+    def first_id(self) -> str | None:
+        """The oldest entry still in the stream, or None when it is empty."""
+        first = cast(list[tuple[bytes, Any]], self.client.xrange(self.stream_key, min="-", max="+", count=1))
+        return first[0][0].decode() if first else None
+
+    def snapshot_id(self) -> str:
+        value = cast(bytes | None, self.client.get(f"{self.snapshot_key}:sid"))
+        return value.decode() if value else "0-0"
 
     def trim_before(self, stream_id: str) -> int:
         return int(self.client.xtrim(self.stream_key, minid=stream_id, approximate=False))

@@ -63,7 +63,12 @@ class SharedRecentIndex:
         The new index is built beside the old one (which keeps serving searches), so peak memory is twice the
         index for the moment of the swap, never more.
         """
-        if stream_id_key(self.store.max_deleted_id()) <= stream_id_key(self.stream_id):
+        ours = stream_id_key(self.stream_id)
+        first = self.store.first_id()
+        # Trimming keeps every entry from the snapshot point on, so if the oldest entry left is newer than our
+        # position (or the stream is empty behind a newer snapshot), entries we never read were trimmed.
+        trimmed = stream_id_key(first) > ours if first else stream_id_key(self.store.snapshot_id()) > ours
+        if not trimmed:
             return
         snapshot = self.store.load_snapshot()
         if snapshot is None:
