@@ -20,6 +20,8 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+bash scripts/install_browser.sh  # Debian's Chromium, for the reviewer page's browser test
+
 # Debian starts a system redis on 6379 at install; Sieve runs its own on a free port.
 systemctl disable --now redis-server >/dev/null 2>&1 || true
 
@@ -34,6 +36,8 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.sieve-installed-*
   touch "$stamp"
 fi
+
+bash scripts/install_helm.sh  # the real helm CLI from the Go module proxy, for tests/unit/deploy (cached)
 
 echo "[setup] Kafka broker jars (Maven Central, cached)"
 .venv/bin/python -c "from services.common.config import StackSettings as S; from services.common.stack.kafka import kafka_libs; s=S(); kafka_libs(s.cache_dir, s.kafka_version)"

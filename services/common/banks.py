@@ -54,9 +54,13 @@ class HashBankStore:
         names = sorted(n.decode() for n in cast(dict[bytes, bytes], self.client.hgetall(self.meta_key)))
         return [self.get(n) for n in names]
 
-    def set_enabled(self, name: str, enabled: bool) -> Bank:
+    def set_enabled(self, name: str, enabled: bool, description: str | None = None) -> Bank:
         bank = self.get(name)
-        meta = {"enabled": enabled, "description": bank.description, "created_at": bank.created_at}
+        meta = {
+            "enabled": enabled,
+            "description": bank.description if description is None else description,
+            "created_at": bank.created_at,
+        }
         self.client.hset(self.meta_key, name, json.dumps(meta))
         return self.get(name)
 

@@ -136,6 +136,7 @@ class TelemetrySettings(BaseSettings):
     exporter: Literal["none", "console", "otlp", "memory"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4317"
     prometheus_port: int = 0  # 0: no Prometheus endpoint
+    prometheus_host: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape the pod
 
 
 class StackSettings(BaseSettings):

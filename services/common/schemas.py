@@ -92,6 +92,11 @@ class FeedbackLabel(_Strict):
     not_duplicate: bool = False
     categories: dict[str, bool] = Field(default_factory=dict)
     decided_at: datetime = Field(default_factory=utcnow)
+    # What the retraining job needs to turn the label into a training pair without further look-ups.
+    model_version: str | None = None
+    image_uri: str | None = None
+    compared_with: str | None = None  # the neighbour judged "not a duplicate" (or the duplicate's original)
+    compared_uri: str | None = None
 
 
 class ErrorKind(StrEnum):

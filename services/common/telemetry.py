@@ -62,7 +62,7 @@ def setup_telemetry(settings: TelemetrySettings, service_name: str) -> None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        start_http_server(settings.prometheus_port, addr="127.0.0.1")
+        start_http_server(settings.prometheus_port, addr=settings.prometheus_host)
         readers.append(PrometheusMetricReader())
     if settings.exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter

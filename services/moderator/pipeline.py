@@ -64,6 +64,7 @@ class BatchOutput:
     index_entries: list[IndexEntry] = field(default_factory=list)
     fresh_verdicts: list[Verdict] = field(default_factory=list)  # decided by the model in this batch
     hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload_id -> (sha256, phash)
+    uris: dict[str, str] = field(default_factory=dict)  # upload_id -> image_uri, for reviewers' neighbour views
 
 
 def _now_ns() -> int:
@@ -89,6 +90,7 @@ class Pipeline:
         self.exact = ExactMatchStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self.banks = HashBankStore(redis_client, settings.redis.key_prefix)
         self.indexes: dict[str, SharedRecentIndex] = {}
+        self.base_decision = settings.decision
         self.sleep = sleep
         self._pool = ThreadPoolExecutor(max_workers=settings.moderator.fetch_workers, thread_name_prefix="fetch")
 
@@ -330,6 +332,7 @@ class Pipeline:
                 timings=item.timings,
             )
             out.hashes[verdict.upload_id] = (item.sha256, item.phash)
+            out.uris[verdict.upload_id] = item.event.image_uri
             item.span.set_attribute("sieve.action", decision.action.value)
             out.verdicts.append((verdict, item.span))
             out.fresh_verdicts.append(verdict)
@@ -363,6 +366,7 @@ class Pipeline:
             if entries:
                 self.indexes[version].add(entries)
         self.processed.put_many(out.fresh_verdicts)
+        self._remember_uris(out.uris)
         for verdict in out.fresh_verdicts:
             sha, phash = out.hashes[verdict.upload_id]
             known = KnownUpload(verdict.upload_id, verdict.action.value, verdict.model_version, verdict.flags)
@@ -370,6 +374,30 @@ class Pipeline:
                 self.exact.remember(sha, phash if informative_phash(phash) else None, known)
             except redis.RedisError:
                 break  # only the fast path is lost; the model still catches the re-upload
+
+    def _remember_uris(self, uris: dict[str, str]) -> None:
+        """Reviewers see an upload beside its neighbours: they look the neighbours' images up by upload_id."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for upload_id, uri in uris.items():
+                pipe.set(
+                    f"{self.settings.redis.key_prefix}:upload:uri:{upload_id}", uri, ex=self.settings.index.retention_s
+                )
+            pipe.execute()
+        except redis.RedisError:
+            pass  # only the reviewer's neighbour thumbnails are lost
+
+    def apply_threshold_overrides(self) -> None:
+        """Admins change thresholds through the reviewer API; they land in Redis and take effect here."""
+        try:
+            raw = self.redis.get(f"{self.settings.redis.key_prefix}:config:thresholds")
+        except redis.RedisError:
+            return
+        overrides = json.loads(raw) if raw else {}
+        merged = self.base_decision.model_copy(update=overrides)
+        if merged != self.settings.decision:
+            log.info("decision thresholds now %s", merged.model_dump())
+            self.settings = self.settings.model_copy(update={"decision": merged})
 
     def _dead_letter(self, item: Item) -> DeadLetter:
         assert item.failure is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import threading
 import time
@@ -98,8 +99,8 @@ class Moderator:
                     num_messages=cfg.moderator.batch_size, timeout=cfg.moderator.batch_timeout_ms / 1000.0
                 )
                 good = [m for m in messages if self._usable(m)]
+                self._maintenance(consumer)  # rate-limited inside; runs under load too
                 if not good:
-                    self._maintenance(consumer)
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         break
                     continue
@@ -230,7 +231,8 @@ class Moderator:
         interval = self.settings.index.sync_interval_s
         if now - self._last_maintenance < interval:
             return
-        self._last_maintenance = now
+        self._last_maintenance = now + interval * (random.random() - 0.5)  # jitter: replicas never sync in step
+        self.pipeline.apply_threshold_overrides()
         for index in self.pipeline.indexes.values():
             index.sync()
             index.local.evict_older_than(time.time() - index.retention_s)

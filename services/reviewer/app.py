@@ -1,0 +1,382 @@
+"""The reviewer HTTP API and labelling page (FastAPI).
+
+Only /healthz, /readyz and the static page shell (which holds no data and asks for a token) answer without a
+bearer token; every /api route needs one, and /api/admin routes need the admin role. The app talks to the queue,
+labeller, admin store and image source through the Protocols below, so unit tests can swap in fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+from urllib.parse import quote
+
+from fastapi import FastAPI, HTTPException, Query, Response, status
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+
+from services.common.config import Settings
+from services.common.errors import TransientError
+from services.common.schemas import FeedbackLabel, ReviewRequest
+from services.reviewer.admin import BANK_NAME_PATTERN, BankHashes, BankSpec, PromotionRequest, ThresholdOverrides
+from services.reviewer.auth import Admin, Reviewer, TokenAuthenticator
+from services.reviewer.images import ImageRefused
+from services.reviewer.labels import InvalidLabel, LabelBody, LabelOutcome, NotClaimed, label_kind
+from services.reviewer.queue import Claim, QueueItem, QueueStats
+from services.reviewer.settings import ReviewerSettings
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
+UploadId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/-]+$")]
+BankName = Annotated[str, PathParam(pattern=BANK_NAME_PATTERN)]
+
+# The page is served from this origin only: no inline script, images only from here or blob: URLs.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+class QueueAPI(Protocol):
+    def claim(self, reviewer_id: str, scan: int = ...) -> Claim | None: ...
+    def release(self, upload_id: str, reviewer_id: str) -> bool: ...
+    def item(self, upload_id: str) -> QueueItem | None: ...
+    def upload_uris(self, upload_ids: Sequence[str]) -> dict[str, str]: ...
+    def stats(self) -> QueueStats: ...
+    def ping(self) -> bool: ...
+
+
+class LabelAPI(Protocol):
+    def label(self, reviewer_id: str, request: ReviewRequest, body: LabelBody) -> LabelOutcome: ...
+
+
+class AdminAPI(Protocol):
+    def thresholds(self) -> dict[str, Any]: ...
+    def set_thresholds(self, overrides: ThresholdOverrides, actor: str) -> dict[str, Any]: ...
+    def banks(self) -> dict[str, dict[str, Any]]: ...
+    def bank(self, name: str) -> dict[str, Any] | None: ...
+    def put_bank(self, name: str, spec: BankSpec, actor: str) -> bool: ...
+    def add_bank_hashes(self, name: str, body: BankHashes, actor: str) -> int: ...
+    def delete_bank(self, name: str, actor: str) -> bool: ...
+    def request_promotion(self, request: PromotionRequest, actor: str) -> str: ...
+    def audit_log(self, count: int) -> list[dict[str, Any]]: ...
+
+
+class ImageAPI(Protocol):
+    @property
+    def has_aligned_view(self) -> bool: ...
+    def load(self, uri: str) -> tuple[bytes, str]: ...
+    def aligned(self, uri: str) -> bytes | None: ...
+
+
+class Background(Protocol):
+    def start(self) -> None: ...
+    def stop(self, timeout_s: float = ...) -> None: ...
+    def alive(self) -> bool: ...
+
+
+@dataclass
+class ReviewerServices:
+    queue: QueueAPI
+    labeller: LabelAPI
+    admin: AdminAPI
+    images: ImageAPI
+    ingestor: Background | None = None
+    on_label: Callable[[FeedbackLabel, str], None] | None = None
+    on_claim: Callable[[], None] | None = None
+
+
+def _item_view(item: QueueItem, neighbour_uris: dict[str, str], services: ReviewerServices) -> dict[str, Any]:
+    """Everything the page shows for one item; image URLs point at the authenticated image route."""
+    r = item.request
+
+    def image_url(uri: str | None) -> str | None:
+        return f"/api/image?uri={quote(uri, safe='')}" if uri else None
+
+    remaining = None
+    if item.claim_expires_at_ms is not None:
+        remaining = max(0.0, round(item.claim_expires_at_ms / 1000.0 - time.time(), 1))
+    return {
+        "upload_id": r.upload_id,
+        "image_uri": r.image_uri,
+        "image_url": image_url(r.image_uri),
+        "aligned_url": f"/api/items/{quote(r.upload_id, safe='')}/aligned"
+        if services.images.has_aligned_view
+        else None,
+        "reason": r.reason.value,
+        "priority": r.priority,
+        "model_version": r.model_version,
+        "scores": dict(sorted(r.scores.items(), key=lambda kv: -kv[1])),
+        "neighbours": [
+            {
+                "upload_id": n.upload_id,
+                "score": n.score,
+                "image_url": image_url(neighbour_uris.get(n.upload_id)),
+            }
+            for n in sorted(r.neighbours, key=lambda n: -n.score)
+        ],
+        "state": item.state,
+        "claimed_by": item.claimed_by,
+        "claim_expires_in_s": remaining,
+        "labelled_by": item.labelled_by,
+    }
+
+
+def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastAPI:
+    authenticator = TokenAuthenticator(rsettings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if services.ingestor is not None:
+            services.ingestor.start()
+        try:
+            yield
+        finally:
+            if services.ingestor is not None:
+                services.ingestor.stop()
+
+    app = FastAPI(title="Sieve reviewer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.authenticator = authenticator
+
+    @app.middleware("http")
+    async def security_headers(request: Any, call_next: Any) -> Any:
+        response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        if str(request.url.path).startswith("/api/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        checks = {
+            "redis": services.queue.ping(),
+            "ingesting": services.ingestor.alive() if services.ingestor is not None else True,
+            "tokens": len(authenticator) > 0,
+        }
+        return JSONResponse(checks, status_code=200 if all(checks.values()) else 503)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def _view(item: QueueItem) -> dict[str, Any]:
+        uris = services.queue.upload_uris([n.upload_id for n in item.request.neighbours])
+        return _item_view(item, uris, services)
+
+    @app.get("/api/me")
+    def me(principal: Reviewer) -> dict[str, Any]:
+        return {
+            "reviewer_id": principal.reviewer_id,
+            "role": principal.role.value,
+            "categories": rsettings.categories,
+            "claim_ttl_s": rsettings.claim_ttl_s,
+        }
+
+    @app.post("/api/claim")
+    def claim(principal: Reviewer) -> dict[str, Any]:
+        """The caller's live claim, or the next item; ``{"item": null}`` when the queue is empty."""
+        got = services.queue.claim(principal.reviewer_id)
+        if got is None:
+            return {"item": None}
+        if got.new and services.on_claim is not None:
+            services.on_claim()
+        item = QueueItem(got.request, "claimed", principal.reviewer_id, got.expires_at_ms, [])
+        return {"item": _view(item)}
+
+    @app.get("/api/items/{upload_id}")
+    def get_item(upload_id: UploadId, _principal: Reviewer) -> dict[str, Any]:
+        item = services.queue.item(upload_id)
+        if item is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such review item")
+        return _view(item)
+
+    @app.post("/api/items/{upload_id}/release")
+    def release(upload_id: UploadId, principal: Reviewer) -> dict[str, bool]:
+        if not services.queue.release(upload_id, principal.reviewer_id):
+            raise HTTPException(status.HTTP_409_CONFLICT, "you hold no claim on this item")
+        return {"released": True}
+
+    @app.post("/api/items/{upload_id}/label")
+    def label(upload_id: UploadId, body: LabelBody, principal: Reviewer, response: Response) -> dict[str, Any]:
+        item = services.queue.item(upload_id)
+        if item is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such review item")
+        try:
+            outcome = services.labeller.label(principal.reviewer_id, item.request, body)
+        except InvalidLabel as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+        except NotClaimed as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, "claim this item first (or your claim expired)") from exc
+        except TransientError as exc:
+            log.warning("label for %s not published: %s", upload_id, exc)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "feedback topic unavailable; retry") from exc
+        if not outcome.repeated and services.on_label is not None:
+            services.on_label(outcome.label, principal.role.value)
+        response.status_code = status.HTTP_200_OK if outcome.repeated else status.HTTP_201_CREATED
+        return {
+            "label": outcome.label.model_dump(mode="json"),
+            "kind": label_kind(outcome.label),
+            "repeated": outcome.repeated,
+        }
+
+    @app.get("/api/queue/stats")
+    def stats(_principal: Reviewer) -> dict[str, int]:
+        s = services.queue.stats()
+        return {"pending": s.pending, "claimed": s.claimed, "labelled": s.labelled}
+
+    @app.get("/api/image")
+    def image(_principal: Reviewer, uri: Annotated[str, Query(min_length=1, max_length=4096)]) -> Response:
+        try:
+            data, mime = services.images.load(uri)
+        except ImageRefused as exc:
+            raise HTTPException(exc.status, exc.detail) from exc
+        return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/items/{upload_id}/aligned")
+    def aligned(upload_id: UploadId, _principal: Reviewer) -> Response:
+        item = services.queue.item(upload_id)
+        if item is None or not services.images.has_aligned_view:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no aligned view")
+        try:
+            png = services.images.aligned(item.request.image_uri)
+        except ImageRefused as exc:
+            raise HTTPException(exc.status, exc.detail) from exc
+        if png is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no aligned view")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    # ---- admin ----
+
+    @app.get("/api/admin/thresholds")
+    def get_thresholds(_admin: Admin) -> dict[str, Any]:
+        return services.admin.thresholds()
+
+    @app.put("/api/admin/thresholds")
+    def put_thresholds(body: ThresholdOverrides, admin: Admin) -> dict[str, Any]:
+        try:
+            return services.admin.set_thresholds(body, admin.reviewer_id)
+        except (ValueError, ValidationError) as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    @app.get("/api/admin/banks")
+    def list_banks(_admin: Admin) -> dict[str, Any]:
+        return {"banks": services.admin.banks()}
+
+    @app.get("/api/admin/banks/{name}")
+    def get_bank(name: BankName, _admin: Admin) -> dict[str, Any]:
+        found = services.admin.bank(name)
+        if found is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank")
+        return {"name": name, **found}
+
+    @app.put("/api/admin/banks/{name}")
+    def put_bank(name: BankName, body: BankSpec, admin: Admin, response: Response) -> dict[str, Any]:
+        created = services.admin.put_bank(name, body, admin.reviewer_id)
+        response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+        return {"name": name, "created": created, **body.model_dump()}
+
+    @app.post("/api/admin/banks/{name}/hashes")
+    def add_bank_hashes(name: BankName, body: BankHashes, admin: Admin) -> dict[str, Any]:
+        try:
+            return {"name": name, "added": services.admin.add_bank_hashes(name, body, admin.reviewer_id)}
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+
+    @app.delete("/api/admin/banks/{name}", status_code=status.HTTP_204_NO_CONTENT)
+    def delete_bank(name: BankName, admin: Admin) -> Response:
+        if not services.admin.delete_bank(name, admin.reviewer_id):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank")
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    @app.post("/api/admin/promote", status_code=status.HTTP_202_ACCEPTED)
+    def promote(body: PromotionRequest, admin: Admin) -> dict[str, Any]:
+        request_id = services.admin.request_promotion(body, admin.reviewer_id)
+        return {
+            "status": "recorded",
+            "request_id": request_id,
+            "note": "recorded for the trainer, which gates, writes, loads and switches the model; "
+            "this service does not promote by itself",
+        }
+
+    @app.get("/api/admin/audit")
+    def audit(_admin: Admin, count: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        return {"entries": services.admin.audit_log(count)}
+
+    return app
+
+
+def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerServices:
+    """The real thing: Redis queue and admin store, Kafka consumer and producer, file-root image source."""
+    import redis
+
+    from services.reviewer.admin import AdminStore
+    from services.reviewer.images import ImageSource, load_aligned_view
+    from services.reviewer.labels import AuditLog, FeedbackPublisher, Labeller
+    from services.reviewer.metrics import ReviewerMetrics
+    from services.reviewer.queue import QueueKeys, ReviewIngestor, ReviewQueue
+
+    client = redis.Redis.from_url(
+        settings.redis.url.get_secret_value(),
+        socket_timeout=settings.redis.socket_timeout_s,
+        socket_connect_timeout=settings.redis.socket_timeout_s,
+        health_check_interval=30,
+    )
+    prefix = settings.redis.key_prefix
+    queue = ReviewQueue(
+        client,
+        prefix,
+        rsettings.claim_ttl_s,
+        dedup_ttl_s=rsettings.dedup_ttl_s,
+        skip_ttl_s=rsettings.skip_ttl_s,
+        uri_ttl_s=settings.index.retention_s,
+    )
+    audit = AuditLog(client, QueueKeys(prefix), rsettings.audit_file)
+    publisher = FeedbackPublisher(settings.kafka, rsettings.publish_timeout_s)
+    labeller = Labeller(client, prefix, publisher, audit, rsettings.categories, rsettings.dedup_ttl_s)
+
+    def depth() -> tuple[int, int]:
+        s = queue.stats()
+        return s.pending, s.claimed
+
+    metrics = ReviewerMetrics(depth)
+    ingestor = ReviewIngestor(
+        settings.kafka, queue, rsettings.consumer_group, on_ingested=lambda n: metrics.ingested.add(n)
+    )
+    return ReviewerServices(
+        queue=queue,
+        labeller=labeller,
+        admin=AdminStore(client, prefix, settings.decision, audit),
+        images=ImageSource(settings.fetch, settings.decode, load_aligned_view(rsettings.aligned_view)),
+        ingestor=ingestor,
+        on_label=lambda label, role: metrics.labels.add(1, {"kind": label_kind(label), "role": role}),
+        on_claim=lambda: metrics.claims.add(1),
+    )
+
+
+def app_from_env() -> FastAPI:
+    """Uvicorn factory (``uvicorn --factory services.reviewer.app:app_from_env``)."""
+    from services.common.kafka_io import ensure_topics
+    from services.common.telemetry import setup_telemetry
+
+    settings = Settings()
+    rsettings = ReviewerSettings()
+    setup_telemetry(settings.telemetry, "sieve-reviewer")
+    ensure_topics(settings.kafka)
+    return create_app(rsettings, build_services(settings, rsettings))

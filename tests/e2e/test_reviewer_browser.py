@@ -1,0 +1,215 @@
+"""A real browser on the real reviewer service: sign in, claim, label by keyboard, read the label from Kafka.
+
+Debian's Chromium (scripts/install_browser.sh) is driven by Playwright; the service runs exactly as operators
+start it (``sieve reviewer serve``) against the session's real Kafka and Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+
+from services.common.config import Settings
+from services.common.kafka_io import AckedProducer, ensure_topics
+from services.common.photos.build import Manifest
+from services.common.schemas import DuplicateMatch, FeedbackLabel, ReviewReason, ReviewRequest
+from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
+from services.reviewer.queue import QueueKeys
+from tests.e2e.conftest import SIEVE, pick_photos, read_topic, write_photo
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "alice-browser-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+@pytest.fixture()
+def reviewer_server(stack_env: dict[str, str], settings: Settings, tmp_path: Path) -> Iterator[str]:
+    """``sieve reviewer serve`` on a free port; yields its base URL once /readyz says ready."""
+    ensure_topics(settings.kafka)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({TOKEN: {"reviewer_id": "alice", "role": "reviewer"}}))
+    port = _free_port()
+    env = {
+        **os.environ,
+        **stack_env,
+        "SIEVE_REVIEWER_TOKENS_FILE": str(tokens),
+        "SIEVE_REVIEWER_CONSUMER_GROUP": f"reviewer-{settings.redis.key_prefix}",
+    }
+    log_path = tmp_path / "reviewer.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*SIEVE, "reviewer", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while _get(f"{base}/readyz")[0] != 200:
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, "reviewer not ready:\n" + log_path.read_text(errors="replace")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    assert TOKEN not in log_path.read_text(errors="replace"), "the service logged a token"
+
+
+def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[ReviewRequest, ReviewRequest]:
+    """Two review requests over real photos: a near-duplicate with its original as top neighbour, and a flag."""
+    p1, p2, p3 = pick_photos(manifest, 3, seed=11)
+    original = write_photo(manifest, p1, folder, "orig-0412")
+    other = write_photo(manifest, p2, folder, "orig-0977")
+    flagged = write_photo(manifest, p3, folder, "up-flag-0031")
+    with Image.open(original) as img:
+        copy = folder / "up-copy-0007.jpg"
+        copy.write_bytes(encode_jpeg(NEAR_DUPLICATES["crop90_jpeg50"](img.convert("RGB")), 85))
+    # What the moderator records for every upload it sees, so the page can show neighbours' images.
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    keys = QueueKeys(settings.redis.key_prefix)
+    for uid, path in (("orig-0412", original), ("orig-0977", other)):
+        client.set(keys.upload_uri(uid), path.as_uri())
+    client.close()
+    duplicate = ReviewRequest(
+        upload_id="up-copy-0007",
+        image_uri=copy.as_uri(),
+        reason=ReviewReason.NEAR_THRESHOLD_DUPLICATE,
+        priority=0.92,
+        scores={"safe": 0.81, "nsfw": 0.07, "violence": 0.04, "spam": 0.12},
+        neighbours=[
+            DuplicateMatch(upload_id="orig-0412", score=0.913),
+            DuplicateMatch(upload_id="orig-0977", score=0.41),
+        ],
+        model_version="sieve_embedder:1",
+    )
+    flag = ReviewRequest(
+        upload_id="up-flag-0031",
+        image_uri=flagged.as_uri(),
+        reason=ReviewReason.UNCERTAIN_FLAG,
+        priority=0.55,
+        scores={"nsfw": 0.62, "safe": 0.3, "violence": 0.05, "spam": 0.02},
+        neighbours=[DuplicateMatch(upload_id="orig-0977", score=0.38)],
+        model_version="sieve_embedder:1",
+    )
+    producer = AckedProducer(settings.kafka)
+    for r in (duplicate, flag):
+        producer.produce(settings.kafka.topic_review, r.upload_id, r.model_dump_json().encode())
+    producer.flush(30)
+    return duplicate, flag
+
+
+def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
+    reviewer_server: str, settings: Settings, photo_set: Manifest, tmp_path: Path
+) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail("no /usr/bin/chromium: run scripts/install_browser.sh")
+    from playwright.sync_api import expect, sync_playwright
+
+    duplicate, flag = _plant(settings, photo_set, tmp_path)
+    deadline = time.monotonic() + 60
+    while json.loads(_get(f"{reviewer_server}/api/queue/stats", TOKEN)[1] or b"{}").get("pending") != 2:
+        assert time.monotonic() < deadline, "the service did not ingest the review requests"
+        time.sleep(0.3)
+
+    problems: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 860})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(reviewer_server + "/")
+
+            page.fill("#token", "wrong-token-0123456789abcdef")
+            page.click("#login-button")
+            expect(page.locator("#login-error")).to_have_text("That token was not accepted.")
+            problems.clear()  # the browser logs the refused sign-in's 401 itself
+
+            page.fill("#token", TOKEN)
+            page.click("#login-button")
+            page.wait_for_selector("body[data-item-loaded='true']", timeout=30_000)
+            expect(page.locator("#who-id")).to_have_text("alice")
+            expect(page.locator("#item-id")).to_have_text(duplicate.upload_id)  # the highest priority first
+            expect(page.locator(".nb")).to_have_count(2)
+            expect(page.locator(".nb.top .id")).to_have_text("orig-0412")
+            expect(page.locator("#aligned-fig")).to_be_hidden()  # no aligned-view function configured yet
+            loaded = page.eval_on_selector_all(
+                "#img-upload, .nb img", "els => els.map(e => e.complete && e.naturalWidth > 0)"
+            )
+            assert loaded == [True, True, True], loaded
+            page.mouse.move(0, 0)  # no hover highlight in the picture
+            shot = tmp_path / "reviewer.png"
+            page.screenshot(path=str(shot), full_page=True)
+            (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, ROOT / "docs" / "img" / "reviewer.png")
+
+            page.keyboard.press("d")  # duplicate of the top neighbour
+            expect(page.locator("#item-id")).to_have_text(flag.upload_id, timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("up-copy-0007 labelled: duplicate of orig-0412")
+            page.wait_for_selector("body[data-item-loaded='true']")
+            page.screenshot(path=str(tmp_path / "reviewer-second.png"), full_page=True)
+            page.keyboard.press("2")  # the second category: nsfw
+            expect(page.locator("#empty")).to_be_visible(timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("up-flag-0031 labelled: nsfw")
+            page.screenshot(path=str(tmp_path / "reviewer-after.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == [], problems
+
+    records = read_topic(settings, settings.kafka.topic_feedback, expected=2, timeout_s=60)
+    labels = {r["upload_id"]: FeedbackLabel.model_validate(r) for r in records}
+    assert len(records) == 2, records
+    assert labels[duplicate.upload_id].duplicate_of == "orig-0412"
+    assert labels[duplicate.upload_id].reviewer_id == "alice"
+    assert labels[flag.upload_id].categories == {"safe": False, "nsfw": True, "violence": False, "spam": False}
+    assert labels[flag.upload_id].duplicate_of is None and not labels[flag.upload_id].not_duplicate
+    if os.environ.get("SIEVE_KEEP_SCREENSHOTS"):
+        print(f"screenshots in {tmp_path}", file=sys.stderr)

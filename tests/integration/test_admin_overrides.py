@@ -1,0 +1,29 @@
+"""Thresholds an admin sets through the reviewer API reach the moderator through Redis."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from services.common.config import Settings
+from services.moderator.pipeline import Pipeline
+
+
+class _NoModels:
+    def infer(self, images: object) -> object:
+        raise AssertionError("not called")
+
+
+def test_threshold_overrides_apply_and_can_be_withdrawn(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    pipeline = Pipeline(settings, _NoModels(), client)  # type: ignore[arg-type]
+    key = f"{settings.redis.key_prefix}:config:thresholds"
+    client.set(key, json.dumps({"duplicate_threshold": 0.93}))
+    pipeline.apply_threshold_overrides()
+    assert pipeline.settings.decision.duplicate_threshold == 0.93
+    assert pipeline.settings.decision.flag_threshold == settings.decision.flag_threshold
+    client.delete(key)
+    pipeline.apply_threshold_overrides()
+    assert pipeline.settings.decision == settings.decision
+    pipeline.close()

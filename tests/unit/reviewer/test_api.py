@@ -1,0 +1,136 @@
+"""Label validation, the image route's file-root policy and the aligned-view hook, without servers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import SecretStr
+
+from services.common.config import DecodeSettings, FetchSettings
+from services.reviewer.app import ReviewerServices, create_app
+from services.reviewer.images import ImageSource, load_aligned_view
+from services.reviewer.labels import InvalidLabel, LabelBody, build_label, label_kind
+from services.reviewer.settings import ReviewerSettings
+from tests.unit.reviewer.fakes import FakeAdmin, FakeLabeller, FakeQueue, fake_aligned_view, make_request
+
+TOKEN = "rev-token-0123456789abcdef"
+H = {"Authorization": f"Bearer {TOKEN}"}
+CATS = ["safe", "nsfw", "violence", "spam"]
+
+
+def _png() -> bytes:
+    img = Image.new("RGB", (32, 24), "red")
+    img.paste((0, 0, 255), (0, 0, 8, 24))  # asymmetric, so a warped view differs
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+def _client(tmp_path: Path, aligned: bool = False) -> TestClient:
+    queue = FakeQueue([make_request("up-1")])
+    upload = tmp_path / "up-1.png"
+    upload.write_bytes(_png())
+    queue.pending["up-1"] = queue.pending["up-1"].model_copy(update={"image_uri": upload.as_uri()})
+    images = ImageSource(
+        FetchSettings(file_roots=[str(tmp_path)], allowed_schemes=["https", "http", "file"]),
+        DecodeSettings(),
+        fake_aligned_view if aligned else None,
+    )
+    rsettings = ReviewerSettings(reviewer_tokens=[SecretStr(f"alice:{TOKEN}")])
+    services = ReviewerServices(queue, FakeLabeller(queue, rsettings.categories), FakeAdmin(), images)
+    return TestClient(create_app(rsettings, services))
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with _client(tmp_path) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "needs duplicate_of"),
+        ({"duplicate_of": "nb-1", "not_duplicate": True}, "exclude each other"),
+        ({"duplicate_of": "someone-else"}, "not one of this item's neighbours"),
+        ({"categories": {"gore": True}}, "unknown categories"),
+    ],
+)
+def test_labels_that_do_not_fit_the_item_are_refused(body: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidLabel, match=message):
+        build_label(LabelBody.model_validate(body), make_request(), "alice", CATS)
+
+
+def test_not_duplicate_needs_a_neighbour() -> None:
+    lonely = make_request().model_copy(update={"neighbours": []})
+    with pytest.raises(InvalidLabel, match="needs a neighbour"):
+        build_label(LabelBody(not_duplicate=True), lonely, "alice", CATS)
+
+
+def test_a_valid_label_carries_the_reviewer_and_the_decision() -> None:
+    label = build_label(LabelBody(duplicate_of="nb-2", categories={"spam": True}), make_request(), "alice", CATS)
+    assert (label.upload_id, label.reviewer_id, label.duplicate_of) == ("up-1", "alice", "nb-2")
+    assert label.categories == {"spam": True} and label_kind(label) == "duplicate"
+    assert label_kind(build_label(LabelBody(categories={"safe": True}), make_request(), "a", CATS)) == "category"
+
+
+def test_label_route_maps_errors_to_statuses(client: TestClient) -> None:
+    assert client.post("/api/items/up-1/label", headers=H, json={"not_duplicate": True}).status_code == 409
+    client.post("/api/claim", headers=H)
+    bad = client.post("/api/items/up-1/label", headers=H, json={"categories": {"gore": True}})
+    assert bad.status_code == 422 and "unknown categories" in bad.json()["detail"]
+    assert client.post("/api/items/up-1/label", headers=H, json={"extra": 1}).status_code == 422
+    assert client.post("/api/items/nope/label", headers=H, json={"not_duplicate": True}).status_code == 404
+    assert client.post("/api/items/up-1/label", headers=H, json={"categories": {"nsfw": True}}).status_code == 201
+
+
+def test_image_route_serves_images_under_the_roots_only(client: TestClient, tmp_path: Path) -> None:
+    ok = client.get("/api/image", headers=H, params={"uri": (tmp_path / "up-1.png").as_uri()})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png" and ok.content == _png()
+
+    (tmp_path / "notes.txt").write_text("secret notes")
+    text = client.get("/api/image", headers=H, params={"uri": (tmp_path / "notes.txt").as_uri()})
+    assert text.status_code == 415 and "secret" not in text.text
+
+    for uri in (
+        "file:///etc/passwd",
+        f"file://{tmp_path}/../../etc/passwd",
+        "http://127.0.0.1:9/x.png",  # never an open proxy, even for schemes the moderator may fetch
+        "https://example.com/x.png",
+        "gopher://example.com/x",
+    ):
+        res = client.get("/api/image", headers=H, params={"uri": uri})
+        assert res.status_code == 403, (uri, res.status_code)
+    assert client.get("/api/image", headers=H, params={"uri": (tmp_path / "gone.png").as_uri()}).status_code == 404
+    assert client.get("/api/image", params={"uri": (tmp_path / "up-1.png").as_uri()}).status_code == 401
+
+
+def test_aligned_view_is_404_until_a_function_is_configured(client: TestClient, tmp_path: Path) -> None:
+    assert client.get("/api/items/up-1/aligned", headers=H).status_code == 404
+    assert client.post("/api/claim", headers=H).json()["item"]["aligned_url"] is None
+    with _client(tmp_path, aligned=True) as c:
+        item = c.post("/api/claim", headers=H).json()["item"]
+        assert item["aligned_url"] == "/api/items/up-1/aligned"
+        res = c.get(item["aligned_url"], headers=H)
+        assert res.status_code == 200 and res.headers["content-type"] == "image/png"
+        assert res.content.startswith(b"\x89PNG") and res.content != _png()
+
+
+def test_aligned_view_setting_loads_a_dotted_function() -> None:
+    assert load_aligned_view("") is None
+    assert load_aligned_view("tests.unit.reviewer.fakes:fake_aligned_view") is fake_aligned_view
+
+
+def test_item_view_shows_reason_scores_and_ranked_neighbours(client: TestClient) -> None:
+    item = client.post("/api/claim", headers=H).json()["item"]
+    assert item["reason"] == "near_threshold_duplicate" and item["scores"] == {"nsfw": 0.5}
+    assert [n["upload_id"] for n in item["neighbours"]] == ["nb-1", "nb-2"]
+    assert item["image_url"].startswith("/api/image?uri=file%3A%2F%2F")
+    assert 0 < item["claim_expires_in_s"] <= 60
+    assert client.post("/api/items/up-1/release", headers=H).status_code == 200
+    assert client.post("/api/items/up-1/release", headers=H).status_code == 409
