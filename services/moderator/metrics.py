@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
@@ -24,6 +24,13 @@ class ModeratorMetrics:
         m.create_observable_gauge("sieve_index_size", callbacks=[self._observe_index], description="vectors")
         m.create_observable_gauge("sieve_consumer_lag", callbacks=[self._observe_lag], description="messages")
         m.create_observable_gauge("sieve_model_version_info", callbacks=[self._observe_version])
+        self._index_ages: Callable[[], dict[str, float]] = dict
+        m.create_observable_gauge(
+            "sieve_index_age_seconds",
+            unit="s",
+            callbacks=[self._observe_index_age],
+            description="seconds since this replica's index last caught up with the shared store",
+        )
 
     def stage(self, name: str, seconds: float) -> None:
         self.stage_latency.record(seconds, {"stage": name})
@@ -36,6 +43,12 @@ class ModeratorMetrics:
 
     def model_version(self, version: str) -> None:
         self._model_version = version
+
+    def index_ages(self, source: Callable[[], dict[str, float]]) -> None:
+        self._index_ages = source
+
+    def _observe_index_age(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(age, {"model_version": v}) for v, age in self._index_ages().items()]
 
     def _observe_index(self, _options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(size, {"model_version": v}) for v, size in self._index_sizes.items()]

@@ -45,6 +45,11 @@ class Moderator:
         self.metrics = ModeratorMetrics()
         self.models = models or TritonModels(settings.triton, max_batch=64)
         self.pipeline = Pipeline(settings, self.models, self.redis, fetcher, self.metrics)
+        self.metrics.index_ages(
+            lambda: {
+                v: round(time.time() - i.last_sync, 1) for v, i in list(self.pipeline.indexes.items()) if i.last_sync
+            }
+        )
         self.producer = AckedProducer(settings.kafka)
         self.stop_event = threading.Event()
         self.on_batch = on_batch

@@ -73,4 +73,10 @@ def test_one_upload_produces_one_connected_trace(settings: Settings, tmp_path: P
     reader = memory_metrics()
     assert reader is not None
     names_seen = _metric_names(reader.get_metrics_data())
-    assert {"sieve_uploads_processed", "sieve_stage_seconds", "sieve_verdicts", "sieve_index_size"} <= names_seen
+    assert {
+        "sieve_uploads_processed",
+        "sieve_stage_seconds",
+        "sieve_verdicts",
+        "sieve_index_size",
+        "sieve_index_age_seconds",
+    } <= names_seen

@@ -44,6 +44,7 @@ class SharedRecentIndex:
         self.loaded = False
         self.redis_ok = True
         self.rebuilds = 0
+        self.last_sync = 0.0
         self._lock = threading.Lock()
         self._owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -102,6 +103,7 @@ class SharedRecentIndex:
                     self.stream_id = last
                     if len(entries) < READ_COUNT:
                         break
+                self.last_sync = time.time()
                 if not self.redis_ok:
                     log.info("index: Redis reachable again; caught up to %s", self.stream_id)
                 self.redis_ok = True
