@@ -108,6 +108,17 @@ class DecisionSettings(BaseSettings):
     block_categories: list[str] = Field(default_factory=lambda: ["nsfw"])
 
 
+class ReviewSelectionSettings(BaseSettings):
+    """Active learning: which uncertain items reach human reviewers, and how many."""
+
+    model_config = _cfg("SIEVE_REVIEW_")
+
+    budget_per_minute: int = 120  # review requests per minute across all replicas
+    diversity_similarity: float = 0.95  # a near-identical twin already queued covers this item
+    reach_metadata_key: str = "reach"  # event.metadata[key]: audience size, raises priority logarithmically
+    queued_ttl_s: int = 24 * 3600
+
+
 class IndexSettings(BaseSettings):
     model_config = _cfg("SIEVE_INDEX_")
 
@@ -160,6 +171,7 @@ class Settings(BaseSettings):
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
     decision: DecisionSettings = Field(default_factory=DecisionSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
+    review: ReviewSelectionSettings = Field(default_factory=ReviewSelectionSettings)
     moderator: ModeratorSettings = Field(default_factory=ModeratorSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     stack: StackSettings = Field(default_factory=StackSettings)
@@ -173,6 +185,7 @@ SETTINGS_GROUPS: dict[str, type[BaseSettings]] = {
     "decode": DecodeSettings,
     "decision": DecisionSettings,
     "index": IndexSettings,
+    "review": ReviewSelectionSettings,
     "moderator": ModeratorSettings,
     "telemetry": TelemetrySettings,
     "stack": StackSettings,

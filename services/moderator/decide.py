@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.common.config import DecisionSettings
@@ -20,8 +21,17 @@ class Decision:
     neighbours: list[DuplicateMatch] = field(default_factory=list)
 
 
-def decide(neighbours: list[Neighbour], scores: dict[str, float], cfg: DecisionSettings) -> Decision:
-    """Duplicates are reported, not blocked on their own; flags block; uncertainty goes to review."""
+def decide(
+    neighbours: list[Neighbour],
+    scores: dict[str, float],
+    cfg: DecisionSettings,
+    neighbour_actions: Mapping[str, str] | None = None,
+) -> Decision:
+    """Duplicates are reported, not blocked on their own; flags block; uncertainty goes to review.
+
+    ``neighbour_actions`` are the earlier verdicts of the neighbours: a near-duplicate of blocked content that the
+    classifier lets through (or the reverse) is a disagreement worth a human label.
+    """
     nearest = [DuplicateMatch(upload_id=n.upload_id, score=round(n.score, 6)) for n in neighbours]
     duplicates = [m for m in nearest if m.score >= cfg.duplicate_threshold]
     flags = {c: round(s, 6) for c, s in scores.items()}
@@ -57,6 +67,16 @@ def decide(neighbours: list[Neighbour], scores: dict[str, float], cfg: DecisionS
             reasons.append(f"near_threshold_duplicate:{best:.3f}")
         if review_reason is not None:
             action = Action.REVIEW
+
+    blocked_twins = [m for m in duplicates if (neighbour_actions or {}).get(m.upload_id) == Action.BLOCK.value]
+    allowed_twins = [m for m in duplicates if (neighbour_actions or {}).get(m.upload_id) == Action.ALLOW.value]
+    if review_reason is None and ((blocked_twins and action is not Action.BLOCK) or (allowed_twins and blocking)):
+        review_reason = ReviewReason.DISAGREEMENT
+        priority = 1.0
+        twin = (blocked_twins or allowed_twins)[0]
+        reasons.append(f"disagrees_with:{twin.upload_id}")
+        if action is Action.ALLOW:
+            action = Action.REVIEW  # a blocked image, edited and re-uploaded, must not pass unseen
 
     if not reasons:
         reasons.append("no_match")

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import redis
@@ -34,7 +35,8 @@ from services.common.schemas import (
     Verdict,
 )
 from services.common.telemetry import extract_context, tracer
-from services.moderator.decide import decide
+from services.moderator.active_learning import Candidate, ReviewSelector
+from services.moderator.decide import Decision, decide
 from services.moderator.exact import ExactMatchStore, KnownUpload
 from services.moderator.metrics import ModeratorMetrics
 from services.moderator.processed import ProcessedEvents
@@ -91,6 +93,8 @@ class Pipeline:
         self.banks = HashBankStore(redis_client, settings.redis.key_prefix)
         self.indexes: dict[str, SharedRecentIndex] = {}
         self.base_decision = settings.decision
+        self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
+        self._priorities: dict[str, float] = {}
         self.sleep = sleep
         self._pool = ThreadPoolExecutor(max_workers=settings.moderator.fetch_workers, thread_name_prefix="fetch")
 
@@ -291,8 +295,9 @@ class Pipeline:
         index = self.index_for(result.model_version, int(result.embeddings.shape[1]))
         index.sync()
         cfg = self.settings.decision
-        t2 = _now_ns()
         search_total = 0.0
+        decided: list[tuple[Item, Decision, list[str]]] = []
+        batch_actions: dict[str, str] = {}
         for row, item in enumerate(ready):
             assert item.event is not None
             _child(
@@ -307,8 +312,9 @@ class Pipeline:
             began = time.perf_counter()
             neighbours = index.search(result.embeddings[row : row + 1], cfg.top_k, exclude=[item.event.upload_id])[0]
             scores = {c: float(result.scores[row, k]) for k, c in enumerate(result.categories)}
-            decision = decide(neighbours, scores, cfg)
-            reasons = decision.reasons + (["bank_check_unavailable"] if item.bank_check_failed else [])
+            twins = [n.upload_id for n in neighbours if n.score >= cfg.duplicate_threshold]
+            decision = decide(neighbours, scores, cfg, self._actions_of(twins, batch_actions))
+            batch_actions[item.event.upload_id] = decision.action.value
             entry = IndexEntry(item.event.upload_id, result.embeddings[row], time.time())
             index.local.add([entry])  # later items of this batch must see it
             item.timings["search_ms"] = _ms(began)
@@ -321,11 +327,24 @@ class Pipeline:
                 {"sieve.neighbours": len(neighbours), "sieve.index_size": len(index)},
             )
             out.index_entries.append(entry)
+            extra = ["bank_check_unavailable"] if item.bank_check_failed else []
+            decided.append((item, decision, extra))
+
+        selected = self._select_reviews(decided)
+        for item, decision, extra in decided:
+            assert item.event is not None
+            action = decision.action
+            reasons = decision.reasons + extra
+            skip = selected.get(item.event.upload_id)
+            if decision.review_reason is not None and skip:
+                reasons.append(skip)
+                if action is Action.REVIEW:
+                    action = Action.ALLOW  # REVIEW always means a reviewer will see it; this one will not
             verdict = Verdict(
                 upload_id=item.event.upload_id,
                 event_id=item.event.event_id,
                 model_version=result.model_version,
-                action=decision.action,
+                action=action,
                 duplicate_of=decision.duplicate_of,
                 flags=decision.flags,
                 reasons=reasons,
@@ -333,27 +352,48 @@ class Pipeline:
             )
             out.hashes[verdict.upload_id] = (item.sha256, item.phash)
             out.uris[verdict.upload_id] = item.event.image_uri
-            item.span.set_attribute("sieve.action", decision.action.value)
+            item.span.set_attribute("sieve.action", action.value)
             out.verdicts.append((verdict, item.span))
             out.fresh_verdicts.append(verdict)
-            if decision.review_reason is not None:
-                out.reviews.append(
-                    (
-                        ReviewRequest(
-                            upload_id=item.event.upload_id,
-                            image_uri=item.event.image_uri,
-                            reason=decision.review_reason,
-                            priority=decision.review_priority,
-                            scores=decision.flags,
-                            neighbours=decision.neighbours,
-                            model_version=result.model_version,
-                        ),
-                        item.span,
-                    )
+            if decision.review_reason is not None and not skip:
+                request = ReviewRequest(
+                    upload_id=item.event.upload_id,
+                    image_uri=item.event.image_uri,
+                    reason=decision.review_reason,
+                    priority=self._priorities.get(item.event.upload_id, decision.review_priority),
+                    scores=decision.flags,
+                    neighbours=decision.neighbours,
+                    model_version=result.model_version,
                 )
+                out.reviews.append((request, item.span))
         self.metrics.stage("index_search", search_total / 1000.0)
         self.metrics.index_size(result.model_version, len(index))
-        del t2
+
+    def _select_reviews(self, decided: list[tuple[Item, Decision, list[str]]]) -> dict[str, str]:
+        """upload_id -> why it is not sent to review ("" when it is)."""
+        candidates = [
+            Candidate(item.event.upload_id, decision.review_priority, decision.neighbours, item.event.metadata)
+            for item, decision, _ in decided
+            if decision.review_reason is not None and item.event is not None
+        ]
+        if not candidates:
+            return {}
+        chosen = self.selector.select(candidates)
+        self._priorities = {c.upload_id: c.priority for c in chosen}
+        return {c.upload_id: c.skipped_because for c in chosen}
+
+    def _actions_of(self, upload_ids: list[str], batch_actions: dict[str, str]) -> dict[str, str]:
+        """Earlier verdicts of the near-duplicates found, for the disagreement check."""
+        found = {u: batch_actions[u] for u in upload_ids if u in batch_actions}
+        rest = [u for u in upload_ids if u not in found]
+        if rest:
+            try:
+                keys = [f"{self.settings.redis.key_prefix}:upload:action:{u}" for u in rest]
+                values = cast(list[bytes | None], self.redis.mget(keys))
+                found.update({u: v.decode() for u, v in zip(rest, values, strict=True) if v})
+            except redis.RedisError:
+                pass
+        return found
 
     def commit_index(self, out: BatchOutput, model_versions: list[str] | None = None) -> None:
         """After the verdicts are acknowledged: share the batch's embeddings and remember the events."""
@@ -366,7 +406,7 @@ class Pipeline:
             if entries:
                 self.indexes[version].add(entries)
         self.processed.put_many(out.fresh_verdicts)
-        self._remember_uris(out.uris)
+        self._remember_uploads(out)
         for verdict in out.fresh_verdicts:
             sha, phash = out.hashes[verdict.upload_id]
             known = KnownUpload(verdict.upload_id, verdict.action.value, verdict.model_version, verdict.flags)
@@ -375,17 +415,18 @@ class Pipeline:
             except redis.RedisError:
                 break  # only the fast path is lost; the model still catches the re-upload
 
-    def _remember_uris(self, uris: dict[str, str]) -> None:
-        """Reviewers see an upload beside its neighbours: they look the neighbours' images up by upload_id."""
+    def _remember_uploads(self, out: BatchOutput) -> None:
+        """Reviewers see an upload beside its neighbours (by uri); the disagreement check needs their actions."""
+        prefix, ttl = self.settings.redis.key_prefix, self.settings.index.retention_s
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for upload_id, uri in uris.items():
-                pipe.set(
-                    f"{self.settings.redis.key_prefix}:upload:uri:{upload_id}", uri, ex=self.settings.index.retention_s
-                )
+            for upload_id, uri in out.uris.items():
+                pipe.set(f"{prefix}:upload:uri:{upload_id}", uri, ex=ttl)
+            for verdict in out.fresh_verdicts:
+                pipe.set(f"{prefix}:upload:action:{verdict.upload_id}", verdict.action.value, ex=ttl)
             pipe.execute()
         except redis.RedisError:
-            pass  # only the reviewer's neighbour thumbnails are lost
+            pass  # only reviewers' neighbour thumbnails and the disagreement check lose this batch
 
     def apply_threshold_overrides(self) -> None:
         """Admins change thresholds through the reviewer API; they land in Redis and take effect here."""

@@ -53,3 +53,21 @@ def test_far_below_threshold_is_not_a_duplicate() -> None:
     d = decide([Neighbour("a", 0.5)], {"nsfw": 0.0}, CFG)
     assert d.action is Action.ALLOW and d.duplicate_of == []
     assert [n.upload_id for n in d.neighbours] == ["a"]
+
+
+def test_near_duplicate_of_blocked_content_goes_to_review_as_disagreement() -> None:
+    d = decide([Neighbour("banned", 0.97)], {"nsfw": 0.05}, CFG, {"banned": "block"})
+    assert d.action is Action.REVIEW
+    assert d.review_reason is ReviewReason.DISAGREEMENT and d.review_priority == 1.0
+    assert "disagrees_with:banned" in d.reasons
+
+
+def test_blocked_item_whose_twin_was_allowed_stays_blocked_but_is_reviewed() -> None:
+    d = decide([Neighbour("fine", 0.97)], {"nsfw": 0.95}, CFG, {"fine": "allow"})
+    assert d.action is Action.BLOCK
+    assert d.review_reason is ReviewReason.DISAGREEMENT
+
+
+def test_agreeing_twin_is_no_disagreement() -> None:
+    d = decide([Neighbour("fine", 0.97)], {"nsfw": 0.05}, CFG, {"fine": "allow"})
+    assert d.action is Action.ALLOW and d.review_reason is None
