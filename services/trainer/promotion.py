@@ -1,0 +1,190 @@
+"""Ships a model version safely: backfill its index, then let Triton load it; roll back with one command.
+
+Order matters. The new version's recent-images index is built first (every image in the retention window is
+re-embedded with the candidate and written as that version's snapshot in Redis), and only then is the version
+folder renamed into model_repo/ and loaded by Triton. So the first verdict from the new version already sees the
+whole window, and no index ever holds embeddings of two versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import redis
+import tritonclient.grpc as grpcclient
+from numpy.typing import NDArray
+
+from services.common.config import Settings
+from services.common.errors import BadInput, TransientError
+from services.common.fetch import FetcherRegistry
+from services.common.imaging import decode_image
+from services.common.index.base import IndexEntry, Snapshot
+from services.common.index.redis_store import RedisIndexStore
+from services.common.index.shared import SharedRecentIndex
+
+log = logging.getLogger(__name__)
+EmbedFn = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class BackfillReport:
+    model_version: str
+    entries: int
+    skipped: int
+    seconds: float
+
+
+class ModelRepository:
+    """The numbered version folders Triton serves ("latest 1": the highest number wins)."""
+
+    def __init__(self, root: Path, model: str = "sieve_embedder") -> None:
+        self.model = model
+        self.dir = root / model
+
+    def versions(self) -> list[int]:
+        return sorted(int(p.name) for p in self.dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def serving(self) -> int:
+        return max(self.versions())
+
+    def install(self, staged: Path, version: int) -> Path:
+        """Atomic from Triton's point of view: the folder appears complete, by rename."""
+        target = self.dir / str(version)
+        if target.exists():
+            raise FileExistsError(target)
+        staged.rename(target)
+        return target
+
+    def retire(self, version: int) -> Path:
+        """Moves a version out of Triton's sight (a non-numeric name), keeping it for the record."""
+        source = self.dir / str(version)
+        target = self.dir / f".retired-{version}-{int(time.time())}"
+        source.rename(target)
+        return target
+
+
+def window_entries(settings: Settings, client: redis.Redis, from_version: str, dim: int) -> list[IndexEntry]:
+    """Every entry of the serving version's shared index (snapshot + stream), i.e. the retention window."""
+    index = SharedRecentIndex(client, settings.redis.key_prefix, from_version, dim, settings.index.retention_s)
+    if not index.sync():
+        raise TransientError("redis", "cannot read the serving index to backfill from")
+    cutoff = time.time() - settings.index.retention_s
+    return [e for e in index.local.entries() if e.added_at >= cutoff]
+
+
+def backfill(
+    settings: Settings,
+    client: redis.Redis,
+    entries: list[IndexEntry],
+    to_version: str,
+    embed: EmbedFn,
+    batch: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> BackfillReport:
+    """Re-embeds the window's images with the candidate and writes its snapshot (never touching other versions)."""
+    began = time.monotonic()
+    fetcher = FetcherRegistry(settings.fetch)
+    prefix = settings.redis.key_prefix
+    uris = cast(list[bytes | None], client.mget([f"{prefix}:upload:uri:{e.upload_id}" for e in entries]))
+    fresh: list[IndexEntry] = []
+    skipped = 0
+    pending: list[tuple[IndexEntry, NDArray[np.uint8]]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        vectors = embed(np.stack([p for _, p in pending]))
+        fresh.extend(IndexEntry(e.upload_id, vectors[i], e.added_at) for i, (e, _) in enumerate(pending))
+        pending.clear()
+
+    for n, (entry, uri) in enumerate(zip(entries, uris, strict=True)):
+        if uri is None:
+            skipped += 1
+            continue
+        try:
+            data = fetcher.fetch(uri.decode())
+            pixels = decode_image(data, settings.decode, settings.triton.input_size).pixels
+        except (BadInput, TransientError) as exc:
+            log.warning("backfill: %s skipped: %s", entry.upload_id, exc)
+            skipped += 1
+            continue
+        pending.append((entry, pixels))
+        if len(pending) >= batch:
+            flush()
+        if progress:
+            progress(n + 1, len(entries))
+    flush()
+    store = RedisIndexStore(client, prefix, to_version)
+    store.write_snapshot(Snapshot(entries=fresh, stream_id="0-0"))
+    return BackfillReport(to_version, len(fresh), skipped, round(time.monotonic() - began, 2))
+
+
+def triton_load(url: str, model: str, expect_version: int, timeout_s: float = 180.0) -> None:
+    """Explicit model control: (re)load the model; Triton then serves the highest version folder."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.load_model(model)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if client.is_model_ready(model, str(expect_version)):
+                return
+            time.sleep(0.5)
+        raise TransientError("triton", f"{model} version {expect_version} not ready after {timeout_s:.0f}s")
+    finally:
+        client.close()
+
+
+def record(log_path: Path, event: dict[str, Any]) -> None:
+    """Why each promotion or rollback happened, for operators and the model card."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as fh:
+        fh.write(json.dumps({"at": round(time.time(), 3), **event}, sort_keys=True) + "\n")
+
+
+def promote(
+    settings: Settings,
+    client: redis.Redis,
+    repo: ModelRepository,
+    staged: Path,
+    embed: EmbedFn,
+    dim_serving: int,
+    log_path: Path,
+    reason: dict[str, Any],
+) -> int:
+    """Backfill, install, load. Returns the new version number."""
+    serving = repo.serving()
+    version = max(repo.versions()) + 1
+    entries = window_entries(settings, client, f"{repo.model}:{serving}", dim_serving)
+    report = backfill(settings, client, entries, f"{repo.model}:{version}", embed)
+    repo.install(staged, version)
+    triton_load(settings.triton.url, repo.model, version)
+    record(log_path, {"event": "promoted", "version": version, "from": serving, "backfill": report.__dict__, **reason})
+    return version
+
+
+def rollback(settings: Settings, repo: ModelRepository, log_path: Path, reason: str = "manual") -> int:
+    """Retires the serving version; Triton falls back to the previous one, whose index is still in Redis."""
+    serving = repo.serving()
+    if len(repo.versions()) < 2:
+        raise RuntimeError("nothing to roll back to: only one version is installed")
+    retired = repo.retire(serving)
+    previous = repo.serving()
+    triton_load(settings.triton.url, repo.model, previous)
+    record(
+        log_path, {"event": "rolled_back", "from": serving, "to": previous, "kept_at": str(retired), "reason": reason}
+    )
+    return previous
+
+
+def copy_loader(source_version_dir: Path, staged: Path) -> None:
+    """A new version ships with the same Triton loader (model.py) as the version it was trained from."""
+    staged.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source_version_dir / "model.py", staged / "model.py")

@@ -1,0 +1,83 @@
+"""Promotion and rollback against a real Triton (its own model repository copy) and the real Redis."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from numpy.typing import NDArray
+from PIL import Image
+
+from services.common.config import REPO_ROOT, Settings
+from services.common.imaging import decode_image
+from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.inference import TritonModels
+from services.common.photos.build import load_photo_set
+from services.common.stack.triton import TritonServer
+from services.common.transforms import encode_jpeg
+from services.trainer.promotion import ModelRepository, promote, rollback
+
+
+@pytest.fixture()
+def own_triton(tmp_path: Path, stack_env: dict[str, str]) -> Iterator[tuple[TritonServer, Path]]:
+    """A Triton of this test's own, over a copy of model_repo holding only version 1 of each model."""
+    repo = tmp_path / "model_repo"
+    for model in ("sieve_embedder", "sieve_classifier"):
+        (repo / model).mkdir(parents=True)
+        shutil.copy2(REPO_ROOT / "model_repo" / model / "config.pbtxt", repo / model / "config.pbtxt")
+        shutil.copytree(REPO_ROOT / "model_repo" / model / "1", repo / model / "1")
+    server = TritonServer(tmp_path / "triton", repo, ["sieve_embedder", "sieve_classifier"])
+    server.start(tmp_path / "logs", 180)
+    yield server, repo
+    server.stop()
+
+
+def test_promote_backfills_then_serves_and_rollback_restores(
+    settings: Settings, own_triton: tuple[TritonServer, Path], tmp_path: Path
+) -> None:
+    server, repo_root = own_triton
+    settings = settings.model_copy(update={"triton": settings.triton.model_copy(update={"url": server.grpc_url})})
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    models = TritonModels(settings.triton)
+    manifest = load_photo_set()
+    records = sorted(manifest.images, key=lambda r: r.id)[:6]
+    paths = []
+    for i, r in enumerate(records):
+        path = tmp_path / f"w{i}.jpg"
+        path.write_bytes(encode_jpeg(Image.open(manifest.path_of(r))))
+        paths.append(path)
+    pixels = np.stack([decode_image(p.read_bytes(), settings.decode, 256).pixels for p in paths])
+    served = models.infer(pixels)
+    assert served.model_version == "sieve_embedder:1"
+    # The serving version's window, as the moderator leaves it: index entries plus each upload's image uri.
+    v1 = SharedRecentIndex(client, settings.redis.key_prefix, "sieve_embedder:1", 1280, settings.index.retention_s)
+    v1.add([IndexEntry(f"w{i}", served.embeddings[i], time.time()) for i in range(len(paths))])
+    for i, p in enumerate(paths):
+        client.set(f"{settings.redis.key_prefix}:upload:uri:w{i}", p.as_uri())
+
+    repo = ModelRepository(repo_root)
+    staged = tmp_path / "staged"
+    shutil.copytree(repo_root / "sieve_embedder" / "1", staged)  # the candidate: same network, new version
+
+    def embed(batch: NDArray[np.uint8]) -> NDArray[np.float32]:
+        return models.infer(batch).embeddings
+
+    log_path = tmp_path / "promotions.jsonl"
+    version = promote(settings, client, repo, staged, embed, 1280, log_path, {"gate": "test"})
+    assert version == 2
+    assert models.infer(pixels[:1]).model_version == "sieve_embedder:2"
+    v2 = SharedRecentIndex(client, settings.redis.key_prefix, "sieve_embedder:2", 1280, settings.index.retention_s)
+    assert v2.sync() and len(v2) == len(paths)  # the new version's index is complete before its first verdict
+    assert v2.search(served.embeddings[3:4], 1)[0][0].upload_id == "w3"
+    assert '"event": "promoted"' in log_path.read_text()
+
+    assert rollback(settings, repo, log_path, "test") == 1
+    assert models.infer(pixels[:1]).model_version == "sieve_embedder:1"
+    assert repo.versions() == [1]
+    assert '"event": "rolled_back"' in log_path.read_text()
+    models.close()
