@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Services that add their own subcommands: each module defines add_subcommands(subparsers).
 PLUGIN_MODULES = (
     "services.trainer.cli",
+    "services.trainer.job_cli",
     "services.evaluation.cli",
     "services.reviewer.cli",
     "services.batch.cli",

@@ -140,6 +140,18 @@ class ModeratorSettings(BaseSettings):
     health_port: int = 0  # 0: no HTTP health endpoint (liveness /healthz, readiness /readyz)
 
 
+class TrainerJobSettings(BaseSettings):
+    """The retraining job: when to fine-tune on reviewer labels, and where it keeps its state."""
+
+    model_config = _cfg("SIEVE_TRAINER_")
+
+    min_new_labels: int = 50  # retrain once this many new labels have arrived ...
+    interval_s: float = 3600.0  # ... or on this schedule, if any new label arrived
+    workdir: Path = REPO_ROOT / "var" / "trainer"
+    finetune_steps: int = 60
+    gate_tolerance: float = 0.005
+
+
 class TelemetrySettings(BaseSettings):
     model_config = _cfg("SIEVE_OTEL_")
 
@@ -172,6 +184,7 @@ class Settings(BaseSettings):
     decision: DecisionSettings = Field(default_factory=DecisionSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     review: ReviewSelectionSettings = Field(default_factory=ReviewSelectionSettings)
+    trainer: TrainerJobSettings = Field(default_factory=TrainerJobSettings)
     moderator: ModeratorSettings = Field(default_factory=ModeratorSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     stack: StackSettings = Field(default_factory=StackSettings)
@@ -186,6 +199,7 @@ SETTINGS_GROUPS: dict[str, type[BaseSettings]] = {
     "decision": DecisionSettings,
     "index": IndexSettings,
     "review": ReviewSelectionSettings,
+    "trainer": TrainerJobSettings,
     "moderator": ModeratorSettings,
     "telemetry": TelemetrySettings,
     "stack": StackSettings,

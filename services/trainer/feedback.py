@@ -59,7 +59,13 @@ class FeedbackStore:
                     yield FeedbackLabel.model_validate_json(line)
 
     def add(self, labels: list[FeedbackLabel]) -> int:
-        fresh = [lb for lb in labels if (lb.upload_id, lb.reviewer_id) not in self._seen]
+        fresh: list[FeedbackLabel] = []
+        batch: set[tuple[str, str]] = set()
+        for lb in labels:
+            key = (lb.upload_id, lb.reviewer_id)
+            if key not in self._seen and key not in batch:
+                batch.add(key)
+                fresh.append(lb)
         if not fresh:
             return 0
         with self.path.open("a") as fh:

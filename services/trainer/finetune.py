@@ -1,0 +1,113 @@
+"""Fine-tunes the serving embedder on reviewer labels, starting from exactly the model Triton serves.
+
+Only the embedding head (and the flag head, when category labels exist) moves: the labels are few, so the trunk
+and the spatial transformer stay as trained. Confirmed duplicates are pulled together, "not a duplicate" pairs
+pushed below the decision threshold, and a distillation term keeps every other image where it was, so a
+handful of labels cannot wreck the space the index was built in.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+HEAD_PREFIXES = ("reduce.", "pool.")
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    left: NDArray[np.uint8]  # (n, 256, 256, 3)
+    right: NDArray[np.uint8]
+    duplicate: NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    steps: int
+    pair_loss_before: float  # over every labelled pair, without the distillation term
+    pair_loss_after: float
+    trained_parameters: list[str]
+
+
+def pair_loss(module: torch.nn.Module, pairs: PairBatch, threshold: float, margin: float) -> float:
+    with torch.no_grad():
+        sim = (module(torch.from_numpy(pairs.left)) * module(torch.from_numpy(pairs.right))).sum(dim=1)
+        dup = torch.from_numpy(pairs.duplicate)
+        losses = torch.cat([(1.0 - sim)[dup], torch.relu(sim - (threshold - margin))[~dup]])
+        return round(float(losses.mean()), 5)
+
+
+def trainable(module: torch.nn.Module) -> list[str]:
+    names = []
+    for name, param in module.named_parameters():
+        train = name.startswith(HEAD_PREFIXES)
+        param.requires_grad_(train)
+        if train:
+            names.append(name)
+    return names
+
+
+def finetune(
+    module: torch.nn.Module,
+    pairs: PairBatch,
+    threshold: float,
+    steps: int = 60,
+    lr: float = 1e-3,
+    margin: float = 0.1,
+    seed: int = 7,
+    batch: int = 16,
+) -> FinetuneResult:
+    """In place. ``module`` maps uint8 NHWC to L2-normalised embeddings (TorchScript or eager)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    names = trainable(module)
+    if not names:
+        raise ValueError("the serving model has no head to fine-tune")
+    before = pair_loss(module, pairs, threshold, margin)
+    with torch.no_grad():
+        anchor_left = module(torch.from_numpy(pairs.left)).detach()
+        anchor_right = module(torch.from_numpy(pairs.right)).detach()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    module.train()
+    n = len(pairs.duplicate)
+    for _ in range(steps):
+        idx = rng.sample(range(n), min(batch, n))
+        left = module(torch.from_numpy(pairs.left[idx]))
+        right = module(torch.from_numpy(pairs.right[idx]))
+        sim = (left * right).sum(dim=1)
+        dup = torch.from_numpy(pairs.duplicate[idx])
+        pos = (1.0 - sim)[dup]
+        neg = torch.relu(sim - (threshold - margin))[~dup]
+        batch_pair_loss = torch.cat([pos, neg]).mean()
+        keep = ((left - anchor_left[idx]) ** 2).sum(1).mean() + ((right - anchor_right[idx]) ** 2).sum(1).mean()
+        loss = batch_pair_loss + 0.5 * keep
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return FinetuneResult(steps, before, pair_loss(module, pairs, threshold, margin), names)
+
+
+def save_like_serving(module: torch.jit.ScriptModule, path: Path, meta: dict[str, Any]) -> Path:
+    """Same storage convention as the shipped version (fp16 weights, fp32 compute)."""
+    import json
+
+    from services.trainer.export import META_FILE
+
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and name not in ("mean", "std"):
+                tensor.data = tensor.data.half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(module, str(path), _extra_files={META_FILE: json.dumps(meta, sort_keys=True)})
+    module.float()
+    return path

@@ -1,0 +1,162 @@
+"""``sieve trainer run``: consume reviewer labels, fine-tune when enough arrive, gate, promote, record why."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+from numpy.typing import NDArray
+
+from services.common.config import Settings
+from services.common.errors import BadInput, TransientError
+from services.common.fetch import FetcherRegistry
+from services.common.imaging import decode_image
+from services.trainer.feedback import FeedbackConsumer, FeedbackStore, LabelledPair
+from services.trainer.finetune import PairBatch, finetune, save_like_serving
+from services.trainer.gate import gate
+from services.trainer.promotion import ModelRepository, promote, record
+
+log = logging.getLogger(__name__)
+
+
+def _embed_fn(module: torch.nn.Module) -> Any:
+    def embed(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), 32):
+                out.append(module(torch.from_numpy(np.ascontiguousarray(pixels[start : start + 32]))).float().numpy())
+        result: NDArray[np.float32] = np.concatenate(out).astype(np.float32)
+        return result
+
+    return embed
+
+
+class RetrainingJob:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg = settings.trainer
+        self.store = FeedbackStore(self.cfg.workdir / "feedback")
+        self.repo = ModelRepository(settings.stack.model_repo)
+        self.log_path = self.cfg.workdir / "promotions.jsonl"
+        self.redis = redis.Redis.from_url(settings.redis.url.get_secret_value())
+        self.fetcher = FetcherRegistry(settings.fetch)
+        self.stop = threading.Event()
+        self._trained_at_count = self.store.count()
+        self._last_run = time.monotonic()
+
+    def due(self) -> bool:
+        new = self.store.count() - self._trained_at_count
+        if new >= self.cfg.min_new_labels:
+            return True
+        return new > 0 and time.monotonic() - self._last_run >= self.cfg.interval_s
+
+    def run(self, max_iterations: int | None = None) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        consumer = FeedbackConsumer(self.settings.kafka, self.store)
+        n = 0
+        try:
+            while not self.stop.is_set() and (max_iterations is None or n < max_iterations):
+                n += 1
+                added = consumer.poll(timeout_s=1.0)
+                if added:
+                    log.info("feedback: %d new labels (%d in total)", added, self.store.count())
+                if self.due():
+                    self.retrain()
+        finally:
+            consumer.close()
+
+    def _pixels(self, uri: str) -> NDArray[np.uint8] | None:
+        try:
+            return decode_image(self.fetcher.fetch(uri), self.settings.decode, self.settings.triton.input_size).pixels
+        except (BadInput, TransientError) as exc:
+            log.warning("label image %s unavailable: %s", uri, exc)
+            return None
+
+    def pair_batch(self, pairs: list[LabelledPair]) -> PairBatch:
+        left, right, dup = [], [], []
+        for pair in pairs:
+            a, b = self._pixels(pair.image_uri), self._pixels(pair.other_uri)
+            if a is not None and b is not None:
+                left.append(a)
+                right.append(b)
+                dup.append(pair.duplicate)
+        empty = np.zeros((0, 256, 256, 3), np.uint8)
+        return PairBatch(np.stack(left) if left else empty, np.stack(right) if right else empty, np.asarray(dup, bool))
+
+    def retrain(self, bench: Any | None = None) -> dict[str, Any]:
+        """One fine-tune, gate and (maybe) promotion; always recorded with its reason."""
+        from services.trainer.export import load_torchscript
+
+        self._trained_at_count, self._last_run = self.store.count(), time.monotonic()
+        serving = self.repo.serving()
+        artifact = self.repo.dir / str(serving) / "model.pt"
+        outcome: dict[str, Any]
+        if not artifact.exists():
+            outcome = {"event": "skipped", "why": f"version {serving} has no trainable artifact (model.pt)"}
+            record(self.log_path, outcome)
+            return outcome
+        train = self.pair_batch(self.store.pairs(heldout=False))
+        heldout = self.pair_batch(self.store.pairs(heldout=True))
+        if len(train.duplicate) < 4:
+            outcome = {"event": "skipped", "why": f"only {len(train.duplicate)} usable labelled pairs"}
+            record(self.log_path, outcome)
+            return outcome
+        threshold = self.settings.decision.duplicate_threshold
+        serving_module, meta = load_torchscript(artifact)
+        candidate, _ = load_torchscript(artifact)
+        result = finetune(candidate, train, threshold, steps=self.cfg.finetune_steps)
+        verdict = gate(
+            _embed_fn(serving_module), _embed_fn(candidate), heldout, threshold, bench, self.cfg.gate_tolerance
+        )
+        outcome = {
+            "event": "gated",
+            "from_version": serving,
+            "labels": self.store.count(),
+            "train_pairs": len(train.duplicate),
+            "heldout_pairs": len(heldout.duplicate),
+            "finetune": result.__dict__,
+            "gate": verdict.__dict__,
+        }
+        if not verdict.promote:
+            record(self.log_path, {**outcome, "event": "not_promoted"})
+            return outcome
+        staged = self.cfg.workdir / f"staged-{int(time.time())}"
+        staged.mkdir(parents=True)
+        shutil.copy2(self.repo.dir / str(serving) / "model.py", staged / "model.py")
+        save_like_serving(candidate, staged / "model.pt", {**meta, "finetuned_from": serving})
+        card = {
+            "model": self.repo.model,
+            "finetuned_from": serving,
+            "finetune": result.__dict__,
+            "gate": verdict.__dict__,
+        }
+        (staged / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
+        dim = int(meta.get("embed_dim", 256))
+        version = promote(
+            self.settings,
+            self.redis,
+            self.repo,
+            staged,
+            _embed_fn(candidate),
+            dim,
+            self.log_path,
+            {"gate": verdict.__dict__, "labels": self.store.count()},
+        )
+        outcome["promoted_version"] = version
+        return outcome
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    repo = ModelRepository(settings.stack.model_repo)
+    log_path: Path = settings.trainer.workdir / "promotions.jsonl"
+    history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    return {"serving": repo.serving(), "versions": repo.versions(), "history": history[-10:]}

@@ -1,0 +1,34 @@
+"""``sieve trainer run | status | rollback``: the retraining job and its one-command rollback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from services.common.config import Settings
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from services.common.telemetry import setup_logging
+    from services.trainer.job import RetrainingJob, status
+    from services.trainer.promotion import ModelRepository, rollback
+
+    settings = Settings()
+    setup_logging()
+    if args.action == "run":
+        RetrainingJob(settings).run(max_iterations=args.iterations)
+    elif args.action == "status":
+        print(json.dumps(status(settings), indent=2, default=str))
+    elif args.action == "rollback":
+        repo = ModelRepository(settings.stack.model_repo)
+        version = rollback(settings, repo, settings.trainer.workdir / "promotions.jsonl", args.reason)
+        print(f"serving version {version}")
+    return 0
+
+
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("trainer", help="the retraining job: consume feedback, fine-tune, gate, promote")
+    p.add_argument("action", choices=["run", "status", "rollback"])
+    p.add_argument("--iterations", type=int, default=None, help="stop after this many polls (default: forever)")
+    p.add_argument("--reason", default="manual", help="recorded with a rollback")
+    p.set_defaults(func=_cmd)
