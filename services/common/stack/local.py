@@ -7,6 +7,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -55,6 +58,12 @@ class LocalStack:
 
     def start(self, progress: bool = True) -> StackEndpoints:
         atexit.register(self.stop)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+            signal.SIG_DFL,
+            None,
+        ):
+            # SIGTERM unwinds like Ctrl-C, so finally blocks and atexit stop the servers.
+            signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
         timeout = self.settings.start_timeout_s
         parts: list[tuple[str, KafkaBroker | RedisServer | TritonServer]] = [
             ("redis", self.redis),

@@ -35,6 +35,17 @@ def tail(path: Path, lines: int = 30) -> str:
         return "<no log>"
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if whoever started it dies, even by SIGKILL, so nothing is left behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class ManagedProcess:
     """A server child in its own process group, so that stop() also reaps anything it spawned."""
 
@@ -69,6 +80,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
