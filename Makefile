@@ -11,7 +11,7 @@ test: setup
 
 lint:
 	.venv/bin/ruff check services tests bench
-	.venv/bin/mypy services
+	.venv/bin/mypy services bench
 
 schemas:
 	.venv/bin/sieve schemas

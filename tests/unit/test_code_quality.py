@@ -14,10 +14,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_is_clean() -> None:
-    result = _run("ruff", "check", "services", "tests")
+    result = _run("ruff", "check", "services", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_is_clean() -> None:
-    result = _run("mypy", "services")
+    result = _run("mypy", "services", "bench")
     assert result.returncode == 0, result.stdout + result.stderr

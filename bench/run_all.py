@@ -1,0 +1,116 @@
+"""One command for the performance harness: every stage on the same machine in one run, JSON + Markdown.
+
+    .venv/bin/python -m bench.run_all [--quick]
+
+Writes bench/results/perf.json and bench/results/perf.md with the target ratios:
+- end-to-end throughput >= 80% of the best in-process throughput of the same models (stage 2);
+- p99 verdict latency at half load <= 3x the models' batch latency;
+- decode + preprocess <= 15% of the per-image time budget at saturation;
+- FAISS at 1M vectors: p99 < 2 ms with recall@1 >= 0.99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import RESULTS_DIR, markdown_table, write_result
+from services.common.stack import LocalStack
+
+
+def _row(result: dict[str, Any], case: str) -> dict[str, Any]:
+    return next((r for r in result.get("rows", []) if r.get("case") == case), {})
+
+
+def _safe(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    began = time.monotonic()
+    try:
+        out = fn()
+    except Exception as exc:  # one broken stage must not hide the others' numbers
+        out = {"stage": name, "errors": [f"{type(exc).__name__}: {exc}"]}
+    print(f"[run_all] {name} done in {time.monotonic() - began:.0f}s", flush=True)
+    return out
+
+
+def ratios(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    model = stages.get("model", {})
+    ceiling = model.get("summary", {}).get("ceiling", {}).get("embedder+classifier", {})
+    best_inproc = ceiling.get("images_per_s")
+    batch_ms = ceiling.get("batch_p50_ms")
+    e2e = stages.get("e2e", {})
+    sat, half = _row(e2e, "saturation"), _row(e2e, "half_load")
+    decode = stages.get("decode", {})
+    decode_ms = decode.get("summary", {}).get("draft_reduce_ms_per_image")
+    faiss_1m = stages.get("faiss", {}).get("summary", {}).get("target_1m", {})
+    rows = []
+    if best_inproc and sat.get("images_per_s"):
+        rows.append(
+            {
+                "target": "e2e throughput / in-process ceiling",
+                "value": sat["images_per_s"] / best_inproc,
+                "goal": ">= 0.80",
+            }
+        )
+    if batch_ms and half.get("p99_ms"):
+        rows.append(
+            {
+                "target": "p99 latency at half load / model batch latency",
+                "value": half["p99_ms"] / batch_ms,
+                "goal": "<= 3",
+            }
+        )
+    if decode_ms and sat.get("images_per_s"):
+        budget_ms = 1000.0 / sat["images_per_s"]
+        rows.append(
+            {
+                "target": "decode share of per-image budget at saturation",
+                "value": decode_ms / budget_ms,
+                "goal": "<= 0.15",
+            }
+        )
+    if faiss_1m:
+        rows.append(
+            {
+                "target": "FAISS 1M p99 ms (best of 3 passes) / recall@1",
+                "value": f"{faiss_1m.get('p99_ms')} ({faiss_1m.get('p99_best_of_ms')}) / {faiss_1m.get('recall_at_1')}",
+                "goal": "< 2 ms / >= 0.99",
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    from bench import peers, stage_decode, stage_e2e, stage_faiss, stage_model, stage_triton
+
+    stages: dict[str, dict[str, Any]] = {}
+    stages["decode"] = _safe("decode", lambda: stage_decode.run(quick=args.quick))
+    stages["model"] = _safe("model", lambda: stage_model.run(quick=args.quick))
+    stack = LocalStack()
+    stack.start()
+    try:
+        stages["triton"] = _safe("triton", lambda: stage_triton.run(quick=args.quick, stack=stack))
+        stages["e2e"] = _safe("e2e", lambda: stage_e2e.run(quick=args.quick, stack=stack))
+    finally:
+        stack.stop()
+    stages["faiss"] = _safe("faiss", lambda: stage_faiss.run(quick=args.quick))
+    stages["peers"] = _safe("peers", lambda: peers.run(quick=args.quick))
+    table = ratios(stages)
+    out = {"quick": args.quick, "stages": stages, "targets": table}
+    name = "perf.quick" if args.quick else "perf"
+    path = write_result(name, out)
+    (RESULTS_DIR / f"{name}.md").write_text(
+        "# Sieve performance\n\n" + markdown_table(table, ["target", "value", "goal"]) + "\n"
+    )
+    print(json.dumps(table, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
