@@ -100,7 +100,13 @@ class DecodeSettings(BaseSettings):
 class DecisionSettings(BaseSettings):
     model_config = _cfg("SIEVE_DECISION_")
 
-    duplicate_threshold: float = 0.90  # calibrated on the photo set for the v1 baseline embedder
+    duplicate_threshold: float = 0.80  # for a model version not listed below
+    # Each embedder version has its own similarity scale: the threshold travels with the version (model card),
+    # so a promotion or a rollback changes it with the model. An admin override of duplicate_threshold wins.
+    # Chosen on train-split photos so that unrelated pairs exceed it at most 0.1% of the time (v2: 0.857).
+    version_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"sieve_embedder:1": 0.90, "sieve_embedder:2": 0.86}
+    )
     review_margin: float = 0.03  # similarity within this of the threshold goes to review
     flag_threshold: float = 0.80
     flag_review_low: float = 0.40  # classifier scores in [low, flag_threshold) go to review

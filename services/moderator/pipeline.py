@@ -18,7 +18,7 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from services.common.banks import HashBankStore
-from services.common.config import Settings
+from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.hashing import informative_phash, phash_hex, sha256_hex
@@ -95,6 +95,7 @@ class Pipeline:
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
         self._priorities: dict[str, float] = {}
+        self._overrides: dict[str, float] = {}
         self.sleep = sleep
         self._pool = ThreadPoolExecutor(max_workers=settings.moderator.fetch_workers, thread_name_prefix="fetch")
 
@@ -294,7 +295,7 @@ class Pipeline:
         self.metrics.stage("triton", infer_ms / 1000.0)
         index = self.index_for(result.model_version, int(result.embeddings.shape[1]))
         index.sync()
-        cfg = self.settings.decision
+        cfg = self.decision_for(result.model_version)
         search_total = 0.0
         decided: list[tuple[Item, Decision, list[str]]] = []
         batch_actions: dict[str, str] = {}
@@ -428,6 +429,13 @@ class Pipeline:
         except redis.RedisError:
             pass  # only reviewers' neighbour thumbnails and the disagreement check lose this batch
 
+    def decision_for(self, model_version: str) -> DecisionSettings:
+        """The decision settings for the version that answered: its calibrated threshold unless an admin set one."""
+        cfg = self.settings.decision
+        if "duplicate_threshold" in self._overrides or model_version not in cfg.version_thresholds:
+            return cfg
+        return cfg.model_copy(update={"duplicate_threshold": cfg.version_thresholds[model_version]})
+
     def apply_threshold_overrides(self) -> None:
         """Admins change thresholds through the reviewer API; they land in Redis and take effect here."""
         try:
@@ -435,6 +443,7 @@ class Pipeline:
         except redis.RedisError:
             return
         overrides = json.loads(raw) if raw else {}
+        self._overrides = overrides
         merged = self.base_decision.model_copy(update=overrides)
         if merged != self.settings.decision:
             log.info("decision thresholds now %s", merged.model_dump())

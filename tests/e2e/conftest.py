@@ -144,3 +144,9 @@ def write_photo(manifest: Manifest, record: PhotoRecord, folder: Path, upload_id
     path = folder / f"{upload_id}.jpg"
     path.write_bytes(data)
     return path
+
+
+def served_version(model: str = "sieve_embedder") -> str:
+    """What Triton's "latest 1" policy serves: the highest numbered version folder."""
+    root = Path(__file__).resolve().parents[2] / "model_repo" / model
+    return f"{model}:{max(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / 'model.py').exists())}"

@@ -14,7 +14,14 @@ from services.common.kafka_io import ensure_topics
 from services.common.photos.build import Manifest
 from services.common.stack import LocalStack
 from services.common.uploads import UploadPublisher, event_for_file
-from tests.e2e.conftest import ModeratorProcess, pick_photos, read_topic, start_moderator, write_photo
+from tests.e2e.conftest import (
+    ModeratorProcess,
+    pick_photos,
+    read_topic,
+    served_version,
+    start_moderator,
+    write_photo,
+)
 
 
 def _uploads(photo_set: Manifest, folder: Path, prefix: str, n: int, seed: int) -> list[tuple[str, Path]]:
@@ -89,7 +96,7 @@ def test_redis_stopped_and_restarted_loses_nothing(
     finally:
         stack.redis.restart(stack.log_dir, 30)
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
-    stream = f"{settings.redis.key_prefix}:index:sieve_embedder:1:stream"
+    stream = f"{settings.redis.key_prefix}:index:{served_version()}:stream"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and client.xlen(stream) < 16:
         time.sleep(1)

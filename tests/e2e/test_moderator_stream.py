@@ -19,6 +19,7 @@ from tests.e2e.conftest import (
     PhotoSample,
     pick_photos,
     read_topic,
+    served_version,
     start_moderator,
     write_photo,
 )
@@ -68,7 +69,7 @@ def test_near_duplicates_are_found_and_unrelated_photos_are_not(
         assert family_of[matches[0]] == copy.original, f"{copy.upload_id} matched {matches}"
     for original in originals:
         assert verdicts[original.upload_id]["duplicate_of"] == [], f"{original.upload_id} flagged as a duplicate"
-        assert verdicts[original.upload_id]["model_version"] == "sieve_embedder:1"
+        assert verdicts[original.upload_id]["model_version"] == served_version()
 
 
 def test_bad_input_goes_to_the_dlq_and_the_stream_goes_on(

@@ -14,8 +14,13 @@ from services.common.config import REPO_ROOT
 
 
 def _start_stack() -> tuple[subprocess.Popen[str], list[psutil.Process]]:
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "stack", "--no-triton"], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "stack", "--no-triton"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
     for line in proc.stdout:

@@ -12,9 +12,8 @@ from PIL import Image
 from services.common.config import DecodeSettings, Settings
 from services.common.imaging import decode_image
 from services.common.inference import TritonModels
-from services.common.models.gem import GeMEmbedder
-from services.common.models.mobilenet_v2 import load_imagenet_trunk
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
+from services.evaluation.embed import latest_version, load_version
 
 DATA = Path(skimage.__file__).parent / "data"
 
@@ -27,12 +26,13 @@ def test_embeddings_are_normalised_and_match_the_in_process_model(settings: Sett
     photos = [Image.open(DATA / f"{n}.png").convert("RGB") for n in ("chelsea", "coffee", "astronaut")]
     batch = np.stack([_pixels(p) for p in photos])
     result = TritonModels(settings.triton).infer(batch)
-    assert result.model_version == "sieve_embedder:1"
-    assert result.embeddings.shape == (3, 1280)
+    version = latest_version()
+    assert result.model_version == f"sieve_embedder:{version}"
+    assert result.embeddings.shape[0] == 3 and result.embeddings.shape[1] in (256, 1280)
     assert np.allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-4)
-    local = GeMEmbedder(load_imagenet_trunk()).eval()
+    local = load_version(version)  # exactly what the version folder serves, run in-process
     with torch.inference_mode():
-        expected = local(torch.from_numpy(batch)).numpy()
+        expected = local(torch.from_numpy(batch)).float().numpy()
     assert np.allclose(result.embeddings, expected, atol=1e-4)
     assert result.categories == ["nsfw"]
     assert result.scores.shape == (3, 1) and ((result.scores >= 0) & (result.scores <= 1)).all()
@@ -43,8 +43,9 @@ def test_near_duplicate_is_closer_than_an_unrelated_photo(settings: Settings) ->
     rocket = Image.open(DATA / "rocket.jpg").convert("RGB")
     batch = np.stack([_pixels(cat), _pixels(NEAR_DUPLICATES["crop80"](cat)), _pixels(rocket)])
     emb = TritonModels(settings.triton).infer(batch).embeddings
-    assert emb[0] @ emb[1] > settings.decision.duplicate_threshold
-    assert emb[0] @ emb[2] < settings.decision.duplicate_threshold
+    threshold = settings.decision.version_thresholds[f"sieve_embedder:{latest_version()}"]
+    assert emb[0] @ emb[1] > threshold
+    assert emb[0] @ emb[2] < threshold
 
 
 def test_shared_memory_transport_gives_identical_outputs(settings: Settings) -> None:

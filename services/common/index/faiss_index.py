@@ -11,7 +11,6 @@ from numpy.typing import NDArray
 
 from services.common.index.base import IndexEntry, Neighbour
 
-
 # One query at a time per batch item: OpenMP threads cost far more than they give on a shared 2-core machine
 # (measured 27x slower single-vector searches with FAISS's default of 2 threads, bench/results/peers.json).
 faiss.omp_set_num_threads(1)

@@ -1,0 +1,72 @@
+"""Triton Python-backend model: the STN embedder (version 2), exported by ``sieve train --ship``.
+
+model.onnx runs with onnxruntime (about twice as fast on CPU as TorchScript, measured in model_card.json);
+model.pt is the TorchScript original it was converted from and the fallback when onnxruntime or the ONNX file
+is missing. Both hold the same fp16-stored weights; their outputs agree to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # provided by the Triton Python backend
+
+MODEL_DIR = Path(__file__).resolve().parent
+
+
+def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    return lambda batch: session.run(["EMBEDDING"], {"IMAGE": batch})[0]
+
+
+def _torchscript_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        model = torch.jit.load(str(path), map_location="cpu")
+    model.float().eval()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return run
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        threads = int(config.get("parameters", {}).get("torch_threads", {}).get("string_value", "2"))
+        onnx_path = MODEL_DIR / "model.onnx"
+        try:
+            self.run = _onnx_runner(onnx_path, threads) if onnx_path.exists() else None
+        except ImportError:
+            self.run = None
+        if self.run is None:
+            self.run = _torchscript_runner(MODEL_DIR / "model.pt", threads)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        arrays = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
+        sizes = [a.shape[0] for a in arrays]
+        out = np.asarray(self.run(np.ascontiguousarray(np.concatenate(arrays))), dtype=np.float32)
+        responses = []
+        start = 0
+        for n in sizes:
+            tensor = pb_utils.Tensor("EMBEDDING", out[start:start + n])
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+            start += n
+        return responses

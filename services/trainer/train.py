@@ -1,0 +1,489 @@
+"""Self-supervised contrastive training of the STN embedder on the real-photo set, sized for a 2-core CPU.
+
+Why it looks like this:
+- Views are generated once up front (PIL edits are cheap next to the network; ~5 ms a view), so the training
+  loop is pure tensor work and every step of a seeded run sees the same batch, resumed or not.
+- InfoNCE with in-batch negatives plus a cross-batch memory queue of past embeddings: a CPU batch is small,
+  the queue supplies thousands of negatives. Entries of the same original are masked. Keys (positives, in-batch
+  negatives and what enters the queue) come from a momentum (EMA) copy of the network, as in MoCo: with
+  keys from the trained network itself (XBM-style) the first run here collapsed in stage 2, because the
+  cheapest way to lower the loss was to drift every embedding away from the stale queue together.
+- Two stages: heads (and the localisation net) on a frozen ImageNet trunk, then a fine-tune of the trunk
+  from ``features[7]`` up at a lower rate (the high-resolution stem is generic and the costliest to train).
+  BatchNorm stays in inference mode throughout: batches of 64 from ~400 photos would only add noise.
+- An auxiliary penalty keeps θ near the identity, so the STN only warps when it pays off in the loss.
+- Validation (hyper-parameters, the duplicate threshold) uses originals carved from the TRAIN split by
+  group; the held-out split is only ever touched by ``sieve eval``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+from services.common.config import REPO_ROOT
+from services.common.models.stn import STNEmbedder, build_stn_embedder, theta_regulariser
+from services.common.photos.build import Manifest, PhotoRecord, load_photo_set
+from services.evaluation.benchmark import Benchmark, build_benchmark
+from services.evaluation.metrics import best_f1_threshold, evaluate, top_k
+from services.trainer.augment import pregenerate
+from services.trainer.export import export_torchscript
+
+VAR_DIR = REPO_ROOT / "var" / "trainer"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a run; stored in checkpoints (a resume must match) and in the model card."""
+
+    variant: str = "stn"  # "stn" or "no_stn" (the ablation: identical except for the learned warp)
+    seed: int = 7
+    embed_dim: int = 256
+    input_size: int = 160
+    views: int = 16
+    batch_pairs: int = 32
+    stage1_steps: int = 30
+    stage2_steps: int = 60
+    trainable_from: int = 7  # stage 2 fine-tunes features[7:]; the high-resolution stem stays ImageNet's
+    lr_head: float = 1e-3
+    lr_loc: float = 3e-4
+    lr_trunk: float = 5e-5
+    lr_head_stage2: float = 3e-4
+    # PCA initialisation of the projection was tried and lost on validation (µAP 0.64 at init, 0.72 after
+    # stage 1, against 0.81 from the default random init), so it is off unless asked for.
+    pca_init: bool = False
+    pca_views: int = 3  # views per original (plus the original) used for that PCA
+    weight_decay: float = 0.01
+    warmup_steps: int = 5
+    temperature: float = 0.07
+    queue_size: int = 2048
+    # EMA of the key network. MoCo's 0.999 suits 100k+ steps; in a 100-step run 0.97 left the keys ~30 steps
+    # behind (validation 0.72 after stage 1), 0.9 keeps them a few steps behind yet anchored.
+    momentum: float = 0.9
+    queue_start: int = 10  # steps into each stage before the queue is used (embeddings drift fastest early)
+    cls_weight: float = 0.1
+    theta_weight: float = 0.05
+    grad_clip: float = 5.0
+    val_fraction: float = 0.15
+    checkpoint_every: int = 20
+    threads: int = 2
+
+    @property
+    def use_stn(self) -> bool:
+        return self.variant == "stn"
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1_steps + self.stage2_steps
+
+
+def stable_fraction(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def split_train_val(manifest: Manifest, fraction: float, seed: int) -> tuple[list[PhotoRecord], list[PhotoRecord]]:
+    """Validation originals come from the train split, chosen by group so near-identical photos never straddle."""
+    train: list[PhotoRecord] = []
+    val: list[PhotoRecord] = []
+    for record in sorted(manifest.split("train"), key=lambda r: r.id):
+        (val if stable_fraction(f"val:{seed}:{record.group}") < fraction else train).append(record)
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class ViewBank:
+    """(N, 1 + views, 256, 256, 3) uint8 wire pixels, flags per view, and one id per original."""
+
+    pixels: NDArray[np.uint8]
+    flags: NDArray[np.float32]
+    ids: list[str]
+
+
+def load_views(
+    manifest: Manifest, records: list[PhotoRecord], cfg: TrainConfig, log: Callable[[str], None]
+) -> ViewBank:
+    key = hashlib.sha256(json.dumps([cfg.seed, cfg.views, [r.file_sha256 for r in records]]).encode()).hexdigest()
+    cache = VAR_DIR / f"views-{key[:16]}.npz"
+    ids = [r.id for r in records]
+    if cache.exists():
+        with np.load(cache) as data:
+            log(f"views: cached {cache.name}")
+            return ViewBank(data["pixels"], data["flags"], ids)
+    started = time.monotonic()
+    log(f"views: generating {cfg.views} augmented views for {len(records)} originals ...")
+    pixels, flags = pregenerate([str(manifest.path_of(r)) for r in records], cfg.views, cfg.seed, workers=cfg.threads)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, pixels=pixels, flags=flags)
+    tmp.replace(cache)
+    log(f"views: {pixels.shape} in {time.monotonic() - started:.0f}s")
+    return ViewBank(pixels, flags, ids)
+
+
+def sample_batch(bank: ViewBank, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, ...]:
+    """A pure function of (seed, step): resuming replays exactly the batches a straight run would see."""
+    rng = np.random.default_rng([cfg.seed, step])
+    n, v = bank.pixels.shape[:2]
+    chosen = rng.choice(n, size=min(cfg.batch_pairs, n), replace=False)
+    first = np.where(rng.random(len(chosen)) < 0.5, 0, rng.integers(1, v, len(chosen)))
+    second = rng.integers(1, v, len(chosen))
+    clash = second == first
+    second[clash] = (second[clash] % (v - 1)) + 1
+    return (
+        torch.from_numpy(bank.pixels[chosen, first]),
+        torch.from_numpy(bank.pixels[chosen, second]),
+        torch.from_numpy(bank.flags[chosen, first]),
+        torch.from_numpy(bank.flags[chosen, second]),
+        torch.from_numpy(chosen.astype(np.int64)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+class MemoryQueue:
+    """Ring buffer of detached embeddings and the original each came from (-1 = empty slot)."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        self.embeddings = torch.zeros(size, dim)
+        self.ids = torch.full((size,), -1, dtype=torch.int64)
+        self.ptr = 0
+
+    def push(self, embeddings: torch.Tensor, ids: torch.Tensor) -> None:
+        size = self.embeddings.shape[0]
+        if size == 0:
+            return
+        idx = (torch.arange(len(ids)) + self.ptr) % size
+        self.embeddings[idx] = embeddings.detach()
+        self.ids[idx] = ids
+        self.ptr = int((self.ptr + len(ids)) % size)
+
+    def reset(self) -> None:
+        self.ids.fill_(-1)
+        self.ptr = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"embeddings": self.embeddings, "ids": self.ids, "ptr": self.ptr}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.embeddings, self.ids, self.ptr = state["embeddings"], state["ids"], int(state["ptr"])
+
+
+def info_nce(
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    ids: torch.Tensor,
+    queue: MemoryQueue | None,
+    temperature: float,
+    ka: torch.Tensor | None = None,
+    kb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE: each view must pick its partner's key among the batch's keys and the queue (own
+    copies masked). Without momentum keys (ka, kb) the partner's own embedding is the key."""
+    targets = torch.arange(len(za))
+    losses = []
+    keys_b = zb if kb is None else kb
+    keys_a = za if ka is None else ka
+    for anchor, other in ((za, keys_b), (zb, keys_a)):
+        logits = anchor @ other.T / temperature
+        if queue is not None:
+            valid = queue.ids >= 0
+            bank = queue.embeddings[valid]
+            q_logits = anchor @ bank.T / temperature
+            same = ids[:, None] == queue.ids[valid][None, :]
+            q_logits = q_logits.masked_fill(same, float("-inf"))
+            logits = torch.cat([logits, q_logits], dim=1)
+        losses.append(F.cross_entropy(logits, targets))
+    return (losses[0] + losses[1]) / 2
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+def _param_groups(model: STNEmbedder, cfg: TrainConfig, stage: int) -> list[dict[str, Any]]:
+    head = [*model.reduce.parameters(), *model.classifier.parameters(), *model.pool.parameters()]
+    groups: list[dict[str, Any]] = [{"params": head, "lr": cfg.lr_head if stage == 1 else cfg.lr_head_stage2}]
+    if model.use_stn:
+        groups.append({"params": list(model.loc.parameters()), "lr": cfg.lr_loc})
+    if stage == 2:
+        trunk = [p for layer in list(model.features)[cfg.trainable_from :] for p in layer.parameters()]
+        groups.append({"params": trunk, "lr": cfg.lr_trunk})
+    return groups
+
+
+def _set_stage(model: STNEmbedder, cfg: TrainConfig, stage: int) -> torch.optim.AdamW:
+    for i, layer in enumerate(model.features):
+        for p in layer.parameters():
+            p.requires_grad_(stage == 2 and i >= cfg.trainable_from)
+    if not model.use_stn:
+        for p in model.loc.parameters():
+            p.requires_grad_(False)
+    groups = _param_groups(model, cfg, stage)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(step_in_stage: int, stage_steps: int, warmup: int) -> float:
+    if step_in_stage < warmup:
+        return (step_in_stage + 1) / warmup
+    progress = (step_in_stage - warmup) / max(1, stage_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def embed_pixels(
+    fn: Callable[[torch.Tensor], torch.Tensor], pixels: NDArray[np.uint8], batch: int = 64
+) -> NDArray[Any]:
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch):
+            out.append(fn(torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch]))).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def validate(fn: Callable[[torch.Tensor], torch.Tensor], bench: Benchmark) -> dict[str, float]:
+    """µAP and recall@P90 on the validation benchmark, and the F1-optimal duplicate threshold there."""
+    refs = embed_pixels(fn, bench.reference_pixels)
+    queries = embed_pixels(fn, bench.query_pixels)
+    sim = queries @ refs.T
+    truth = bench.truth_index()
+    idx, scores = top_k(sim, 1)
+    calibrated = best_f1_threshold(scores[:, 0], idx[:, 0] == truth, truth >= 0)
+    metrics = evaluate(sim, truth, calibrated.threshold)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def init_projection_by_pca(model: STNEmbedder, bank: ViewBank, views: int, batch: int = 64) -> dict[str, float]:
+    """Start the 1280 -> d projection as the PCA of ImageNet GeM features of training images.
+
+    A random projection throws away much of what the pretrained trunk already knows; the PCA keeps the
+    dominant directions (and centring alone helps cosine retrieval), so training starts at least as good as
+    the v1 baseline in a fifth of its dimensions and the momentum keys do not lag a random head.
+    """
+    pixels = bank.pixels[:, : views + 1].reshape(-1, *bank.pixels.shape[2:])
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch):
+            x = model.normalise(torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch])))
+            warped = model.warp(x, model.predict_theta(x), model.input_size)
+            feats.append(model.pool(model.features(warped)).double())
+    data = torch.cat(feats)
+    mean = data.mean(dim=0)
+    _, singular, vt = torch.linalg.svd(data - mean, full_matrices=False)
+    basis = vt[: model.embed_dim]
+    with torch.no_grad():
+        model.reduce.weight.copy_(basis.float())
+        model.reduce.bias.copy_((-basis @ mean).float())
+    explained = float((singular[: model.embed_dim] ** 2).sum() / (singular**2).sum())
+    return {"pca_samples": float(len(data)), "pca_explained_variance": round(explained, 4)}
+
+
+class Trainer:
+    """One run: ``run()`` resumes from ``checkpoint.pt`` in its folder when the config matches."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path | None = None, log_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir or VAR_DIR / cfg.variant
+        self.log_path = log_path or RESULTS_DIR / f"train_{cfg.variant}.jsonl"
+        self.checkpoint = self.out_dir / "checkpoint.pt"
+
+    def log(self, message: str) -> None:
+        print(f"[train:{self.cfg.variant}] {message}", flush=True)
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def _save(
+        self, model: STNEmbedder, keys: STNEmbedder, opt: torch.optim.Optimizer, queue: MemoryQueue, step: int
+    ) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_suffix(".tmp")
+        state = {"config": asdict(self.cfg), "step": step, "model": model.state_dict(), "optimizer": opt.state_dict()}
+        torch.save({**state, "keys": keys.state_dict(), "queue": queue.state()}, tmp)
+        tmp.replace(self.checkpoint)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log rows written after the checkpoint we resume from: they will be recomputed identically."""
+        if not self.log_path.exists():
+            return
+        rows = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        # Validation rows at the resumed step are recomputed too (the stage switch or the final one).
+        kept = [r for r in rows if int(r.get("step", 0)) < step or (int(r["step"]) == step and "validation" not in r)]
+        self.log_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    def run(self, manifest: Manifest | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        manifest = manifest or load_photo_set()
+        train_records, val_records = split_train_val(manifest, cfg.val_fraction, cfg.seed)
+        self.log(f"{len(train_records)} train / {len(val_records)} validation originals (held-out never used)")
+        bank = load_views(manifest, train_records, cfg, self.log)
+        val_bench = build_benchmark(manifest, val_records, "validation", seed=cfg.seed)
+        self.log(f"validation benchmark: {val_bench.meta}")
+
+        model = build_stn_embedder(use_stn=cfg.use_stn, embed_dim=cfg.embed_dim, input_size=cfg.input_size).eval()
+        queue = MemoryQueue(cfg.queue_size, cfg.embed_dim)
+        keys = copy.deepcopy(model).eval()
+        for p in keys.parameters():
+            p.requires_grad_(False)
+        step = 0
+        state: dict[str, Any] | None = None
+        history: list[dict[str, Any]] = []
+        if self.checkpoint.exists():
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+            if state["config"] != asdict(cfg):
+                raise SystemExit(f"{self.checkpoint} was written with another config; remove it or pass --fresh")
+            model.load_state_dict(state["model"])
+            keys.load_state_dict(state["keys"])
+            queue.load(state["queue"])
+            step = int(state["step"])
+            self._truncate_log(step)
+            self.log(f"resumed at step {step}/{cfg.total_steps}")
+        else:
+            if self.log_path.exists():
+                self.log_path.unlink()  # a fresh run starts a fresh loss log
+            if cfg.pca_init:
+                pca = init_projection_by_pca(model, bank, cfg.pca_views)
+                keys.load_state_dict(model.state_dict())
+                self.log(f"projection initialised by PCA: {pca}")
+                self._record({"step": 0, **pca})
+                history.append(self._validate(model, val_bench, 0, "after PCA initialisation"))
+        # A checkpoint taken at the stage boundary still holds stage-1 optimizer state; the loop switches.
+        stage = 1 if step <= cfg.stage1_steps else 2
+        opt = _set_stage(model, cfg, stage)
+        if state is not None and step < cfg.total_steps:
+            opt.load_state_dict(state["optimizer"])
+
+        started = time.monotonic()
+        while step < cfg.total_steps:
+            if step == cfg.stage1_steps and stage == 1:
+                history.append(self._validate(model, val_bench, step, "end of stage 1"))
+                stage, opt = 2, _set_stage(model, cfg, 2)
+                queue.reset()  # the trunk starts moving: stage-1 embeddings would be stale negatives
+            in_stage = step if stage == 1 else step - cfg.stage1_steps
+            stage_steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
+            factor = _lr_factor(in_stage, stage_steps, cfg.warmup_steps)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            t0 = time.monotonic()
+            xa, xb, fa, fb, ids = sample_batch(bank, cfg, step)
+            za, la, ta = model.encode(xa)
+            zb, lb, tb = model.encode(xb)
+            use_queue = in_stage >= cfg.queue_start and cfg.queue_size > 0
+            with torch.no_grad():
+                ka = keys.encode(xa)[0]
+                kb = keys.encode(xb)[0]
+            nce = info_nce(za, zb, ids, queue if use_queue else None, cfg.temperature, ka, kb)
+            cls = F.binary_cross_entropy_with_logits(la, fa) + F.binary_cross_entropy_with_logits(lb, fb)
+            reg = theta_regulariser(ta) + theta_regulariser(tb) if cfg.use_stn else torch.zeros(())
+            loss = nce + cfg.cls_weight * cls + cfg.theta_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                for pk, pq in zip(keys.parameters(), model.parameters(), strict=True):
+                    pk.mul_(cfg.momentum).add_(pq.detach(), alpha=1.0 - cfg.momentum)
+            queue.push(torch.cat([ka, kb]), torch.cat([ids, ids]))
+            step += 1
+            with torch.no_grad():
+                positive = (za * kb).sum(1).mean().item()
+                scale = torch.sqrt(torch.abs(torch.linalg.det(ta[:, :, :2]))).mean().item()
+            row = {
+                "step": step,
+                "stage": stage,
+                "loss": round(loss.item(), 5),
+                "nce": round(nce.item(), 5),
+                "cls": round(cls.item(), 5),
+                "theta_reg": round(reg.item(), 6),
+                "pos_sim": round(positive, 4),
+                "theta_scale": round(scale, 4),
+                "lr_factor": round(factor, 4),
+                "queue": int((queue.ids >= 0).sum()) if use_queue else 0,
+                "seconds": round(time.monotonic() - t0, 2),
+            }
+            self._record(row)
+            if step % 5 == 0 or step == cfg.total_steps:
+                self.log(
+                    f"step {step}/{cfg.total_steps} stage {stage} loss {row['loss']:.4f} nce {row['nce']:.4f} "
+                    f"cls {row['cls']:.4f} θ-reg {row['theta_reg']:.4f} pos {positive:.3f} "
+                    f"({row['seconds']:.1f}s/step)"
+                )
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                self._save(model, keys, opt, queue, step)
+        final = self._validate(model, val_bench, step, "final")
+        history.append(final)
+        meta = {"variant": cfg.variant, "config": asdict(cfg), "validation": final}
+        exported = export_torchscript(model, self.out_dir / "model.pt", meta)
+        self.log(f"exported {exported} ({exported.stat().st_size / 1e6:.1f} MB)")
+        summary = {
+            "variant": cfg.variant,
+            "config": asdict(cfg),
+            "train_originals": len(train_records),
+            "validation_originals": len(val_records),
+            "validation_benchmark": val_bench.meta,
+            "validation": final,
+            "history": history,
+            "train_seconds_this_invocation": round(time.monotonic() - started, 1),
+            "model_path": str(exported),
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        return summary
+
+    def _validate(self, model: STNEmbedder, bench: Benchmark, step: int, label: str) -> dict[str, Any]:
+        t0 = time.monotonic()
+        metrics = validate(model, bench)
+        row = {"step": step, "validation": label, **{k: round(v, 5) for k, v in metrics.items()}}
+        self._record(row)
+        self.log(
+            f"validation ({label}): µAP {metrics['micro_ap']:.4f} R@P90 {metrics['recall_at_p90']:.4f} "
+            f"F1 {metrics['f1']:.4f} @ {metrics['threshold']:.3f} ({time.monotonic() - t0:.0f}s)"
+        )
+        return row
+
+
+def sweep_temperature(
+    base: TrainConfig, temperatures: Iterable[float], steps: int, out: Path | None = None
+) -> dict[str, Any]:
+    """Short frozen-trunk runs per temperature, scored by validation µAP: the temperature is the knob that
+    matters most for InfoNCE and is cheap to compare with the trunk frozen."""
+    results = []
+    for t in temperatures:
+        cfg = dataclasses.replace(base, temperature=t, stage1_steps=steps, stage2_steps=0, variant="no_stn")
+        run_dir = VAR_DIR / "sweep" / f"t{t:g}"
+        if (run_dir / "checkpoint.pt").exists():
+            (run_dir / "checkpoint.pt").unlink()
+        summary = Trainer(cfg, run_dir, run_dir / "loss.jsonl").run()
+        results.append({"temperature": t, "validation": summary["validation"]})
+    best = max(results, key=lambda r: float(r["validation"]["micro_ap"]))
+    report = {"steps": steps, "results": results, "best_temperature": best["temperature"]}
+    path = out or RESULTS_DIR / "temperature_sweep.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report
+
+
+def default_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
