@@ -171,6 +171,9 @@ def _update_card(results: dict[str, Any]) -> None:
     card_path = EMBEDDER_REPO / "2" / "model_card.json"
     card: dict[str, Any] = json.loads(card_path.read_text()) if card_path.exists() else {}
     stn = results["methods"]["stn_v2"]
+    # The shipped artifact's own F1-optimal threshold on the validation benchmark (train-split originals).
+    card["duplicate_threshold"] = round(float(stn["threshold"]), 4)
+    card["high_precision_threshold"] = stn["high_precision_operating_point"]
     card["heldout_metrics"] = {
         "benchmark": results["benchmark"],
         "threshold": stn["threshold"],

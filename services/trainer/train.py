@@ -41,7 +41,7 @@ from services.common.photos.build import Manifest, PhotoRecord, load_photo_set
 from services.evaluation.benchmark import Benchmark, build_benchmark
 from services.evaluation.metrics import best_f1_threshold, evaluate, top_k
 from services.trainer.augment import pregenerate
-from services.trainer.export import export_torchscript
+from services.trainer.export import export_torchscript, load_torchscript
 
 VAR_DIR = REPO_ROOT / "var" / "trainer"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -433,11 +433,13 @@ class Trainer:
                 )
             if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
                 self._save(model, keys, opt, queue, step)
-        final = self._validate(model, val_bench, step, "final")
-        history.append(final)
-        meta = {"variant": cfg.variant, "config": asdict(cfg), "validation": final}
+        meta = {"variant": cfg.variant, "config": asdict(cfg)}
         exported = export_torchscript(model, self.out_dir / "model.pt", meta)
         self.log(f"exported {exported} ({exported.stat().st_size / 1e6:.1f} MB)")
+        # Validate (and calibrate the threshold on) the exported file, fp16-rounded weights and all: that is
+        # the network Triton serves, and its F1-optimal threshold can differ from the in-memory model's.
+        final = self._validate(load_torchscript(exported)[0], val_bench, step, "final")
+        history.append(final)
         summary = {
             "variant": cfg.variant,
             "config": asdict(cfg),
@@ -452,7 +454,9 @@ class Trainer:
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         return summary
 
-    def _validate(self, model: STNEmbedder, bench: Benchmark, step: int, label: str) -> dict[str, Any]:
+    def _validate(
+        self, model: Callable[[torch.Tensor], torch.Tensor], bench: Benchmark, step: int, label: str
+    ) -> dict[str, Any]:
         t0 = time.monotonic()
         metrics = validate(model, bench)
         row = {"step": step, "validation": label, **{k: round(v, 5) for k, v in metrics.items()}}
