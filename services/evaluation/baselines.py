@@ -173,7 +173,9 @@ def default_methods(stn_path: Path | None = None, ablation_path: Path | None = N
     """STN v2 (as shipped), the no-STN ablation, GeM v1, pHash and PDQ ± dihedral; notes for anything missing."""
     methods: list[Method] = []
     notes: list[str] = []
-    stn = stn_path or EMBEDDER_REPO / "2" / "model.pt"
+    from services.evaluation.embed import version_dir
+
+    stn = stn_path or version_dir(2) / "model.pt"
     ablation = ablation_path or ABLATION_PATH
     if stn.exists():
         methods.append(torchscript_method("stn_v2", stn))

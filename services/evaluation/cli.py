@@ -21,15 +21,19 @@ def _log(message: str) -> None:
 
 
 def _served_threshold(model_version: str) -> tuple[float, str]:
-    """The served version's calibrated threshold from its model card, else the moderator's configured one."""
+    """The threshold the moderator applies to this version: its per-version setting, else the version's model
+    card, else the global default, so folder metrics describe the decisions production would make."""
     from services.common.config import DecisionSettings
     from services.evaluation.embed import EMBEDDER_REPO
 
-    version = model_version.rsplit(":", 1)[-1]
-    card = EMBEDDER_REPO / version / "model_card.json"
+    decision = DecisionSettings()
+    per_version = getattr(decision, "version_thresholds", {})
+    if model_version in per_version:
+        return float(per_version[model_version]), f"DecisionSettings.version_thresholds[{model_version!r}]"
+    card = EMBEDDER_REPO / model_version.rsplit(":", 1)[-1] / "model_card.json"
     if card.exists():
         return float(json.loads(card.read_text())["duplicate_threshold"]), str(card.relative_to(REPO_ROOT))
-    return DecisionSettings().duplicate_threshold, "DecisionSettings.duplicate_threshold"
+    return decision.duplicate_threshold, "DecisionSettings.duplicate_threshold"
 
 
 def _cmd_eval_folders(args: argparse.Namespace) -> int:
@@ -166,9 +170,9 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _update_card(results: dict[str, Any]) -> None:
-    from services.evaluation.embed import EMBEDDER_REPO
+    from services.evaluation.embed import version_dir
 
-    card_path = EMBEDDER_REPO / "2" / "model_card.json"
+    card_path = version_dir(2) / "model_card.json"
     card: dict[str, Any] = json.loads(card_path.read_text()) if card_path.exists() else {}
     stn = results["methods"]["stn_v2"]
     # The shipped artifact's own F1-optimal threshold on the validation benchmark (train-split originals).

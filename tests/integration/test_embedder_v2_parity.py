@@ -1,0 +1,109 @@
+"""Version 2 of the embedder served by a real Triton equals the same files run in-process.
+
+Version 2 is staged in model_candidates/ (not served by default), so the test gives it a Triton of its own:
+a copy of model_repo/ with version 2 installed next to version 1, exactly what promotion produces. This is
+what makes ``sieve embed`` and ``sieve eval`` trustworthy stand-ins for the served model: whether they reach
+Triton or fall back to the files, the embeddings agree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage
+import torch
+from PIL import Image
+
+from services.common.config import REPO_ROOT, DecodeSettings, Settings
+from services.common.imaging import decode_image
+from services.common.inference import TritonModels
+from services.common.stack.triton import TritonServer
+from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
+from services.evaluation.embed import ServedEmbedder, embed_folder, load_version, version_dir
+
+DATA = Path(skimage.__file__).parent / "data"
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+@pytest.fixture(scope="module")
+def v2_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """(repository, gRPC url) of a Triton serving embedder version 2 beside version 1 of every model."""
+    root = tmp_path_factory.mktemp("v2") / "model_repo"
+    for model in ("sieve_embedder", "sieve_classifier"):
+        (root / model).mkdir(parents=True)
+        shutil.copy2(REPO_ROOT / "model_repo" / model / "config.pbtxt", root / model / "config.pbtxt")
+        shutil.copytree(REPO_ROOT / "model_repo" / model / "1", root / model / "1")
+    shutil.copytree(version_dir(2), root / "sieve_embedder" / "2", ignore=shutil.ignore_patterns("__pycache__"))
+    server = TritonServer(root.parent / "triton", root, ["sieve_embedder", "sieve_classifier"])
+    server.start(root.parent / "logs", 300)
+    yield root, server.grpc_url
+    server.stop()
+
+
+def _settings(settings: Settings, url: str) -> Settings:
+    return settings.model_copy(update={"triton": settings.triton.model_copy(update={"url": url})})
+
+
+def _photo(name: str) -> Image.Image:
+    return Image.open(sorted(DATA.glob(f"{name}.*"))[0]).convert("RGB")
+
+
+def _batch() -> np.ndarray:
+    return np.stack([decode_image(encode_jpeg(_photo(n)), DecodeSettings(), 256).pixels for n in PHOTOS])
+
+
+def test_triton_serves_version_2_and_it_equals_the_in_process_torchscript(
+    settings: Settings, v2_repo: tuple[Path, str]
+) -> None:
+    repo, url = v2_repo
+    batch = _batch()
+    result = TritonModels(_settings(settings, url).triton).infer(batch)
+    assert result.model_version == "sieve_embedder:2"
+    assert result.embeddings.shape == (len(PHOTOS), 256)
+    assert np.allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-4)
+    torch.set_num_threads(2)
+    local = load_version(2, repo / "sieve_embedder")  # the TorchScript original of the served ONNX
+    with torch.inference_mode():
+        expected = local(torch.from_numpy(batch)).float().numpy()
+    assert np.allclose(result.embeddings, expected, atol=1e-4)
+    assert (np.sum(result.embeddings * expected, axis=1) > 0.99999).all()
+
+
+def test_sieve_embed_gives_the_same_file_through_triton_and_in_process(
+    settings: Settings, v2_repo: tuple[Path, str], tmp_path: Path
+) -> None:
+    repo, url = v2_repo
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in PHOTOS:
+        (folder / f"{name}.jpg").write_bytes(encode_jpeg(_photo(name)))
+    served = ServedEmbedder.connect(_settings(settings, url))
+    assert served.backend == "triton" and served.model_version == "sieve_embedder:2"
+    local = ServedEmbedder.in_process(repo / "sieve_embedder")
+    assert local.model_version == served.model_version
+    embed_folder(folder, tmp_path / "triton.npz", served)
+    embed_folder(folder, tmp_path / "local.npz", local)
+    a, b = np.load(tmp_path / "triton.npz"), np.load(tmp_path / "local.npz")
+    assert list(a["ids"]) == list(b["ids"]) == sorted(f"{n}.jpg" for n in PHOTOS)
+    assert str(a["model_version"]) == "sieve_embedder:2" and str(a["backend"]) == "triton"
+    assert np.allclose(a["embeddings"], b["embeddings"], atol=1e-5)
+
+
+def test_a_near_duplicate_clears_the_v2_threshold_and_an_unrelated_photo_does_not(
+    settings: Settings, v2_repo: tuple[Path, str]
+) -> None:
+    repo, url = v2_repo
+    threshold = settings.decision.version_thresholds["sieve_embedder:2"]
+    card = json.loads((repo / "sieve_embedder" / "2" / "model_card.json").read_text())
+    assert abs(card["high_precision_threshold"]["threshold"] - threshold) < 0.01  # config agrees with the card
+    cat, rocket = _photo("chelsea"), _photo("rocket")
+    pixels = [cat, NEAR_DUPLICATES["crop80"](cat), rocket]
+    batch = np.stack([decode_image(encode_jpeg(p), DecodeSettings(), 256).pixels for p in pixels])
+    emb = TritonModels(_settings(settings, url).triton).infer(batch).embeddings
+    assert emb[0] @ emb[1] > threshold
+    assert emb[0] @ emb[2] < threshold
