@@ -9,6 +9,7 @@ thresholds, and what the content classifier says about each image.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -313,11 +314,16 @@ class Explanation:
         return asdict(self)
 
 
-def _decode(path: Path) -> tuple[DecodedImage, tuple[int, int]]:
+def _decode(data: bytes) -> tuple[DecodedImage, tuple[int, int]]:
     from services.batch.dedup import true_size
 
-    data = path.read_bytes()
     return decode_image(data, DecodeSettings(), WIRE_SIZE), true_size(data)
+
+
+@functools.lru_cache(maxsize=2)
+def _anatomy(version: int, repo: Path, local_name: str) -> Anatomy:
+    """Loaded once per version: the reviewer service explains many pairs with the same network."""
+    return dissect(load_version(version, repo), local_name)
 
 
 def explain(
@@ -330,14 +336,63 @@ def explain(
     repo: Path = EMBEDDER_REPO,
 ) -> Explanation:
     """Write the explanation of why ``a`` and ``b`` match (or not) to ``out`` (.png, or .html with the PNG inline)."""
+    result, picture, notes = explain_pair(
+        a.read_bytes(), b.read_bytes(), str(a), str(b), settings=settings, prefer_triton=prefer_triton, repo=repo
+    )
+    result.out = str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() in (".html", ".htm"):
+        out.write_text(to_html(result, picture, notes))
+    else:
+        picture.save(out, format="PNG", optimize=True)
+    return result
+
+
+def explanation_png(a: bytes, b: bytes) -> bytes:
+    """The reviewer page's "why does it match" view (``SIEVE_REVIEWER_EXPLAIN_VIEW``): upload vs neighbour."""
+    _, picture, _ = explain_pair(a, b, "upload", "neighbour")
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def aligned_png(data: bytes) -> bytes | None:
+    """The reviewer page's aligned view (``SIEVE_REVIEWER_ALIGNED_VIEW``): the STN's canonical pose of one image.
+
+    None when the newest version has no spatial transformer (the page then hides the figure, rather than
+    showing the input again as if it were a warp).
+    """
+    version = latest_version(EMBEDDER_REPO)
+    anatomy = _anatomy(version, EMBEDDER_REPO, f"{EMBEDDER_REPO.name}:{version}")
+    if anatomy.align is None:
+        return None
+    decoded, _ = _decode(data)
+    with torch.no_grad():
+        _, aligned = anatomy.align(torch.from_numpy(decoded.pixels[None].copy()))
+    buf = io.BytesIO()
+    Image.fromarray(aligned[0].numpy().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explain_pair(
+    data_a: bytes,
+    data_b: bytes,
+    name_a: str,
+    name_b: str,
+    *,
+    settings: Settings | None = None,
+    prefer_triton: bool = True,
+    repo: Path = EMBEDDER_REPO,
+) -> tuple[Explanation, Image.Image, list[str]]:
+    """The numbers, the picture and its notes for one pair of encoded images; writes nothing."""
     from services.batch.dedup import moderator_threshold
 
     settings = settings or Settings()
-    decoded = [_decode(a), _decode(b)]
+    decoded = [_decode(data_a), _decode(data_b)]
     pixels = np.stack([d.pixels for d, _ in decoded]).astype(np.uint8)
     version = latest_version(repo)
     local_name = f"{repo.name}:{version}"
-    anatomy = dissect(load_version(version, repo), local_name)
+    anatomy = _anatomy(version, repo, local_name)
     evidence = pair_evidence(anatomy, pixels)
     served = served_view(pixels, settings, prefer_triton, local_name)
     similarity = served.similarity if served.similarity is not None else evidence.similarity
@@ -359,9 +414,9 @@ def explain(
         )
     notes.append(f"classifier: {served.classifier_source}")
     result = Explanation(
-        a=str(a),
-        b=str(b),
-        out=str(out),
+        a=name_a,
+        b=name_b,
+        out="",
         model_version=served.model_version,
         backend=served.backend,
         similarity=round(similarity, 6),
@@ -382,13 +437,7 @@ def explain(
         stn_flags=evidence.stn_flags,
         sizes=[f"{w}x{h} {d.format}" for d, (w, h) in decoded],
     )
-    picture = render(result, pixels, evidence, notes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() in (".html", ".htm"):
-        out.write_text(to_html(result, picture, notes))
-    else:
-        picture.save(out, format="PNG", optimize=True)
-    return result
+    return result, render(result, pixels, evidence, notes), notes
 
 
 # ------------------------------------------------------------------------------------------------- drawing

@@ -75,8 +75,11 @@ class AdminAPI(Protocol):
 class ImageAPI(Protocol):
     @property
     def has_aligned_view(self) -> bool: ...
+    @property
+    def has_explain_view(self) -> bool: ...
     def load(self, uri: str) -> tuple[bytes, str]: ...
     def aligned(self, uri: str) -> bytes | None: ...
+    def explain(self, upload_uri: str, neighbour_uri: str) -> bytes | None: ...
 
 
 class Background(Protocol):
@@ -103,6 +106,11 @@ def _item_view(item: QueueItem, neighbour_uris: dict[str, str], services: Review
     def image_url(uri: str | None) -> str | None:
         return f"/api/image?uri={quote(uri, safe='')}" if uri else None
 
+    def explain_url(neighbour: str) -> str | None:
+        if not services.images.has_explain_view or neighbour not in neighbour_uris:
+            return None
+        return f"/api/items/{quote(r.upload_id, safe='')}/explain?neighbour={quote(neighbour, safe='')}"
+
     remaining = None
     if item.claim_expires_at_ms is not None:
         remaining = max(0.0, round(item.claim_expires_at_ms / 1000.0 - time.time(), 1))
@@ -122,6 +130,7 @@ def _item_view(item: QueueItem, neighbour_uris: dict[str, str], services: Review
                 "upload_id": n.upload_id,
                 "score": n.score,
                 "image_url": image_url(neighbour_uris.get(n.upload_id)),
+                "explain_url": explain_url(n.upload_id),
             }
             for n in sorted(r.neighbours, key=lambda n: -n.score)
         ],
@@ -258,8 +267,29 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
             png = services.images.aligned(item.request.image_uri)
         except ImageRefused as exc:
             raise HTTPException(exc.status, exc.detail) from exc
+        if png is None:  # the serving version has no spatial transformer: nothing to show, and not an error
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/items/{upload_id}/explain")
+    def explain(
+        upload_id: UploadId, _principal: Reviewer, neighbour: Annotated[str, Query(min_length=1, max_length=256)]
+    ) -> Response:
+        """Why the upload matches one of its neighbours: only neighbours the moderator listed can be asked for."""
+        item = services.queue.item(upload_id)
+        if item is None or not services.images.has_explain_view:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no explanation")
+        if neighbour not in {n.upload_id for n in item.request.neighbours}:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "not a neighbour of this item")
+        neighbour_uri = services.queue.upload_uris([neighbour]).get(neighbour)
+        if neighbour_uri is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "the neighbour's image is no longer known")
+        try:
+            png = services.images.explain(item.request.image_uri, neighbour_uri)
+        except ImageRefused as exc:
+            raise HTTPException(exc.status, exc.detail) from exc
         if png is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no aligned view")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no explanation")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     # ---- admin ----
@@ -327,7 +357,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
     import redis
 
     from services.reviewer.admin import AdminStore
-    from services.reviewer.images import ImageSource, load_aligned_view
+    from services.reviewer.images import ImageSource, load_aligned_view, load_explain_view
     from services.reviewer.labels import AuditLog, FeedbackPublisher, Labeller
     from services.reviewer.metrics import ReviewerMetrics
     from services.reviewer.queue import QueueKeys, ReviewIngestor, ReviewQueue
@@ -363,7 +393,12 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
         queue=queue,
         labeller=labeller,
         admin=AdminStore(client, prefix, settings.decision, audit),
-        images=ImageSource(settings.fetch, settings.decode, load_aligned_view(rsettings.aligned_view)),
+        images=ImageSource(
+            settings.fetch,
+            settings.decode,
+            load_aligned_view(rsettings.aligned_view),
+            load_explain_view(rsettings.explain_view),
+        ),
         ingestor=ingestor,
         on_label=lambda label, role: metrics.labels.add(1, {"kind": label_kind(label), "role": role}),
         on_claim=lambda: metrics.claims.add(1),

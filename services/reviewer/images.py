@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import io
 from collections.abc import Callable
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -18,8 +19,11 @@ from services.common.errors import BadInput
 from services.common.fetch import FetcherRegistry
 from services.common.schemas import ErrorKind
 
-AlignedView = Callable[[bytes], bytes]
-"""Image bytes in, PNG bytes of the spatial transformer's aligned (canonical-pose) view out."""
+AlignedView = Callable[[bytes], bytes | None]
+"""Image bytes in, PNG bytes of the spatial transformer's aligned (canonical-pose) view out (None: no STN)."""
+
+ExplainView = Callable[[bytes, bytes], bytes]
+"""Upload bytes and neighbour bytes in, PNG bytes of "why they match" (warps, Grad-CAM, thresholds) out."""
 
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 
@@ -33,8 +37,11 @@ class ImageRefused(Exception):
         self.detail = detail
 
 
-def load_aligned_view(spec: str) -> AlignedView | None:
-    """``"package.module:function"`` -> the function; empty -> None (the page hides the aligned view)."""
+def load_view_function(spec: str) -> Callable[..., Any] | None:
+    """``"package.module:function"`` -> the function; empty -> None (the page hides that view).
+
+    A setting rather than an import, so the reviewer runs without torch when the views are switched off.
+    """
     if not spec:
         return None
     module_name, _, attr = spec.partition(":")
@@ -44,12 +51,27 @@ def load_aligned_view(spec: str) -> AlignedView | None:
     return fn  # type: ignore[no-any-return]
 
 
+def load_aligned_view(spec: str) -> AlignedView | None:
+    return load_view_function(spec)
+
+
+def load_explain_view(spec: str) -> ExplainView | None:
+    return load_view_function(spec)
+
+
 class ImageSource:
-    def __init__(self, fetch: FetchSettings, decode: DecodeSettings, aligned: AlignedView | None = None) -> None:
+    def __init__(
+        self,
+        fetch: FetchSettings,
+        decode: DecodeSettings,
+        aligned: AlignedView | None = None,
+        explain: ExplainView | None = None,
+    ) -> None:
         self.registry = FetcherRegistry(fetch.model_copy(update={"allowed_schemes": ["file"]}))
         self.allowed_formats = {f.upper() for f in decode.allowed_formats} & set(_MIME)
         self.max_pixels = decode.max_pixels
         self.aligned_fn = aligned
+        self.explain_fn = explain
 
     def load(self, uri: str) -> tuple[bytes, str]:
         """The image bytes and their MIME type; raises ImageRefused."""
@@ -79,3 +101,15 @@ class ImageSource:
             return None
         data, _ = self.load(uri)
         return self.aligned_fn(data)
+
+    @property
+    def has_explain_view(self) -> bool:
+        return self.explain_fn is not None
+
+    def explain(self, upload_uri: str, neighbour_uri: str) -> bytes | None:
+        """PNG of why the upload matches the neighbour; both images pass the same checks as ``load``."""
+        if self.explain_fn is None:
+            return None
+        upload, _ = self.load(upload_uri)
+        neighbour, _ = self.load(neighbour_uri)
+        return self.explain_fn(upload, neighbour)

@@ -62,8 +62,11 @@ class ReviewerSettings(BaseSettings):
     skip_ttl_s: int = Field(default=3600, ge=1)
     # Optional append-only JSON-lines copy of the audit log (the Redis stream is always written).
     audit_file: Path | None = None
-    # "module:function" turning image bytes into a PNG of the spatial transformer's aligned view; empty: none.
-    aligned_view: str = ""
+    # "module:function" turning image bytes into a PNG of the spatial transformer's aligned view (None when the
+    # served version has no STN); empty: the page shows no aligned view and the reviewer never imports torch.
+    aligned_view: str = "services.batch.explain:aligned_png"
+    # "module:function" turning (upload bytes, neighbour bytes) into a PNG of why they match; empty: none.
+    explain_view: str = "services.batch.explain:explanation_png"
     publish_timeout_s: float = 30.0
 
     @field_validator("categories")

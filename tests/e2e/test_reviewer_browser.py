@@ -180,7 +180,7 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
             expect(page.locator("#item-id")).to_have_text(duplicate.upload_id)  # the highest priority first
             expect(page.locator(".nb")).to_have_count(2)
             expect(page.locator(".nb.top .id")).to_have_text("orig-0412")
-            expect(page.locator("#aligned-fig")).to_be_hidden()  # no aligned-view function configured yet
+            expect(page.locator("#aligned-fig")).to_be_hidden()  # version 1 has no spatial transformer to show
             loaded = page.eval_on_selector_all(
                 "#img-upload, .nb img", "els => els.map(e => e.complete && e.naturalWidth > 0)"
             )
@@ -190,6 +190,15 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
             page.screenshot(path=str(shot), full_page=True)
             (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shot, ROOT / "docs" / "img" / "reviewer.png")
+
+            expect(page.locator("#explain-buttons button")).to_have_count(2)
+            page.keyboard.press("w")  # why does the top match match: drawn by the served model on demand
+            page.wait_for_selector("#explain-fig[data-loaded='true']", timeout=60_000)
+            expect(page.locator("#explain-which")).to_have_text("upload vs orig-0412")
+            width = page.eval_on_selector("#img-explain", "e => e.complete ? e.naturalWidth : 0")
+            assert width >= 900, width  # the explain picture, not a placeholder
+            page.locator("#explain-fig").screenshot(path=str(tmp_path / "reviewer-explain.png"))
+            shutil.copyfile(tmp_path / "reviewer-explain.png", ROOT / "docs" / "img" / "reviewer-explain.png")
 
             page.keyboard.press("d")  # duplicate of the top neighbour
             expect(page.locator("#item-id")).to_have_text(flag.upload_id, timeout=30_000)

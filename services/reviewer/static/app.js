@@ -62,7 +62,8 @@ async function showImage(img, url) {
   }
   try {
     const res = await fetch(url, { headers: { Authorization: "Bearer " + state.token } });
-    if (!res.ok) throw new Error(String(res.status));
+    // 204: the view does not exist for this item (e.g. a model version without a spatial transformer).
+    if (!res.ok || res.status === 204) throw new Error(String(res.status));
     const blobUrl = URL.createObjectURL(await res.blob());
     state.blobs.push(blobUrl);
     await new Promise((resolve) => {
@@ -109,7 +110,40 @@ function renderScores(scores) {
   }
 }
 
+function renderExplainButtons(neighbours) {
+  const box = $("explain-buttons");
+  box.replaceChildren();
+  $("explain-fig").hidden = true;
+  const explainable = neighbours.filter((n) => n.explain_url);
+  $("explain-box").hidden = !explainable.length;
+  explainable.forEach((n, i) => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "ghost";
+    b.dataset.explain = n.upload_id;
+    if (i === 0) {
+      const k = document.createElement("kbd");
+      k.textContent = "w";
+      b.appendChild(k);
+    }
+    b.appendChild(document.createTextNode(n.upload_id + " (" + n.score.toFixed(3) + ")"));
+    b.addEventListener("click", () => showExplanation(n));
+    box.appendChild(b);
+  });
+}
+
+// Drawn on demand (a Grad-CAM pass costs about a second on a CPU), for one neighbour at a time.
+async function showExplanation(n) {
+  const fig = $("explain-fig");
+  $("explain-which").textContent = "upload vs " + n.upload_id + " · loading…";
+  fig.hidden = false;
+  const ok = await showImage($("img-explain"), n.explain_url);
+  $("explain-which").textContent = "upload vs " + n.upload_id + (ok ? "" : " · not available");
+  fig.dataset.loaded = ok ? "true" : "false";
+}
+
 function renderNeighbours(neighbours) {
+  renderExplainButtons(neighbours);
   const box = $("neighbours");
   box.replaceChildren();
   if (!neighbours.length) {
@@ -311,6 +345,9 @@ function onKey(ev) {
     if (item.neighbours.length) submit({ not_duplicate: true }, "not a duplicate");
   } else if (ev.key === "s") {
     skip();
+  } else if (ev.key === "w") {
+    const first = item.neighbours.find((n) => n.explain_url);
+    if (first) showExplanation(first);
   } else if (/^[1-9]$/.test(ev.key)) {
     labelCategory(Number(ev.key) - 1);
   } else {

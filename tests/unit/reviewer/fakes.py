@@ -36,6 +36,7 @@ class FakeQueue:
         self.pending = {r.upload_id: r for r in requests}
         self.claims: dict[str, str] = {}
         self.claim_calls: list[str] = []
+        self.uris: dict[str, str] = {}
 
     def claim(self, reviewer_id: str, scan: int = 100) -> Claim | None:
         self.claim_calls.append(reviewer_id)
@@ -56,7 +57,7 @@ class FakeQueue:
         return QueueItem(r, "claimed" if owner else "pending", owner, None, [])
 
     def upload_uris(self, upload_ids: Sequence[str]) -> dict[str, str]:
-        return {}
+        return {u: self.uris[u] for u in upload_ids if u in self.uris}
 
     def stats(self) -> QueueStats:
         return QueueStats(len(self.pending) - len(self.claims), len(self.claims), 0)
@@ -129,6 +130,10 @@ class FakeAdmin:
 
 class FakeImages:
     has_aligned_view = False
+    has_explain_view = False
+
+    def explain(self, upload_uri: str, neighbour_uri: str) -> bytes | None:
+        return None
 
     def load(self, uri: str) -> tuple[bytes, str]:
         return b"\x89PNG", "image/png"
@@ -142,4 +147,15 @@ def fake_aligned_view(data: bytes) -> bytes:
     with Image.open(io.BytesIO(data)) as img:
         out = io.BytesIO()
         img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, "PNG")
+        return out.getvalue()
+
+
+def fake_explain_view(upload: bytes, neighbour: bytes) -> bytes:
+    """An explain-view function: the two images side by side, so a test can see both were passed."""
+    with Image.open(io.BytesIO(upload)) as a, Image.open(io.BytesIO(neighbour)) as b:
+        both = Image.new("RGB", (a.width + b.width, max(a.height, b.height)))
+        both.paste(a.convert("RGB"), (0, 0))
+        both.paste(b.convert("RGB"), (a.width, 0))
+        out = io.BytesIO()
+        both.save(out, "PNG")
         return out.getvalue()

@@ -13,10 +13,17 @@ from pydantic import SecretStr
 
 from services.common.config import DecodeSettings, FetchSettings
 from services.reviewer.app import ReviewerServices, create_app
-from services.reviewer.images import ImageSource, load_aligned_view
+from services.reviewer.images import AlignedView, ImageSource, load_aligned_view
 from services.reviewer.labels import InvalidLabel, LabelBody, build_label, label_kind
 from services.reviewer.settings import ReviewerSettings
-from tests.unit.reviewer.fakes import FakeAdmin, FakeLabeller, FakeQueue, fake_aligned_view, make_request
+from tests.unit.reviewer.fakes import (
+    FakeAdmin,
+    FakeLabeller,
+    FakeQueue,
+    fake_aligned_view,
+    fake_explain_view,
+    make_request,
+)
 
 TOKEN = "rev-token-0123456789abcdef"
 H = {"Authorization": f"Bearer {TOKEN}"}
@@ -31,15 +38,21 @@ def _png() -> bytes:
     return out.getvalue()
 
 
-def _client(tmp_path: Path, aligned: bool = False) -> TestClient:
+def _client(
+    tmp_path: Path, aligned: bool = False, explain: bool = False, aligned_fn: AlignedView | None = None
+) -> TestClient:
     queue = FakeQueue([make_request("up-1")])
     upload = tmp_path / "up-1.png"
     upload.write_bytes(_png())
     queue.pending["up-1"] = queue.pending["up-1"].model_copy(update={"image_uri": upload.as_uri()})
+    neighbour = tmp_path / "nb-1.png"
+    Image.new("RGB", (10, 7), (0, 200, 0)).save(neighbour, "PNG")
+    queue.uris["nb-1"] = neighbour.as_uri()  # nb-2's image is no longer known
     images = ImageSource(
         FetchSettings(file_roots=[str(tmp_path)], allowed_schemes=["https", "http", "file"]),
         DecodeSettings(),
-        fake_aligned_view if aligned else None,
+        aligned_fn or (fake_aligned_view if aligned else None),
+        fake_explain_view if explain else None,
     )
     rsettings = ReviewerSettings(reviewer_tokens=[SecretStr(f"alice:{TOKEN}")])
     services = ReviewerServices(queue, FakeLabeller(queue, rsettings.categories), FakeAdmin(), images)
@@ -119,6 +132,30 @@ def test_aligned_view_is_404_until_a_function_is_configured(client: TestClient, 
         res = c.get(item["aligned_url"], headers=H)
         assert res.status_code == 200 and res.headers["content-type"] == "image/png"
         assert res.content.startswith(b"\x89PNG") and res.content != _png()
+
+
+def test_explain_view_answers_only_for_listed_neighbours_with_known_images(client: TestClient, tmp_path: Path) -> None:
+    assert client.get("/api/items/up-1/explain", headers=H, params={"neighbour": "nb-1"}).status_code == 404
+    assert all(n["explain_url"] is None for n in client.post("/api/claim", headers=H).json()["item"]["neighbours"])
+    with _client(tmp_path, explain=True) as c:
+        item = c.post("/api/claim", headers=H).json()["item"]
+        urls = {n["upload_id"]: n["explain_url"] for n in item["neighbours"]}
+        assert urls == {"nb-1": "/api/items/up-1/explain?neighbour=nb-1", "nb-2": None}
+        assert c.get(urls["nb-1"]).status_code == 401
+        res = c.get(urls["nb-1"], headers=H)
+        assert res.status_code == 200 and res.headers["content-type"] == "image/png"
+        with Image.open(tmp_path / "up-1.png") as up, Image.open(io.BytesIO(res.content)) as both:
+            assert both.size == (up.width + 10, max(up.height, 7))  # the upload and the neighbour, both passed
+        for other in ("nb-2", "stranger"):
+            assert c.get("/api/items/up-1/explain", headers=H, params={"neighbour": other}).status_code == 404
+        assert c.get("/api/items/nope/explain", headers=H, params={"neighbour": "nb-1"}).status_code == 404
+
+
+def test_aligned_view_is_204_when_the_model_has_no_spatial_transformer(tmp_path: Path) -> None:
+    with _client(tmp_path, aligned_fn=lambda data: None) as c:
+        item = c.post("/api/claim", headers=H).json()["item"]
+        res = c.get(item["aligned_url"], headers=H)
+        assert res.status_code == 204 and res.content == b""
 
 
 def test_aligned_view_setting_loads_a_dotted_function() -> None:
