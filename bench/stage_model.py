@@ -6,23 +6,15 @@ classifier is model_repo/sieve_classifier version 1, Yahoo open_nsfw, which exis
 ONNX Runtime in both columns, after the same Caffe preprocessing (JPEG round trip, centre crop, BGR mean) its
 Triton model.py does, timed separately because it is Python/Pillow work per image, not model work.
 
-The embedder goes to ONNX with the TorchScript-based exporter (``dynamo=False``: the dynamo exporter needs
-onnxscript, which is not installed). Two things that exporter cannot take as written are bridged, and the
-ONNX output is checked against torch on real photos:
-
-- ``aten::_upsample_bilinear2d_aa`` (v1's antialiased 256->224 resize) gets a symbolic: ONNX ``Resize`` with
-  ``antialias=1`` (opset 18+);
-- GeM's ``avg_pool2d`` with a kernel read from the tensor's shape becomes the identical mean over H and W.
-  A TorchScript model (v2+) is exported through its eager twin (``STNEmbedder`` with the scripted weights).
+The embedder goes to ONNX with ``services.common.models.onnx_export`` (the exporter Triton's version-1 model
+uses too), and the ONNX output is checked against torch on real photos.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +24,6 @@ import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 from PIL import Image
-from torch import nn
 
 from bench.common import (
     WORK_DIR,
@@ -46,12 +37,11 @@ from bench.common import (
 )
 from services.common.config import DecodeSettings
 from services.common.imaging import decode_image
-from services.common.models.gem import GeM
+from services.common.models.onnx_export import OPSET, export_embedder, exportable, ort_session
 from services.common.photos.build import load_photo_set
 
 BATCH_SIZES = (1, 8, 32, 64)
 QUICK_BATCH_SIZES = (1, 8)
-OPSET = 20
 ONNX_DIR = WORK_DIR / "onnx"
 
 # Mirrors model_repo/sieve_classifier/1/model.py (which imports triton_python_backend_utils and so cannot be
@@ -74,63 +64,6 @@ def classifier_preprocess(images: NDArray[np.uint8]) -> NDArray[np.float32]:
 # ---------------------------------------------------------------------------------------------- ONNX export
 
 
-class _GeMMean(nn.Module):
-    """GeM as a mean over H and W: the same numbers as ``avg_pool2d`` over the whole map, and exportable."""
-
-    def __init__(self, gem: GeM) -> None:
-        super().__init__()
-        self.p = gem.p
-        self.eps = gem.eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
-
-
-def _upsample_bilinear_aa(
-    g: Any, input: Any, output_size: Any, align_corners: Any, scales_h: Any = None, scales_w: Any = None
-) -> Any:
-    shape = g.op("Shape", input)
-    nc = g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([0])), g.op("Constant", value_t=torch.tensor([2])))
-    sizes = g.op("Concat", nc, g.op("Cast", output_size, to_i=7), axis_i=0)  # 7 = INT64
-    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
-    return g.op(
-        "Resize",
-        input,
-        empty,
-        empty,
-        sizes,
-        mode_s="linear",
-        antialias_i=1,
-        coordinate_transformation_mode_s="pytorch_half_pixel",
-    )
-
-
-def exportable_module(embedder: ServingEmbedder) -> nn.Module:
-    """An eager copy of the serving embedder with GeM swapped for its exportable twin."""
-    module: nn.Module = embedder.module
-    if isinstance(module, torch.jit.ScriptModule):
-        from services.common.models.mobilenet_v2 import MobileNetV2Features
-        from services.common.models.stn import STNEmbedder
-
-        meta = embedder.meta
-        twin = STNEmbedder(
-            MobileNetV2Features(),
-            embed_dim=int(meta["embed_dim"]),
-            input_size=int(meta["input_size"]),
-            use_stn=bool(meta["use_stn"]),
-            categories=tuple(meta["categories"]),
-        )
-        twin.load_state_dict(module.state_dict(), strict=True)
-        module = twin.eval()
-    else:
-        module = copy.deepcopy(module).eval()
-    for name, sub in list(module.named_modules()):
-        if isinstance(sub, GeM):
-            parent = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-            setattr(parent, name.rpartition(".")[2], _GeMMean(sub))
-    return module
-
-
 def export_embedder_onnx(embedder: ServingEmbedder, say: Progress) -> tuple[Path, dict[str, Any]]:
     src = Path(embedder.path)
     stamp = f"{src.stat().st_mtime_ns:x}-{src.stat().st_size:x}" if src.exists() else "nofile"
@@ -143,37 +76,11 @@ def export_embedder_onnx(embedder: ServingEmbedder, say: Progress) -> tuple[Path
     }
     if target.exists():
         return target, info
-    ONNX_DIR.mkdir(parents=True, exist_ok=True)
-    torch.onnx.register_custom_op_symbolic(  # type: ignore[attr-defined]
-        "aten::_upsample_bilinear2d_aa", _upsample_bilinear_aa, OPSET
-    )
-    module = exportable_module(embedder)
     t0 = time.perf_counter()
-    tmp = target.with_suffix(".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (torch.zeros((2, 256, 256, 3), dtype=torch.uint8),),
-            str(tmp),
-            input_names=["IMAGE"],
-            output_names=["EMBEDDING"],
-            dynamic_axes={"IMAGE": {0: "batch"}, "EMBEDDING": {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    tmp.replace(target)
+    export_embedder(exportable(embedder.module, embedder.meta), target)
     info["export_s"] = round(time.perf_counter() - t0, 2)
     say(f"exported {target.name} in {info['export_s']}s")
     return target, info
-
-
-def ort_session(path: Path | str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 # ------------------------------------------------------------------------------------------------- timing

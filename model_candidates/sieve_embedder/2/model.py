@@ -50,7 +50,8 @@ def _torchscript_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.n
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
-        threads = int(config.get("parameters", {}).get("torch_threads", {}).get("string_value", "2"))
+        params = config.get("parameters", {})
+        threads = int(params.get("threads", params.get("torch_threads", {})).get("string_value", "1"))
         onnx_path = MODEL_DIR / "model.onnx"
         try:
             self.run = _onnx_runner(onnx_path, threads) if onnx_path.exists() else None

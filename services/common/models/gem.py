@@ -16,8 +16,9 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), (x.size(-2), x.size(-1))).pow(1.0 / self.p)
-        return pooled.flatten(1)
+        # A mean over the spatial axes rather than avg_pool2d with the map's size: same numbers, and it exports
+        # to ONNX (a kernel size read from the input shape does not).
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
 class ImageNormalizer(nn.Module):
