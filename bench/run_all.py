@@ -1,6 +1,6 @@
 """One command for the performance harness: every stage on the same machine in one run, JSON + Markdown.
 
-    .venv/bin/python -m bench.run_all [--quick]
+    .venv/bin/python -m bench.run_all [--quick] [--only model,triton,e2e]
 
 Writes bench/results/perf.json and bench/results/perf.md with the target ratios:
 - end-to-end throughput >= 80% of the best in-process throughput of the same models (stage 2);
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import RESULTS_DIR, markdown_table, write_result
+from bench.common import RESULTS_DIR, ROOT, markdown_table, write_result
 from services.common.stack import LocalStack
 
 
@@ -82,30 +82,78 @@ def ratios(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+STAGE_FILES = {
+    "decode": "decode",
+    "model": "model",
+    "triton": "stage_triton",
+    "e2e": "e2e",
+    "faiss": "faiss",
+    "peers": "peers",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--only",
+        default=",".join(STAGE_FILES),
+        help="comma-separated stages to run now; the others are read from bench/results/<stage>.json and marked "
+        "reused (each keeps its own machine state), e.g. --only model,triton,e2e after a pipeline change",
+    )
     args = parser.parse_args(argv)
     from bench import peers, stage_decode, stage_e2e, stage_faiss, stage_model, stage_triton
 
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(STAGE_FILES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGE_FILES)}")
+    suffix = ".quick" if args.quick else ""
     stages: dict[str, dict[str, Any]] = {}
-    stages["decode"] = _safe("decode", lambda: stage_decode.run(quick=args.quick))
-    stages["model"] = _safe("model", lambda: stage_model.run(quick=args.quick))
-    stack = LocalStack()
-    stack.start()
-    try:
-        stages["triton"] = _safe("triton", lambda: stage_triton.run(quick=args.quick, stack=stack))
-        stages["e2e"] = _safe("e2e", lambda: stage_e2e.run(quick=args.quick, stack=stack))
-    finally:
-        stack.stop()
-    stages["faiss"] = _safe("faiss", lambda: stage_faiss.run(quick=args.quick))
-    stages["peers"] = _safe("peers", lambda: peers.run(quick=args.quick))
+
+    def stage(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if name in only:
+            stages[name] = _safe(name, fn)
+            write_result(STAGE_FILES[name] + suffix, stages[name])
+            return
+        previous = RESULTS_DIR / f"{STAGE_FILES[name]}{suffix}.json"
+        if previous.exists():
+            stages[name] = {**json.loads(previous.read_text()), "reused_from": str(previous.relative_to(ROOT))}
+
+    stage("decode", lambda: stage_decode.run(quick=args.quick))
+    stage("model", lambda: stage_model.run(quick=args.quick))
+    if only & {"triton", "e2e"}:
+        stack = LocalStack()
+        stack.start()
+        try:
+            stage("triton", lambda: stage_triton.run(quick=args.quick, stack=stack))
+            stage("e2e", lambda: stage_e2e.run(quick=args.quick, stack=stack))
+        finally:
+            stack.stop()
+    else:
+        stage("triton", dict)
+        stage("e2e", dict)
+    stage("faiss", lambda: stage_faiss.run(quick=args.quick))
+    stage("peers", lambda: peers.run(quick=args.quick))
     table = ratios(stages)
     out = {"quick": args.quick, "stages": stages, "targets": table}
     name = "perf.quick" if args.quick else "perf"
     path = write_result(name, out)
+    runs = [
+        {
+            "stage": k,
+            "started_at": v.get("started_at", ""),
+            "load_average_1_5_15": (v.get("machine") or {}).get("load_average_1_5_15", ""),
+            "source": v.get("reused_from", "this run"),
+        }
+        for k, v in stages.items()
+    ]
     (RESULTS_DIR / f"{name}.md").write_text(
-        "# Sieve performance\n\n" + markdown_table(table, ["target", "value", "goal"]) + "\n"
+        "# Sieve performance\n\n"
+        + markdown_table(table, ["target", "value", "goal"])
+        + "\n\n## Stages\n\n"
+        + markdown_table(runs, ["stage", "started_at", "load_average_1_5_15", "source"])
+        + "\n"
     )
     print(json.dumps(table, indent=1))
     print(f"wrote {path}")

@@ -681,8 +681,8 @@ def moderator_threshold(model_version: str, cfg: DecisionSettings | None = None)
     """
     cfg = cfg or DecisionSettings()
     if model_version in cfg.version_thresholds:
-        return float(cfg.version_thresholds[model_version]), f"SIEVE_DECISION_VERSION_THRESHOLDS[{model_version}]"
-    return float(cfg.duplicate_threshold), "SIEVE_DECISION_DUPLICATE_THRESHOLD"
+        return cfg.threshold_for(model_version), f"SIEVE_DECISION_VERSION_THRESHOLDS[{model_version}]"
+    return cfg.threshold_for(model_version), "SIEVE_DECISION_DUPLICATE_THRESHOLD"
 
 
 def default_near(model_version: str, repo: Path | None = None) -> tuple[float, str]:

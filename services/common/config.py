@@ -113,6 +113,14 @@ class DecisionSettings(BaseSettings):
     top_k: int = 5
     block_categories: list[str] = Field(default_factory=lambda: ["nsfw"])
 
+    def threshold_for(self, model_version: str) -> float:
+        """The duplicate threshold for the embedder version that answered (a version not listed: the default)."""
+        return float(self.version_thresholds.get(model_version, self.duplicate_threshold))
+
+    def for_version(self, model_version: str) -> DecisionSettings:
+        """These settings with ``duplicate_threshold`` set to that version's threshold."""
+        return self.model_copy(update={"duplicate_threshold": self.threshold_for(model_version)})
+
 
 class ReviewSelectionSettings(BaseSettings):
     """Active learning: which uncertain items reach human reviewers, and how many."""

@@ -27,9 +27,8 @@ def _served_threshold(model_version: str) -> tuple[float, str]:
     from services.evaluation.embed import EMBEDDER_REPO
 
     decision = DecisionSettings()
-    per_version = getattr(decision, "version_thresholds", {})
-    if model_version in per_version:
-        return float(per_version[model_version]), f"DecisionSettings.version_thresholds[{model_version!r}]"
+    if model_version in decision.version_thresholds:
+        return decision.threshold_for(model_version), f"DecisionSettings.version_thresholds[{model_version!r}]"
     card = EMBEDDER_REPO / model_version.rsplit(":", 1)[-1] / "model_card.json"
     if card.exists():
         return float(json.loads(card.read_text())["duplicate_threshold"]), str(card.relative_to(REPO_ROOT))

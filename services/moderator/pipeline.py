@@ -35,6 +35,7 @@ from services.common.schemas import (
     Verdict,
 )
 from services.common.telemetry import extract_context, tracer
+from services.common.thresholds import recorded_thresholds, with_recorded
 from services.moderator.active_learning import Candidate, ReviewSelector
 from services.moderator.decide import Decision, decide
 from services.moderator.exact import ExactMatchStore, KnownUpload
@@ -432,19 +433,21 @@ class Pipeline:
     def decision_for(self, model_version: str) -> DecisionSettings:
         """The decision settings for the version that answered: its calibrated threshold unless an admin set one."""
         cfg = self.settings.decision
-        if "duplicate_threshold" in self._overrides or model_version not in cfg.version_thresholds:
+        if "duplicate_threshold" in self._overrides:
             return cfg
-        return cfg.model_copy(update={"duplicate_threshold": cfg.version_thresholds[model_version]})
+        return cfg.for_version(model_version)
 
     def apply_threshold_overrides(self) -> None:
-        """Admins change thresholds through the reviewer API; they land in Redis and take effect here."""
+        """Admins change thresholds through the reviewer API and promotions record a new version's threshold;
+        both land in Redis and take effect here."""
+        prefix = self.settings.redis.key_prefix
         try:
-            raw = self.redis.get(f"{self.settings.redis.key_prefix}:config:thresholds")
+            raw = self.redis.get(f"{prefix}:config:thresholds")
         except redis.RedisError:
             return
         overrides = json.loads(raw) if raw else {}
         self._overrides = overrides
-        merged = self.base_decision.model_copy(update=overrides)
+        merged = with_recorded(self.base_decision.model_copy(update=overrides), recorded_thresholds(self.redis, prefix))
         if merged != self.settings.decision:
             log.info("decision thresholds now %s", merged.model_dump())
             self.settings = self.settings.model_copy(update={"decision": merged})

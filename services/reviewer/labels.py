@@ -89,8 +89,27 @@ class LabelBody(BaseModel):
     categories: dict[str, bool] = Field(default_factory=dict)
 
 
-def build_label(body: LabelBody, request: ReviewRequest, reviewer_id: str, categories: Sequence[str]) -> FeedbackLabel:
-    """Checks the body against the item and the configured categories; raises InvalidLabel."""
+def compared_neighbour(body: LabelBody, request: ReviewRequest) -> str | None:
+    """The neighbour a duplicate decision is about: the one named, or for "not a duplicate" the top match."""
+    if body.duplicate_of is not None:
+        return body.duplicate_of
+    if body.not_duplicate and request.neighbours:
+        return max(request.neighbours, key=lambda n: n.score).upload_id
+    return None
+
+
+def build_label(
+    body: LabelBody,
+    request: ReviewRequest,
+    reviewer_id: str,
+    categories: Sequence[str],
+    compared_uri: str | None = None,
+) -> FeedbackLabel:
+    """Checks the body against the item and the configured categories; raises InvalidLabel.
+
+    The label carries both images' URIs and the model version, so the retraining job can turn it into a
+    training pair without asking anyone (``compared_uri``: where the compared neighbour's image is).
+    """
     if body.duplicate_of is not None and body.not_duplicate:
         raise InvalidLabel("duplicate_of and not_duplicate exclude each other")
     if body.duplicate_of is None and not body.not_duplicate and not body.categories:
@@ -102,6 +121,7 @@ def build_label(body: LabelBody, request: ReviewRequest, reviewer_id: str, categ
     unknown = sorted(set(body.categories) - set(categories))
     if unknown:
         raise InvalidLabel(f"unknown categories {unknown}; configured: {list(categories)}")
+    compared = compared_neighbour(body, request)
     return FeedbackLabel(
         upload_id=request.upload_id,
         reviewer_id=reviewer_id,
@@ -109,6 +129,10 @@ def build_label(body: LabelBody, request: ReviewRequest, reviewer_id: str, categ
         not_duplicate=body.not_duplicate,
         categories=dict(body.categories),
         decided_at=utcnow(),
+        model_version=request.model_version,
+        image_uri=request.image_uri,
+        compared_with=compared,
+        compared_uri=compared_uri if compared is not None else None,
     )
 
 
@@ -206,8 +230,10 @@ class Labeller:
 
     def label(self, reviewer_id: str, request: ReviewRequest, body: LabelBody) -> LabelOutcome:
         """Raises InvalidLabel, NotClaimed, or TransientError/RedisError (retry: the same label is kept)."""
-        label = build_label(body, request, reviewer_id, self.categories)
         k = self.keys
+        compared = compared_neighbour(body, request)
+        compared_uri = _text(self.client.get(k.upload_uri(compared)) or "") if compared else ""
+        label = build_label(body, request, reviewer_id, self.categories, compared_uri or None)
         uid = request.upload_id
         with _tracer.start_as_current_span("reviewer.label") as span:
             span.set_attribute("sieve.upload_id", uid)

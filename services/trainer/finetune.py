@@ -1,8 +1,11 @@
 """Fine-tunes the serving embedder on reviewer labels, starting from exactly the model Triton serves.
 
 Only the embedding head (and the flag head, when category labels exist) moves: the labels are few, so the trunk
-and the spatial transformer stay as trained. Confirmed duplicates are pulled together, "not a duplicate" pairs
-pushed below the decision threshold, and a distillation term keeps every other image where it was, so a
+and the spatial transformer stay as trained. Confirmed duplicates are pulled above the decision threshold (by a
+margin, not towards 1.0: pulling everything together is the cheapest way to do that and raises every
+similarity), "not a duplicate" pairs pushed below it, every two labelled images that no label ties together
+serve as extra negatives (the hard ones, such as two photos of one person, are exactly what the labels are
+about), and a distillation term keeps every other image where it was, so a
 handful of labels cannot wreck the space the index was built in.
 """
 
@@ -25,6 +28,29 @@ class PairBatch:
     left: NDArray[np.uint8]  # (n, 256, 256, 3)
     right: NDArray[np.uint8]
     duplicate: NDArray[np.bool_]
+    # Upload ids of each side; with them, images of different pairs that no duplicate label links become
+    # negatives of each other. Without them only the labelled pairs count.
+    left_ids: tuple[str, ...] | None = None
+    right_ids: tuple[str, ...] | None = None
+
+    def groups(self) -> NDArray[np.int64] | None:
+        """A group per image (left then right): images linked by duplicate labels, directly or in a chain."""
+        if self.left_ids is None or self.right_ids is None:
+            return None
+        ids = [*self.left_ids, *self.right_ids]
+        parent = {u: u for u in ids}
+
+        def find(u: str) -> str:
+            while parent[u] != u:
+                parent[u] = parent[parent[u]]
+                u = parent[u]
+            return u
+
+        for a, b, dup in zip(self.left_ids, self.right_ids, self.duplicate, strict=True):
+            if dup:
+                parent[find(a)] = find(b)
+        roots: dict[str, int] = {}
+        return np.asarray([roots.setdefault(find(u), len(roots)) for u in ids], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -39,7 +65,7 @@ def pair_loss(module: torch.nn.Module, pairs: PairBatch, threshold: float, margi
     with torch.no_grad():
         sim = (module(torch.from_numpy(pairs.left)) * module(torch.from_numpy(pairs.right))).sum(dim=1)
         dup = torch.from_numpy(pairs.duplicate)
-        losses = torch.cat([(1.0 - sim)[dup], torch.relu(sim - (threshold - margin))[~dup]])
+        losses = torch.cat([torch.relu((threshold + margin) - sim)[dup], torch.relu(sim - (threshold - margin))[~dup]])
         return round(float(losses.mean()), 5)
 
 
@@ -77,15 +103,22 @@ def finetune(
     opt = torch.optim.Adam(params, lr=lr)
     module.train()
     n = len(pairs.duplicate)
+    groups = pairs.groups()
     for _ in range(steps):
         idx = rng.sample(range(n), min(batch, n))
         left = module(torch.from_numpy(pairs.left[idx]))
         right = module(torch.from_numpy(pairs.right[idx]))
         sim = (left * right).sum(dim=1)
         dup = torch.from_numpy(pairs.duplicate[idx])
-        pos = (1.0 - sim)[dup]
+        pos = torch.relu((threshold + margin) - sim)[dup]
         neg = torch.relu(sim - (threshold - margin))[~dup]
-        batch_pair_loss = torch.cat([pos, neg]).mean()
+        terms = [pos, neg]
+        if groups is not None:
+            g = torch.from_numpy(np.concatenate([groups[idx], groups[[i + n for i in idx]]]))
+            both = torch.cat([left, right])
+            unlinked = g[:, None] != g[None, :]
+            terms.append(torch.relu(both @ both.T - (threshold - margin))[torch.triu(unlinked, diagonal=1)])
+        batch_pair_loss = torch.cat(terms).mean()
         keep = ((left - anchor_left[idx]) ** 2).sum(1).mean() + ((right - anchor_right[idx]) ** 2).sum(1).mean()
         loss = batch_pair_loss + 0.5 * keep
         opt.zero_grad()

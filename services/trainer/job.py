@@ -20,6 +20,7 @@ from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.imaging import decode_image
+from services.common.thresholds import recorded_thresholds, with_recorded
 from services.trainer.feedback import FeedbackConsumer, FeedbackStore, LabelledPair
 from services.trainer.finetune import PairBatch, finetune, save_like_serving
 from services.trainer.gate import gate
@@ -82,15 +83,23 @@ class RetrainingJob:
             return None
 
     def pair_batch(self, pairs: list[LabelledPair]) -> PairBatch:
-        left, right, dup = [], [], []
+        left, right, dup, left_ids, right_ids = [], [], [], [], []
         for pair in pairs:
             a, b = self._pixels(pair.image_uri), self._pixels(pair.other_uri)
             if a is not None and b is not None:
                 left.append(a)
                 right.append(b)
                 dup.append(pair.duplicate)
+                left_ids.append(pair.upload_id)
+                right_ids.append(pair.other_id)
         empty = np.zeros((0, 256, 256, 3), np.uint8)
-        return PairBatch(np.stack(left) if left else empty, np.stack(right) if right else empty, np.asarray(dup, bool))
+        return PairBatch(
+            np.stack(left) if left else empty,
+            np.stack(right) if right else empty,
+            np.asarray(dup, bool),
+            tuple(left_ids),
+            tuple(right_ids),
+        )
 
     def retrain(self, bench: Any | None = None) -> dict[str, Any]:
         """One fine-tune, gate and (maybe) promotion; always recorded with its reason."""
@@ -110,7 +119,12 @@ class RetrainingJob:
             outcome = {"event": "skipped", "why": f"only {len(train.duplicate)} usable labelled pairs"}
             record(self.log_path, outcome)
             return outcome
-        threshold = self.settings.decision.duplicate_threshold
+        # The serving version's own threshold (configured, or recorded when it was promoted): the fine-tune
+        # pushes "not a duplicate" pairs below it, and the gate decides at it, as the moderator will.
+        decision = with_recorded(
+            self.settings.decision, recorded_thresholds(self.redis, self.settings.redis.key_prefix)
+        )
+        threshold = decision.threshold_for(f"{self.repo.model}:{serving}")
         serving_module, meta = load_torchscript(artifact)
         candidate, _ = load_torchscript(artifact)
         result = finetune(candidate, train, threshold, steps=self.cfg.finetune_steps)
@@ -135,6 +149,7 @@ class RetrainingJob:
         save_like_serving(candidate, staged / "model.pt", {**meta, "finetuned_from": serving})
         card = {
             "model": self.repo.model,
+            "duplicate_threshold": threshold,
             "finetuned_from": serving,
             "finetune": result.__dict__,
             "gate": verdict.__dict__,
@@ -149,7 +164,8 @@ class RetrainingJob:
             _embed_fn(candidate),
             dim,
             self.log_path,
-            {"gate": verdict.__dict__, "labels": self.store.count()},
+            {"gate": verdict.__dict__, "labels": self.store.count(), "duplicate_threshold": threshold},
+            threshold=threshold,
         )
         outcome["promoted_version"] = version
         return outcome

@@ -29,6 +29,7 @@ from services.common.imaging import decode_image
 from services.common.index.base import IndexEntry, Snapshot
 from services.common.index.redis_store import RedisIndexStore
 from services.common.index.shared import SharedRecentIndex
+from services.common.thresholds import record_threshold
 
 log = logging.getLogger(__name__)
 EmbedFn = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
@@ -158,12 +159,19 @@ def promote(
     dim_serving: int,
     log_path: Path,
     reason: dict[str, Any],
+    threshold: float | None = None,
 ) -> int:
-    """Backfill, install, load. Returns the new version number."""
+    """Backfill, record the threshold, install, load. Returns the new version number.
+
+    The threshold is recorded before Triton loads the version, so the first verdict a moderator makes with it
+    already uses it (moderators pick recorded thresholds up with the admin overrides).
+    """
     serving = repo.serving()
     version = max(repo.versions()) + 1
     entries = window_entries(settings, client, f"{repo.model}:{serving}", dim_serving)
     report = backfill(settings, client, entries, f"{repo.model}:{version}", embed)
+    if threshold is not None:
+        record_threshold(client, settings.redis.key_prefix, f"{repo.model}:{version}", threshold)
     repo.install(staged, version)
     triton_load(settings.triton.url, repo.model, version)
     record(log_path, {"event": "promoted", "version": version, "from": serving, "backfill": report.__dict__, **reason})

@@ -217,6 +217,10 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
     labels = {r["upload_id"]: FeedbackLabel.model_validate(r) for r in records}
     assert len(records) == 2, records
     assert labels[duplicate.upload_id].duplicate_of == "orig-0412"
+    # Everything the retraining job needs to make a training pair, with no further look-up.
+    assert labels[duplicate.upload_id].image_uri == duplicate.image_uri
+    assert labels[duplicate.upload_id].compared_with == "orig-0412"
+    assert labels[duplicate.upload_id].compared_uri == (tmp_path / "orig-0412.jpg").as_uri()
     assert labels[duplicate.upload_id].reviewer_id == "alice"
     assert labels[flag.upload_id].categories == {"safe": False, "nsfw": True, "violence": False, "spam": False}
     assert labels[flag.upload_id].duplicate_of is None and not labels[flag.upload_id].not_duplicate

@@ -19,6 +19,7 @@ from services.common.index import IndexEntry, SharedRecentIndex
 from services.common.inference import TritonModels
 from services.common.photos.build import load_photo_set
 from services.common.stack.triton import TritonServer
+from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.transforms import encode_jpeg
 from services.trainer.promotion import ModelRepository, promote, rollback
 
@@ -68,8 +69,14 @@ def test_promote_backfills_then_serves_and_rollback_restores(
         return models.infer(batch).embeddings
 
     log_path = tmp_path / "promotions.jsonl"
-    version = promote(settings, client, repo, staged, embed, 1280, log_path, {"gate": "test"})
+    version = promote(settings, client, repo, staged, embed, 1280, log_path, {"gate": "test"}, threshold=0.905)
     assert version == 2
+    # The version's threshold travels with it: recorded in Redis, where moderators and the trainer merge it over
+    # the configured ones (a version unknown to the configuration would otherwise decide at the global default).
+    recorded = recorded_thresholds(client, settings.redis.key_prefix)
+    assert recorded == {"sieve_embedder:2": 0.905}
+    assert with_recorded(settings.decision, recorded).threshold_for("sieve_embedder:2") == 0.905
+    assert with_recorded(settings.decision, recorded).threshold_for("sieve_embedder:1") == 0.90
     assert models.infer(pixels[:1]).model_version == "sieve_embedder:2"
     v2 = SharedRecentIndex(client, settings.redis.key_prefix, "sieve_embedder:2", 1280, settings.index.retention_s)
     assert v2.sync() and len(v2) == len(paths)  # the new version's index is complete before its first verdict

@@ -16,9 +16,7 @@ from services.common.photos.build import load_photo_set
 def test_v1_onnx_matches_torch_on_real_photos_at_any_batch_size() -> None:
     manifest = load_photo_set()
     records = sorted(manifest.split("heldout"), key=lambda r: r.id)[:5]
-    pixels = np.stack(
-        [decode_image(manifest.path_of(r).read_bytes(), DecodeSettings(), 256).pixels for r in records]
-    )
+    pixels = np.stack([decode_image(manifest.path_of(r).read_bytes(), DecodeSettings(), 256).pixels for r in records])
     model = GeMEmbedder(load_imagenet_trunk()).eval()
     session = ort_session(export_embedder(model), threads=1)
     with torch.inference_mode():

@@ -134,6 +134,28 @@ def test_aligned_view_is_404_until_a_function_is_configured(client: TestClient, 
         assert res.content.startswith(b"\x89PNG") and res.content != _png()
 
 
+def test_labels_carry_both_images_so_the_trainer_can_use_them(tmp_path: Path) -> None:
+    from services.trainer.feedback import FeedbackStore
+
+    request = make_request()
+    dup = build_label(LabelBody(duplicate_of="nb-2"), request, "alice", CATS, "file:///photos/nb-2.jpg")
+    assert (dup.image_uri, dup.compared_with, dup.compared_uri) == (
+        request.image_uri,
+        "nb-2",
+        "file:///photos/nb-2.jpg",
+    )
+    assert dup.model_version == request.model_version
+    # "Not a duplicate" is about the top match (nb-1 scores 0.91, nb-2 0.4).
+    neg = build_label(LabelBody(not_duplicate=True), make_request("up-2"), "alice", CATS, "file:///photos/nb-1.jpg")
+    assert (neg.compared_with, neg.compared_uri) == ("nb-1", "file:///photos/nb-1.jpg")
+    cat = build_label(LabelBody(categories={"spam": True}), make_request("up-3"), "alice", CATS, "file:///x.jpg")
+    assert cat.compared_with is None and cat.compared_uri is None
+    store = FeedbackStore(tmp_path)
+    store.add([dup, neg, cat])
+    pairs = {(p.upload_id, p.other_id, p.duplicate) for p in store.pairs()}
+    assert pairs == {("up-1", "nb-2", True), ("up-2", "nb-1", False)}
+
+
 def test_explain_view_answers_only_for_listed_neighbours_with_known_images(client: TestClient, tmp_path: Path) -> None:
     assert client.get("/api/items/up-1/explain", headers=H, params={"neighbour": "nb-1"}).status_code == 404
     assert all(n["explain_url"] is None for n in client.post("/api/claim", headers=H).json()["item"]["neighbours"])

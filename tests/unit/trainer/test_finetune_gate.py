@@ -72,3 +72,38 @@ def test_gate_rejects_a_worse_candidate_and_accepts_a_better_one() -> None:
         broken.reduce.bias.fill_(1.0)  # every image maps to one point: every pair looks like a duplicate
     bad = gate(_embed(tuned), _embed(broken), heldout, 0.9, bench=None)
     assert not bad.promote and "feedback_f1" in bad.why
+
+
+def test_groups_link_images_through_duplicate_labels_only() -> None:
+    img = np.zeros((5, 4, 4, 3), np.uint8)
+    # u1 and u2 are both copies of o; u3 was judged "not a duplicate" of o; u4 is a copy of u5.
+    pairs = PairBatch(
+        img,
+        img,
+        np.asarray([True, True, False, True, False]),
+        left_ids=("u1", "u2", "u3", "u4", "u4"),
+        right_ids=("o", "o", "o", "u5", "o"),
+    )
+    g = pairs.groups()
+    assert g is not None and len(g) == 10
+    group_of = dict(zip([*pairs.left_ids, *pairs.right_ids], g.tolist(), strict=True))  # type: ignore[misc]
+    assert group_of["u1"] == group_of["u2"] == group_of["o"]  # linked through o
+    assert group_of["u3"] != group_of["o"] and group_of["u4"] == group_of["u5"] != group_of["o"]
+    assert PairBatch(img, img, np.ones(5, bool)).groups() is None
+
+
+def test_unlinked_images_become_negatives_and_stay_apart() -> None:
+    """With ids, two labelled copies of different originals are pushed apart too, not only the labelled pairs."""
+    base = _pairs(12, 3)
+    n = len(base.duplicate) // 2
+    ids_left = tuple(f"up{i}" for i in range(n)) + tuple(f"up{i}" for i in range(n))
+    ids_right = tuple(f"orig{i}" for i in range(n)) + tuple(f"other{i}" for i in range(n))
+    with_ids = PairBatch(base.left, base.right, base.duplicate, ids_left, ids_right)
+
+    def mean_cross_similarity(pairs: PairBatch) -> float:
+        model = TinyEmbedder()
+        finetune(model, pairs, threshold=0.9, steps=80, lr=5e-3)
+        emb = _embed(model)(base.left[:n])
+        return float((emb @ emb.T)[np.triu_indices(n, 1)].mean())
+
+    assert mean_cross_similarity(with_ids) < mean_cross_similarity(base) - 0.02

@@ -1,0 +1,34 @@
+"""``python -m bench.learns --quick`` end to end: streams, queue, oracle labels, fine-tune, gate, replay (~20 s)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import learns
+
+
+def test_quick_run_compares_equal_label_counts_and_writes_results(tmp_path: Path) -> None:
+    try:
+        from services.common.photos.build import load_photo_set
+
+        load_photo_set()
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(f"photo set not built ({exc})")
+    assert learns.main(["--quick", "--budgets", "3,50", "--random-seeds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "learns.quick.json").read_text())
+    sets = result["label_sets"]
+    queue = result["queue_a"]["queued"]
+    for budget in (3, 50):
+        active = next(r for r in sets if r["budget"] == budget and r["strategy"] == "active")
+        random = next(r for r in sets if r["budget"] == budget and r["strategy"] == "random")
+        assert active["labels"] == random["labels"] == min(budget, queue)
+        assert active["labels"] == active["duplicate"] + active["not_duplicate"]
+    full = [r for r in sets if r["strategy"] == "random_full"]
+    assert len(full) == 1 and queue < full[0]["labels"] <= 50  # capped by the uploads that have a neighbour
+    assert (
+        result["serving_replay_b"]["tp"] + result["serving_replay_b"]["fn"] == result["streams"]["B"]["true_duplicates"]
+    )
+    assert result["flag_f1"]["value"] is None and result["flag_f1"]["why"]
