@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import shlex
 import shutil
 import statistics
@@ -114,6 +116,15 @@ def _settings(workdir: Path) -> Settings:
     return base.model_copy(update={"fetch": fetch})
 
 
+def rehearsal_sample(stream: Stream, labels: list[FeedbackLabel], n: int) -> NDArray[np.uint8]:
+    """What RetrainingJob.rehearsal_pixels takes from the retention window: the labelled stream's uploads that
+    no label mentions (stream A is what the index held while reviewers labelled), seeded by their count."""
+    labelled = {lb.upload_id for lb in labels} | {lb.compared_with for lb in labels if lb.compared_with}
+    rows = [i for i, u in enumerate(stream.uploads) if u.upload_id not in labelled]
+    chosen = sorted(random.Random(len(rows)).sample(rows, min(n, len(rows))))
+    return np.ascontiguousarray(stream.pixels[chosen]) if chosen else stream.pixels[:0]
+
+
 def train_and_replay(ctx: Context, name: str, labels: list[FeedbackLabel], label_stream: Stream) -> dict[str, Any]:
     """One label set through the trainer's path: store -> pairs -> finetune -> gate -> install -> replay B."""
     began = time.monotonic()
@@ -136,7 +147,9 @@ def train_and_replay(ctx: Context, name: str, labels: list[FeedbackLabel], label
         }
     scripted, meta = load_torchscript(CANDIDATE / "model.pt")
     candidate = CachedEmbedder(scripted, ctx.cache)
-    result = finetune(candidate, train, ctx.threshold, steps=ctx.settings.trainer.finetune_steps)
+    rehearsal = rehearsal_sample(label_stream, labels, ctx.settings.trainer.rehearsal_images)
+    row["rehearsal_images"] = len(rehearsal)
+    result = finetune(candidate, train, ctx.threshold, steps=ctx.settings.trainer.finetune_steps, rehearsal=rehearsal)
     verdict = gate(
         ctx.serving.embed, candidate.embed, heldout, ctx.threshold, ctx.bench, ctx.settings.trainer.gate_tolerance
     )
@@ -304,13 +317,20 @@ def run(
         "duplicate_threshold": threshold,
         "review_margin": cfg.review_margin,
         "finetune_steps": settings.trainer.finetune_steps,
+        "rehearsal_images": settings.trainer.rehearsal_images,
         "gate_tolerance": settings.trainer.gate_tolerance,
         "review_selection": settings.review.model_dump(),
     }
     result.notes.extend(NOTES)
     out = result.finish().to_dict()
     out.update(
-        command=" ".join(["python -m bench.learns", *map(shlex.quote, sys.argv[1:])]),
+        command=" ".join(
+            [
+                *(f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if k.startswith("SIEVE_TRAINER_")),
+                "python -m bench.learns",
+                *map(shlex.quote, sys.argv[1:]),
+            ]
+        ),
         why_v2_serves_here=(
             "v1 (served) has no trainable artifact, so retraining skips it; v2 false-matches different photos of "
             "one person and unrelated star fields at its 0.86 threshold, which is what reviewer labels should fix"

@@ -17,7 +17,7 @@ from services.common.stack import LocalStack
 
 def run(quick: bool = False, stack: LocalStack | None = None) -> dict[str, Any]:
     result = StageResult("e2e", "Stage 5: end to end, Kafka -> moderator -> verdicts", quick).begin()
-    n = 64 if quick else 400
+    n = 64 if quick else 800
     images = prepare_images(REPO_ROOT / "var" / "bench" / "e2e-images", n)
     own = stack is None
     stack = stack or LocalStack()
@@ -40,7 +40,9 @@ def run(quick: bool = False, stack: LocalStack | None = None) -> dict[str, Any]:
             p95_ms=run_.latency_ms.get("p95"),
             p99_ms=run_.latency_ms.get("p99"),
             offered_per_s=run_.plan.get("rate_per_s"),
+            startup_s=run_.startup_s,
             rss_mb=run_.rss_mb,
+            cpu_cores=run_.cpu_cores,
         )
     result.params = {
         "replicas": 1,

@@ -250,7 +250,7 @@ def redis_roundtrip(client: redis.Redis, index: faiss.Index, key: str, probe: ND
 
 
 def sieve_snapshot_roundtrip(client: redis.Redis, vectors: NDArray[np.float32], label: str) -> dict[str, Any]:
-    """Sieve's own format (services.common.index.redis_store): one HSET of JSON ids + one float32 blob."""
+    """Sieve's own format (services.common.index.redis_store): generations of 16 MiB blocks of JSON ids + float32."""
     n, dim = vectors.shape
     store = RedisIndexStore(client, "bench", f"sieve-{label}")
     now = time.time()
@@ -277,7 +277,7 @@ def sieve_snapshot_roundtrip(client: redis.Redis, vectors: NDArray[np.float32], 
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         with contextlib.suppress(redis.exceptions.RedisError):
-            client.delete(store.snapshot_key)
+            store.delete_snapshot()
     del entries
     gc.collect()
     return out

@@ -6,6 +6,7 @@ harness. Everything is real: Kafka broker, Redis, Triton, and ``sieve moderator`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, ConsumerGroupTopicPartitions, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from PIL import Image
 
@@ -57,8 +58,10 @@ class StreamResult:
     throughput_per_s: float
     latency_ms: dict[str, float]
     latency_model_path_ms: dict[str, float]
+    startup_s: float = 0.0  # replicas launched -> the group owns every partition; not part of duration_s
     lag_samples: list[tuple[float, int]] = field(default_factory=list)
     rss_mb: dict[str, float] = field(default_factory=dict)
+    cpu_cores: dict[str, float] = field(default_factory=dict)  # mean cores each process tree used while measured
     notes: list[str] = field(default_factory=list)
 
 
@@ -121,6 +124,42 @@ def _rss_tree_mb(pid: int) -> float:
         return 0.0
 
 
+def wait_for_group(settings: Settings, replicas: int, partitions: int, timeout_s: float) -> None:
+    """Blocks until the moderators' group is stable with every replica in it and every partition assigned."""
+    conf: dict[str, Any] = {**settings.kafka.client_config(), "logger": RDKAFKA_LOG}
+    admin = AdminClient(conf)
+    group = settings.kafka.consumer_group
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            desc = admin.describe_consumer_groups([group], request_timeout=5)[group].result(timeout=10)
+            assigned = sum(
+                1
+                for m in desc.members
+                for tp in (m.assignment.topic_partitions if m.assignment else [])
+                if tp.topic == settings.kafka.topic_uploads
+            )
+            if desc.state == ConsumerGroupState.STABLE and len(desc.members) == replicas and assigned == partitions:
+                return
+        except Exception:  # the group does not exist until the first replica joins
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{group}: {replicas} replicas did not own {partitions} partitions within {timeout_s:.0f}s")
+
+
+def _cpu_tree_s(pid: int) -> float:
+    try:
+        proc = psutil.Process(pid)
+        total = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+    except psutil.Error:
+        return 0.0
+
+
 def run_stream(
     stack: LocalStack,
     endpoints: StackEndpoints,
@@ -155,7 +194,21 @@ def run_stream(
     stop = threading.Event()
     lag: list[tuple[float, int]] = []
     rss_peak: dict[str, float] = {}
+    launched = time.monotonic()
+    wait_for_group(settings, replicas, partitions=int(env["SIEVE_KAFKA_PARTITIONS"]), timeout_s=180)
+    startup = time.monotonic() - launched
+    # Throughput is measured at steady state: the clock starts once every replica has joined and owns partitions.
     began = time.monotonic()
+
+    cpu_first: dict[str, tuple[float, float]] = {}
+    cpu_last: dict[str, tuple[float, float]] = {}
+
+    def pids() -> dict[str, int]:
+        found = {f"moderator-{i}": p.proc.pid for i, p in enumerate(procs)}
+        for name, part in (("kafka", stack.kafka), ("redis", stack.redis), ("triton", stack.triton)):
+            if part is not None and part.process is not None and part.process.pid:
+                found[name] = part.process.pid
+        return found
 
     def watch() -> None:
         conf: dict[str, Any] = {**settings.kafka.client_config(), "logger": RDKAFKA_LOG}
@@ -173,12 +226,12 @@ def run_stream(
                 lag.append((round(time.monotonic() - began, 1), total))
             except Exception:  # the group may not exist yet
                 pass
-            sample = {f"moderator-{i}": _rss_tree_mb(p.proc.pid) for i, p in enumerate(procs)}
-            for name, part in (("kafka", stack.kafka), ("redis", stack.redis), ("triton", stack.triton)):
-                if part is not None and part.process is not None and part.process.pid:
-                    sample[name] = _rss_tree_mb(part.process.pid)
-            for k, v in sample.items():
-                rss_peak[k] = max(rss_peak.get(k, 0.0), v)
+            now = time.monotonic()
+            for name, pid in pids().items():
+                rss_peak[name] = max(rss_peak.get(name, 0.0), _rss_tree_mb(pid))
+                used = _cpu_tree_s(pid)
+                cpu_first.setdefault(name, (now, used))
+                cpu_last[name] = (now, used)
             stop.wait(2.0)
         probe.close()
 
@@ -267,6 +320,12 @@ def run_stream(
         throughput_per_s=round(len(seen) / duration, 2),
         latency_ms=percentiles(latencies),
         latency_model_path_ms=percentiles(model_lat),
+        startup_s=round(startup, 1),
         lag_samples=lag,
         rss_mb=rss_peak,
+        cpu_cores={
+            k: round((cpu_last[k][1] - cpu_first[k][1]) / (cpu_last[k][0] - cpu_first[k][0]), 2)
+            for k in cpu_last
+            if cpu_last[k][0] > cpu_first[k][0]
+        },
     )

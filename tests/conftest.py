@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.common.config import Settings, TelemetrySettings
+from services.common.photos.build import Manifest, build_photo_set, default_photo_dir, load_photo_set
 from services.common.stack import LocalStack, StackEndpoints
 from services.common.telemetry import setup_telemetry
 
@@ -22,6 +23,15 @@ def stack() -> Iterator[LocalStack]:
     local.start()
     yield local
     local.stop()
+
+
+@pytest.fixture(scope="session")
+def photo_set() -> Manifest:
+    """The real-photo set from Debian packages and scikit-image; built here if setup has not built it yet."""
+    try:
+        return load_photo_set()
+    except FileNotFoundError:
+        return build_photo_set(default_photo_dir())
 
 
 @pytest.fixture(scope="session")

@@ -164,6 +164,8 @@ class TrainerJobSettings(BaseSettings):
     workdir: Path = REPO_ROOT / "var" / "trainer"
     finetune_steps: int = 60
     gate_tolerance: float = 0.005
+    rehearsal_images: int = 128  # retention-window images the fine-tune keeps in place (0: labels only)
+    gate_benchmark: bool = True  # gate on the held-out photo benchmark too (needs the photo set), not only labels
 
 
 class TelemetrySettings(BaseSettings):

@@ -36,6 +36,7 @@ from services.common.schemas import (
 )
 from services.common.telemetry import extract_context, tracer
 from services.common.thresholds import recorded_thresholds, with_recorded
+from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.moderator.active_learning import Candidate, ReviewSelector
 from services.moderator.decide import Decision, decide
 from services.moderator.exact import ExactMatchStore, KnownUpload
@@ -390,7 +391,7 @@ class Pipeline:
         rest = [u for u in upload_ids if u not in found]
         if rest:
             try:
-                keys = [f"{self.settings.redis.key_prefix}:upload:action:{u}" for u in rest]
+                keys = [upload_action_key(self.settings.redis.key_prefix, u) for u in rest]
                 values = cast(list[bytes | None], self.redis.mget(keys))
                 found.update({u: v.decode() for u, v in zip(rest, values, strict=True) if v})
             except redis.RedisError:
@@ -423,9 +424,9 @@ class Pipeline:
         try:
             pipe = self.redis.pipeline(transaction=False)
             for upload_id, uri in out.uris.items():
-                pipe.set(f"{prefix}:upload:uri:{upload_id}", uri, ex=ttl)
+                pipe.set(upload_uri_key(prefix, upload_id), uri, ex=ttl)
             for verdict in out.fresh_verdicts:
-                pipe.set(f"{prefix}:upload:action:{verdict.upload_id}", verdict.action.value, ex=ttl)
+                pipe.set(upload_action_key(prefix, verdict.upload_id), verdict.action.value, ex=ttl)
             pipe.execute()
         except redis.RedisError:
             pass  # only reviewers' neighbour thumbnails and the disagreement check lose this batch

@@ -38,6 +38,7 @@ from services.common.config import KafkaSettings
 from services.common.kafka_io import consumer_config
 from services.common.schemas import ReviewRequest
 from services.common.telemetry import extract_context, tracer
+from services.common.upload_keys import upload_uri_key
 
 log = logging.getLogger(__name__)
 _tracer = tracer("sieve.reviewer")
@@ -101,7 +102,7 @@ class QueueKeys:
 
     def upload_uri(self, upload_id: str) -> str:
         """Where an upload's image URI is remembered so neighbours can be shown (moderator and reviewer write it)."""
-        return f"{self.prefix}:upload:uri:{upload_id}"
+        return upload_uri_key(self.prefix, upload_id)
 
 
 # Re-queues expired claims; shared by claim, stats and the explicit sweep. Uses the Redis server's clock so that

@@ -5,8 +5,9 @@ and the spatial transformer stay as trained. Confirmed duplicates are pulled abo
 margin, not towards 1.0: pulling everything together is the cheapest way to do that and raises every
 similarity), "not a duplicate" pairs pushed below it, every two labelled images that no label ties together
 serve as extra negatives (the hard ones, such as two photos of one person, are exactly what the labels are
-about), and a distillation term keeps every other image where it was, so a
-handful of labels cannot wreck the space the index was built in.
+about), and a distillation term keeps the labelled images and a rehearsal sample of the retention window (the
+images the index holds, which no label mentions) where they were, so a handful of labels cannot wreck the space
+the index was built in.
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ def finetune(
     margin: float = 0.1,
     seed: int = 7,
     batch: int = 16,
+    rehearsal: NDArray[np.uint8] | None = None,
+    rehearsal_weight: float = 1.0,
 ) -> FinetuneResult:
-    """In place. ``module`` maps uint8 NHWC to L2-normalised embeddings (TorchScript or eager)."""
+    """In place. ``module`` maps uint8 NHWC to L2-normalised embeddings (TorchScript or eager).
+
+    ``rehearsal``: unlabelled images from the retention window; each step keeps a sample of them where the
+    serving model put them, which is what stops the head from pulling unrelated photos together.
+    """
     torch.manual_seed(seed)
     rng = random.Random(seed)
     names = trainable(module)
@@ -99,6 +106,8 @@ def finetune(
     with torch.no_grad():
         anchor_left = module(torch.from_numpy(pairs.left)).detach()
         anchor_right = module(torch.from_numpy(pairs.right)).detach()
+        window = rehearsal if rehearsal is not None else np.zeros((0, *pairs.left.shape[1:]), np.uint8)
+        window_ref = _embed_chunks(module, window)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     module.train()
@@ -121,6 +130,10 @@ def finetune(
         batch_pair_loss = torch.cat(terms).mean()
         keep = ((left - anchor_left[idx]) ** 2).sum(1).mean() + ((right - anchor_right[idx]) ** 2).sum(1).mean()
         loss = batch_pair_loss + 0.5 * keep
+        if len(window):
+            widx = rng.sample(range(len(window)), min(2 * batch, len(window)))
+            moved = module(torch.from_numpy(window[widx])) - window_ref[widx]
+            loss = loss + rehearsal_weight * (moved**2).sum(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,6 +141,12 @@ def finetune(
     for p in module.parameters():
         p.requires_grad_(False)
     return FinetuneResult(steps, before, pair_loss(module, pairs, threshold, margin), names)
+
+
+def _embed_chunks(module: torch.nn.Module, pixels: NDArray[np.uint8], chunk: int = 32) -> torch.Tensor:
+    if not len(pixels):
+        return torch.zeros((0, 0))
+    return torch.cat([module(torch.from_numpy(pixels[i : i + chunk])).detach() for i in range(0, len(pixels), chunk)])
 
 
 def save_like_serving(module: torch.jit.ScriptModule, path: Path, meta: dict[str, Any]) -> Path:

@@ -53,12 +53,18 @@ def gate(
     bench: Any | None,
     tolerance: float = 0.005,
 ) -> GateResult:
-    s: dict[str, float] = {"feedback_f1": pair_f1(serving, heldout_pairs, threshold)}
-    c: dict[str, float] = {"feedback_f1": pair_f1(candidate, heldout_pairs, threshold)}
+    # A check with no data (no held-out labels yet) is left out of the record, not written as NaN.
+    s: dict[str, float] = {}
+    c: dict[str, float] = {}
+    if len(heldout_pairs.duplicate):
+        s["feedback_f1"] = pair_f1(serving, heldout_pairs, threshold)
+        c["feedback_f1"] = pair_f1(candidate, heldout_pairs, threshold)
     if bench is not None:
         s["benchmark_micro_ap"] = benchmark_map(serving, bench, threshold)
         c["benchmark_micro_ap"] = benchmark_map(candidate, bench, threshold)
-    worse = [k for k in s if not np.isnan(s[k]) and c[k] < s[k] - tolerance]
+    if not s:
+        return GateResult(False, "no held-out check to pass (no held-out labels and no benchmark)", s, c)
+    worse = [k for k in s if c[k] < s[k] - tolerance]
     if worse:
         return GateResult(False, f"worse on {', '.join(worse)}", s, c)
-    return GateResult(True, "not worse on any held-out check", s, c)
+    return GateResult(True, f"not worse on {', '.join(s)}", s, c)

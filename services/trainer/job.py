@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -21,10 +22,11 @@ from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.imaging import decode_image
 from services.common.thresholds import recorded_thresholds, with_recorded
+from services.common.upload_keys import upload_uri_key
 from services.trainer.feedback import FeedbackConsumer, FeedbackStore, LabelledPair
 from services.trainer.finetune import PairBatch, finetune, save_like_serving
 from services.trainer.gate import gate
-from services.trainer.promotion import ModelRepository, promote, record
+from services.trainer.promotion import ModelRepository, promote, record, window_entries
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class RetrainingJob:
         self.stop = threading.Event()
         self._trained_at_count = self.store.count()
         self._last_run = time.monotonic()
+        self._benchmark: Any | None = None
 
     def due(self) -> bool:
         new = self.store.count() - self._trained_at_count
@@ -81,6 +84,43 @@ class RetrainingJob:
         except (BadInput, TransientError) as exc:
             log.warning("label image %s unavailable: %s", uri, exc)
             return None
+
+    def gate_benchmark(self) -> Any | None:
+        """The held-out photo benchmark (originals no model trained on), built once; None without the photo set."""
+        if not self.cfg.gate_benchmark:
+            return None
+        if self._benchmark is None:
+            from services.common.photos.build import load_photo_set
+            from services.evaluation.benchmark import build_benchmark
+            from services.evaluation.runner import BENCHMARK_SEED
+
+            try:
+                manifest = load_photo_set()
+            except (FileNotFoundError, OSError) as exc:
+                log.warning("no held-out photo benchmark for the gate (%s): it checks held-out labels only", exc)
+                return None
+            self._benchmark = build_benchmark(
+                manifest, manifest.split("heldout"), "trainer-gate", seed=BENCHMARK_SEED, copies_per_family=1
+            )
+        return self._benchmark
+
+    def rehearsal_pixels(self, serving: int, dim: int, labelled: set[str]) -> NDArray[np.uint8]:
+        """A seeded sample of the serving index's retention window that no label mentions."""
+        want = self.cfg.rehearsal_images
+        empty = np.zeros((0, 256, 256, 3), np.uint8)
+        if want <= 0:
+            return empty
+        try:
+            entries = window_entries(self.settings, self.redis, f"{self.repo.model}:{serving}", dim)
+        except (TransientError, redis.RedisError) as exc:
+            log.warning("no rehearsal sample (%s): fine-tuning on the labels alone", exc)
+            return empty
+        ids = sorted(e.upload_id for e in entries if e.upload_id not in labelled)
+        chosen = random.Random(len(ids)).sample(ids, min(want, len(ids)))
+        prefix = self.settings.redis.key_prefix
+        uris = cast(list[bytes | None], self.redis.mget([upload_uri_key(prefix, u) for u in chosen])) if chosen else []
+        pixels = [p for p in (self._pixels(u.decode()) for u in uris if u is not None) if p is not None]
+        return np.stack(pixels) if pixels else empty
 
     def pair_batch(self, pairs: list[LabelledPair]) -> PairBatch:
         left, right, dup, left_ids, right_ids = [], [], [], [], []
@@ -127,7 +167,16 @@ class RetrainingJob:
         threshold = decision.threshold_for(f"{self.repo.model}:{serving}")
         serving_module, meta = load_torchscript(artifact)
         candidate, _ = load_torchscript(artifact)
-        result = finetune(candidate, train, threshold, steps=self.cfg.finetune_steps)
+        dim = int(meta.get("embed_dim", 256))
+        labelled = {
+            *(train.left_ids or ()),
+            *(train.right_ids or ()),
+            *(heldout.left_ids or ()),
+            *(heldout.right_ids or ()),
+        }
+        rehearsal = self.rehearsal_pixels(serving, dim, labelled)
+        result = finetune(candidate, train, threshold, steps=self.cfg.finetune_steps, rehearsal=rehearsal)
+        bench = bench if bench is not None else self.gate_benchmark()
         verdict = gate(
             _embed_fn(serving_module), _embed_fn(candidate), heldout, threshold, bench, self.cfg.gate_tolerance
         )
@@ -137,6 +186,7 @@ class RetrainingJob:
             "labels": self.store.count(),
             "train_pairs": len(train.duplicate),
             "heldout_pairs": len(heldout.duplicate),
+            "rehearsal_images": len(rehearsal),
             "finetune": result.__dict__,
             "gate": verdict.__dict__,
         }
@@ -155,7 +205,6 @@ class RetrainingJob:
             "gate": verdict.__dict__,
         }
         (staged / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
-        dim = int(meta.get("embed_dim", 256))
         version = promote(
             self.settings,
             self.redis,

@@ -30,6 +30,7 @@ from services.common.index.base import IndexEntry, Snapshot
 from services.common.index.redis_store import RedisIndexStore
 from services.common.index.shared import SharedRecentIndex
 from services.common.thresholds import record_threshold
+from services.common.upload_keys import upload_uri_key
 
 log = logging.getLogger(__name__)
 EmbedFn = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
@@ -94,7 +95,7 @@ def backfill(
     began = time.monotonic()
     fetcher = FetcherRegistry(settings.fetch)
     prefix = settings.redis.key_prefix
-    uris = cast(list[bytes | None], client.mget([f"{prefix}:upload:uri:{e.upload_id}" for e in entries]))
+    uris = cast(list[bytes | None], client.mget([upload_uri_key(prefix, e.upload_id) for e in entries]))
     fresh: list[IndexEntry] = []
     skipped = 0
     pending: list[tuple[IndexEntry, NDArray[np.uint8]]] = []

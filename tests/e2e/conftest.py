@@ -21,9 +21,6 @@ from services.common.config import Settings
 from services.common.photos.build import (
     Manifest,
     PhotoRecord,
-    build_photo_set,
-    default_photo_dir,
-    load_photo_set,
 )
 from services.common.transforms import encode_jpeg
 
@@ -113,14 +110,6 @@ class PhotoSample:
     upload_id: str
     path: Path
     original: str | None  # for a planted copy: the upload_id of its original
-
-
-@pytest.fixture(scope="session")
-def photo_set() -> Manifest:
-    try:
-        return load_photo_set()
-    except FileNotFoundError:
-        return build_photo_set(default_photo_dir())
 
 
 def pick_photos(manifest: Manifest, n: int, seed: int) -> list[PhotoRecord]:

@@ -146,6 +146,13 @@ def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[Review
     return duplicate, flag
 
 
+def _publish_to_docs(shot: Path) -> None:
+    """The README's pictures come from this test; refreshed only on request, so a test run leaves git clean."""
+    if os.environ.get("SIEVE_UPDATE_DOC_IMAGES") == "1":
+        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, ROOT / "docs" / "img" / shot.name)
+
+
 def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
     reviewer_server: str, settings: Settings, photo_set: Manifest, tmp_path: Path
 ) -> None:
@@ -188,8 +195,7 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
             page.mouse.move(0, 0)  # no hover highlight in the picture
             shot = tmp_path / "reviewer.png"
             page.screenshot(path=str(shot), full_page=True)
-            (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shot, ROOT / "docs" / "img" / "reviewer.png")
+            _publish_to_docs(shot)
 
             expect(page.locator("#explain-buttons button")).to_have_count(2)
             page.keyboard.press("w")  # why does the top match match: drawn by the served model on demand
@@ -198,7 +204,7 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
             width = page.eval_on_selector("#img-explain", "e => e.complete ? e.naturalWidth : 0")
             assert width >= 900, width  # the explain picture, not a placeholder
             page.locator("#explain-fig").screenshot(path=str(tmp_path / "reviewer-explain.png"))
-            shutil.copyfile(tmp_path / "reviewer-explain.png", ROOT / "docs" / "img" / "reviewer-explain.png")
+            _publish_to_docs(tmp_path / "reviewer-explain.png")
 
             page.keyboard.press("d")  # duplicate of the top neighbour
             expect(page.locator("#item-id")).to_have_text(flag.upload_id, timeout=30_000)

@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from bench import learns
+from services.common.photos.build import Manifest
 
 
-def test_quick_run_compares_equal_label_counts_and_writes_results(tmp_path: Path) -> None:
-    try:
-        from services.common.photos.build import load_photo_set
-
-        load_photo_set()
-    except (FileNotFoundError, OSError) as exc:
-        pytest.skip(f"photo set not built ({exc})")
+def test_quick_run_compares_equal_label_counts_and_writes_results(photo_set: Manifest, tmp_path: Path) -> None:
     assert learns.main(["--quick", "--budgets", "3,50", "--random-seeds", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "learns.quick.json").read_text())
     sets = result["label_sets"]

@@ -21,6 +21,7 @@ from services.common.photos.build import load_photo_set
 from services.common.stack.triton import TritonServer
 from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.transforms import encode_jpeg
+from services.common.upload_keys import upload_uri_key
 from services.trainer.promotion import ModelRepository, promote, rollback
 
 
@@ -59,7 +60,7 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     v1 = SharedRecentIndex(client, settings.redis.key_prefix, "sieve_embedder:1", 1280, settings.index.retention_s)
     v1.add([IndexEntry(f"w{i}", served.embeddings[i], time.time()) for i in range(len(paths))])
     for i, p in enumerate(paths):
-        client.set(f"{settings.redis.key_prefix}:upload:uri:w{i}", p.as_uri())
+        client.set(upload_uri_key(settings.redis.key_prefix, f"w{i}"), p.as_uri())
 
     repo = ModelRepository(repo_root)
     staged = tmp_path / "staged"

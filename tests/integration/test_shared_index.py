@@ -10,6 +10,8 @@ import redis
 
 from services.common.config import Settings
 from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.index.base import Snapshot
+from services.common.index.redis_store import RedisIndexStore
 from services.common.stack import LocalStack
 
 
@@ -95,3 +97,59 @@ def test_replica_behind_a_compaction_rebuilds_from_the_snapshot(client: redis.Re
     assert {h.upload_id for h in behind.search(_vec(12)[None], 1)[0]} == {"c2"}
     assert len(behind) == 7
     assert behind.sync() and behind.rebuilds == 1  # caught up: no second rebuild
+
+
+def test_snapshot_in_many_blocks_round_trips_and_switches_whole(client: redis.Redis, settings: Settings) -> None:
+    # 32-d float32 is 128 bytes a row: 1000 bytes per block gives 7 rows, so 50 entries take 8 blocks.
+    store = RedisIndexStore(client, settings.redis.key_prefix, "emb:blocks", block_bytes=1000)
+    now = time.time()
+    first = [IndexEntry(f"b{i}", _vec(i), now + i) for i in range(50)]
+    store.write_snapshot(Snapshot(entries=first, stream_id="5-0"))
+    loaded = store.load_snapshot()
+    assert loaded is not None and loaded.stream_id == "5-0"
+    assert [e.upload_id for e in loaded.entries] == [e.upload_id for e in first]
+    assert np.allclose(np.stack([e.vector for e in loaded.entries]), np.stack([e.vector for e in first]))
+    assert [e.added_at for e in loaded.entries] == [e.added_at for e in first]
+    old_generation = client.get(store.current_key)
+
+    store.write_snapshot(Snapshot(entries=first[:3], stream_id="9-0"))
+    reloaded = store.load_snapshot()
+    assert reloaded is not None and [e.upload_id for e in reloaded.entries] == ["b0", "b1", "b2"]
+    assert store.snapshot_id() == "9-0"
+    # The retired generation stays readable for a grace period, then expires.
+    assert old_generation is not None
+    old_key = f"{store.snapshot_key}:gen:{old_generation.decode()}"
+    assert 0 < client.ttl(old_key) <= 120
+    store.delete_snapshot()
+    assert store.load_snapshot() is None
+
+
+def test_a_writer_that_dies_mid_snapshot_leaves_the_current_one(client: redis.Redis, settings: Settings) -> None:
+    store = RedisIndexStore(client, settings.redis.key_prefix, "emb:crash", block_bytes=1000)
+    store.write_snapshot(Snapshot(entries=[IndexEntry("keep", _vec(1), time.time())], stream_id="1-0"))
+
+    class Dies(RuntimeError):
+        pass
+
+    calls = 0
+    real_hset = client.hset
+
+    def failing_hset(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise Dies
+        return real_hset(*args, **kwargs)  # type: ignore[arg-type]
+
+    client.hset = failing_hset  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Dies):
+            entries = [IndexEntry(f"n{i}", _vec(i), time.time()) for i in range(40)]
+            store.write_snapshot(Snapshot(entries, "7-0"))
+    finally:
+        del client.hset
+    loaded = store.load_snapshot()
+    assert loaded is not None and [e.upload_id for e in loaded.entries] == ["keep"]
+    assert store.snapshot_id() == "1-0"
+    leftovers = [k for k in client.scan_iter(f"{store.snapshot_key}:gen:7-0.*")]
+    assert leftovers and all(client.ttl(k) > 0 for k in leftovers)

@@ -6,6 +6,7 @@ Vectors are raw little-endian float32 bytes and metadata is JSON: nothing is eve
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, cast
 
 import numpy as np
@@ -13,13 +14,23 @@ import redis
 
 from services.common.index.base import IndexEntry, Snapshot
 
+# 16 MiB per block: far under Redis's 512 MB value cap, and a reader holds one block of raw bytes at a time.
+SNAPSHOT_BLOCK_BYTES = 16 * 1024 * 1024
+SNAPSHOT_READ_ATTEMPTS = 5
+UNFINISHED_GENERATION_TTL_S = 3600
+RETIRED_GENERATION_TTL_S = 120
+
 
 class RedisIndexStore:
-    def __init__(self, client: redis.Redis, prefix: str, model_version: str) -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str, model_version: str, block_bytes: int = SNAPSHOT_BLOCK_BYTES
+    ) -> None:
         self.client = client
+        self.block_bytes = block_bytes
         base = f"{prefix}:index:{model_version}"
         self.stream_key = f"{base}:stream"
         self.snapshot_key = f"{base}:snapshot"
+        self.current_key = f"{self.snapshot_key}:current"
         self.lock_key = f"{base}:compactor-lock"
 
     def append(self, entries: list[IndexEntry]) -> str:
@@ -55,38 +66,86 @@ class RedisIndexStore:
         return entries, last
 
     def load_snapshot(self) -> Snapshot | None:
-        data = cast(dict[bytes, bytes], self.client.hgetall(self.snapshot_key))
-        if not data:
+        """Reads the current generation block by block; starts over if a compactor retired it mid-read."""
+        for _ in range(SNAPSHOT_READ_ATTEMPTS):
+            generation = cast(bytes | None, self.client.get(self.current_key))
+            if generation is None:
+                return None
+            snapshot = self._read_generation(generation.decode())
+            if snapshot is not None:
+                return snapshot
+        raise RuntimeError(f"{self.snapshot_key}: snapshot kept changing while it was read")
+
+    def _read_generation(self, generation: str) -> Snapshot | None:
+        key = self._generation_key(generation)
+        raw_meta = cast(bytes | None, self.client.hget(key, "meta"))
+        if raw_meta is None:
             return None
-        meta = json.loads(data[b"meta"])
+        meta = json.loads(raw_meta)
         dim = int(meta["dim"])
-        count = len(meta["ids"])
-        vectors = np.frombuffer(data[b"vectors"], dtype="<f4").reshape(count, dim) if count else np.zeros((0, dim))
-        entries = [
-            IndexEntry(upload_id, vectors[i].astype(np.float32), float(t))
-            for i, (upload_id, t) in enumerate(zip(meta["ids"], meta["added_at"], strict=True))
-        ]
+        entries: list[IndexEntry] = []
+        for block in range(int(meta["blocks"])):
+            ids, times, blob = cast(
+                list[bytes | None], self.client.hmget(key, [f"ids:{block}", f"t:{block}", f"v:{block}"])
+            )
+            if ids is None or times is None or blob is None:
+                return None
+            vectors = np.frombuffer(blob, dtype="<f4").reshape(-1, dim)
+            entries.extend(
+                IndexEntry(upload_id, vectors[i].astype(np.float32), float(t))
+                for i, (upload_id, t) in enumerate(zip(json.loads(ids), json.loads(times), strict=True))
+            )
+        if len(entries) != int(meta["count"]):
+            return None
         return Snapshot(entries=entries, stream_id=str(meta["stream_id"]))
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        dim = int(snapshot.entries[0].vector.shape[0]) if snapshot.entries else 0
-        vectors = (
-            np.stack([e.vector for e in snapshot.entries]).astype("<f4")
-            if snapshot.entries
-            else np.zeros((0, dim), dtype="<f4")
-        )
-        meta = {
-            "dim": dim,
-            "ids": [e.upload_id for e in snapshot.entries],
-            "added_at": [e.added_at for e in snapshot.entries],
-            "stream_id": snapshot.stream_id,
-        }
-        # One MULTI so a reader never sees vectors from one snapshot with ids from another.
+        """Writes a new generation in blocks, then switches to it in one MULTI.
+
+        Redis caps one value at 512 MB and a 1M x 256-d float32 snapshot is 1 GB, so vectors go in blocks of
+        ``block_bytes``. Readers only ever follow the pointer to a complete generation; the retired one expires
+        after a grace period so a reader that is mid-way can finish.
+        """
+        entries = snapshot.entries
+        dim = int(entries[0].vector.shape[0]) if entries else 0
+        rows = max(1, self.block_bytes // max(1, dim * 4))
+        generation = f"{snapshot.stream_id}.{uuid.uuid4().hex[:8]}"
+        key = self._generation_key(generation)
+        blocks = 0
+        for start in range(0, len(entries), rows):
+            part = entries[start : start + rows]
+            vectors = np.stack([e.vector for e in part]).astype("<f4")
+            self.client.hset(
+                key,
+                mapping={
+                    f"ids:{blocks}": json.dumps([e.upload_id for e in part]),
+                    f"t:{blocks}": json.dumps([e.added_at for e in part]),
+                    f"v:{blocks}": vectors.tobytes(),
+                },
+            )
+            # A writer that dies part-way leaves nothing behind for long.
+            self.client.expire(key, UNFINISHED_GENERATION_TTL_S)
+            blocks += 1
+        meta = {"dim": dim, "count": len(entries), "blocks": blocks, "stream_id": snapshot.stream_id}
+        previous = cast(bytes | None, self.client.get(self.current_key))
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.snapshot_key)
-        pipe.hset(self.snapshot_key, mapping={"meta": json.dumps(meta), "vectors": vectors.tobytes()})
+        pipe.hset(key, "meta", json.dumps(meta))
+        pipe.persist(key)
+        pipe.set(self.current_key, generation)
         pipe.set(f"{self.snapshot_key}:sid", snapshot.stream_id)
+        if previous is not None and previous.decode() != generation:
+            pipe.expire(self._generation_key(previous.decode()), RETIRED_GENERATION_TTL_S)
         pipe.execute()
+
+    def delete_snapshot(self) -> None:
+        generation = cast(bytes | None, self.client.get(self.current_key))
+        keys = [self.current_key, f"{self.snapshot_key}:sid"]
+        if generation is not None:
+            keys.append(self._generation_key(generation.decode()))
+        self.client.delete(*keys)
+
+    def _generation_key(self, generation: str) -> str:
+        return f"{self.snapshot_key}:gen:{generation}"
 
     def first_id(self) -> str | None:
         """The oldest entry still in the stream, or None when it is empty."""

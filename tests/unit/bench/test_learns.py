@@ -24,7 +24,7 @@ from bench.learns_stream import (
 )
 from services.common.config import DecodeSettings, Settings
 from services.common.index.base import Neighbour
-from services.common.photos.build import Manifest, load_photo_set
+from services.common.photos.build import Manifest
 from services.common.schemas import FeedbackLabel
 from services.common.stack.process import free_port
 from services.moderator.active_learning import ReviewSelector
@@ -37,11 +37,8 @@ MODEL = Path(__file__).resolve().parents[3] / "model_candidates" / "sieve_embedd
 
 
 @pytest.fixture(scope="module")
-def manifest() -> Manifest:
-    try:
-        return load_photo_set()
-    except (FileNotFoundError, OSError) as exc:
-        pytest.skip(f"photo set not built ({exc}); python -m services.common.photos")
+def manifest(photo_set: Manifest) -> Manifest:
+    return photo_set
 
 
 @pytest.fixture(scope="module")

@@ -107,3 +107,18 @@ def test_unlinked_images_become_negatives_and_stay_apart() -> None:
         return float((emb @ emb.T)[np.triu_indices(n, 1)].mean())
 
     assert mean_cross_similarity(with_ids) < mean_cross_similarity(base) - 0.02
+
+
+def test_rehearsal_keeps_unlabelled_images_where_the_serving_model_put_them() -> None:
+    """The window's images no label mentions drift less when the fine-tune rehearses a sample of them."""
+    pairs = _pairs(8, 4)
+    window = _pairs(32, 5).right  # unrelated images, as the retention window holds
+    reference = _embed(TinyEmbedder())(window)
+
+    def drift(rehearsal: np.ndarray | None) -> float:
+        model = TinyEmbedder()
+        finetune(model, pairs, threshold=0.9, steps=80, lr=5e-3, rehearsal=rehearsal)
+        return float(np.linalg.norm(_embed(model)(window) - reference, axis=1).mean())
+
+    free, rehearsed = drift(None), drift(window[:48])
+    assert rehearsed < 0.7 * free, (rehearsed, free)
