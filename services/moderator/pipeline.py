@@ -58,6 +58,7 @@ class Item:
     sha256: str = ""
     phash: str = ""
     bank_check_failed: bool = False
+    prepared: bool = False  # parsed, fetched and decoded (possibly ahead of time, while the last batch infers)
 
 
 @dataclass
@@ -176,15 +177,26 @@ class Pipeline:
             items.append(Item(message=msg, span=span))
         return items
 
-    def run(self, items: list[Item]) -> BatchOutput:
-        """Everything except publishing; raises TransientError when a shared dependency is down."""
-        out = BatchOutput()
-        for item in items:
+    def prepare(self, items: list[Item]) -> None:
+        """Parse, fetch and decode: per-item work that needs no shared state, so it can run ahead of ``run``.
+
+        The moderator prepares batch N+1 on a background thread while batch N waits on Triton. Nothing here
+        reads what earlier batches wrote (event ids, hashes, the index): that all happens in ``run``.
+        """
+        todo = [i for i in items if not i.prepared]
+        for item in todo:
             began = time.perf_counter()
             self._parse(item)
             item.timings["parse_ms"] = _ms(began)
+        list(self._pool.map(self._fetch_decode, [i for i in todo if i.failure is None and i.event is not None]))
+        for item in todo:
+            item.prepared = True
 
-        live = [i for i in items if i.failure is None and i.event is not None]
+    def run(self, items: list[Item]) -> BatchOutput:
+        """Everything except publishing; raises TransientError when a shared dependency is down."""
+        self.prepare(items)
+        out = BatchOutput()
+        live = [i for i in items if i.event is not None]  # parsed; a fetch or decode failure may follow
         known = self.processed.get_many([i.event.event_id for i in live if i.event])
         todo: list[Item] = []
         batch_events: dict[str, str] = {}
@@ -198,7 +210,8 @@ class Pipeline:
                 continue
             previous = known.get(item.event.event_id)
             if previous is not None and previous.upload_id == item.event.upload_id:
-                out.verdicts.append((previous, item.span))  # redelivery: republish the same verdict
+                item.failure = None  # redelivery: republish the same verdict, whatever a new fetch says
+                out.verdicts.append((previous, item.span))
                 item.span.set_attribute("sieve.redelivered", True)
             elif previous is not None:
                 item.failure = BadInput(
@@ -208,7 +221,6 @@ class Pipeline:
             else:
                 todo.append(item)
 
-        list(self._pool.map(self._fetch_decode, todo))
         ready = [i for i in todo if i.failure is None and i.image is not None]
         ready = self._fast_paths(ready, out)
 

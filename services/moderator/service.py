@@ -8,6 +8,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -22,10 +24,20 @@ from services.common.inference import ImageModels, TritonModels
 from services.common.kafka_io import AckedProducer, consumer_config, ensure_topics
 from services.common.telemetry import inject_headers, tracer
 from services.moderator.metrics import ModeratorMetrics
-from services.moderator.pipeline import BatchOutput, Pipeline
+from services.moderator.pipeline import BatchOutput, Item, Pipeline
 
 log = logging.getLogger(__name__)
 _tracer = tracer("sieve.moderator")
+
+
+@dataclass
+class _Batch:
+    """A batch read ahead: its items are being prepared while the previous batch finishes."""
+
+    messages: list[Message]
+    items: list[Item]
+    prepared: Future[None]
+    began: float
 
 
 class Moderator:
@@ -60,6 +72,8 @@ class Moderator:
         self.processed_count = 0
         self._last_maintenance = time.monotonic()
         self._last_lag = 0.0
+        self._pending: _Batch | None = None
+        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
 
     # -- rebalance callbacks ------------------------------------------------------------------------------
 
@@ -70,7 +84,9 @@ class Moderator:
             consumer.pause(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # The loop is single-threaded: finished work is already committed when this runs between batches.
+        # Commit on revoke: the batch read ahead is finished and committed before the partitions go; anything
+        # older was committed when its batch finished.
+        self._finish_pending(consumer, in_rebalance=True)
         self.assigned -= {(p.topic, p.partition) for p in partitions}
         log.info("revoked %s", sorted(p.partition for p in partitions))
 
@@ -100,21 +116,26 @@ class Moderator:
         try:
             while not self.stop_event.is_set():
                 self.last_loop = time.monotonic()
-                messages = consumer.consume(
-                    num_messages=cfg.moderator.batch_size, timeout=cfg.moderator.batch_timeout_ms / 1000.0
-                )
+                # With a batch in hand, take only what is already fetched: the batch must not wait for more.
+                timeout = 0.0 if self._pending else cfg.moderator.batch_timeout_ms / 1000.0
+                messages = consumer.consume(num_messages=cfg.moderator.batch_size, timeout=timeout)
                 good = [m for m in messages if self._usable(m)]
                 self._maintenance(consumer)  # rate-limited inside; runs under load too
-                if not good:
+                ahead = self._read_ahead(good) if good else None
+                self._finish_pending(consumer)
+                self._pending = ahead
+                if ahead is None:
                     if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                         break
                     continue
                 idle_since = time.monotonic()
-                self.metrics.batch_size.record(len(good))
-                self._process(consumer, good)
         finally:
-            consumer.close()  # leaves the group: partitions are handed over at once, not after a timeout
-            self.pipeline.close()
+            try:
+                self._finish_pending(consumer)
+            finally:
+                consumer.close()  # leaves the group: partitions are handed over at once, not after a timeout
+                self._prepare_pool.shutdown(wait=True)
+                self.pipeline.close()
             if health:
                 health.stop()
 
@@ -126,12 +147,47 @@ class Moderator:
             log.warning("consumer error: %s", err)
         return False
 
-    def _process(self, consumer: Consumer, messages: list[Message]) -> None:
-        began = time.perf_counter()
+    def _read_ahead(self, messages: list[Message]) -> _Batch:
+        """Starts parsing, fetching and decoding a batch in the background; Triton is busy with the last one."""
         items = self.pipeline.start_items(messages)
+        return _Batch(messages, items, self._prepare_pool.submit(self.pipeline.prepare, items), time.perf_counter())
+
+    def _finish_pending(self, consumer: Consumer, in_rebalance: bool = False) -> None:
+        batch, self._pending = self._pending, None
+        if batch is None:
+            return
         try:
-            out = self._with_retry(consumer, lambda: self.pipeline.run(items))
-            self._with_retry(consumer, lambda: self._publish(out))
+            batch.prepared.result()
+        except Exception:  # prepare records per-item failures itself; run() redoes whatever is left undone
+            log.exception("preparing a batch ahead failed; preparing it again in line")
+        # Partitions revoked while this batch waited belong to another replica now: it redoes them from the
+        # committed offset, so this one drops them rather than racing it.
+        keep = [i for i, m in enumerate(batch.messages) if (m.topic() or "", m.partition() or 0) in self.assigned]
+        for i in set(range(len(batch.items))) - set(keep):
+            batch.items[i].span.end()
+        if not keep:
+            return
+        messages, items = [batch.messages[i] for i in keep], [batch.items[i] for i in keep]
+        self.metrics.batch_size.record(len(messages))
+        if not in_rebalance:
+            self._process(consumer, messages, items, batch.began)
+            return
+        # Inside a rebalance callback nothing may wait on the consumer: one attempt, and if a dependency is
+        # down the batch is left uncommitted for the partitions' next owner.
+        try:
+            self._process(consumer, messages, items, batch.began, retry=False)
+        except (TransientError, redis.RedisError) as exc:
+            log.warning("could not finish the batch read ahead before a rebalance (%s); it will be redone", exc)
+
+    def _process(
+        self, consumer: Consumer, messages: list[Message], items: list[Item], began: float, retry: bool = True
+    ) -> None:
+        def attempt(work: Callable[[], Any]) -> Any:
+            return self._with_retry(consumer, work) if retry else work()
+
+        try:
+            out = attempt(lambda: self.pipeline.run(items))
+            attempt(lambda: self._publish(out))
             self.pipeline.commit_index(out)
             self._commit(consumer, messages)
             if self.on_batch:
