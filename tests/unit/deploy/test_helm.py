@@ -163,6 +163,16 @@ def test_triton_gets_a_gpu_by_default_and_none_with_the_cpu_values() -> None:
     assert not cpu_pod.get("tolerations")
 
 
+def test_a_gpu_triton_loads_the_gpu_model_configs_and_a_cpu_one_the_defaults() -> None:
+    gpu_args = container(render("default"), "triton")["args"]
+    assert "--model-config-name=gpu" in gpu_args
+    assert "--pinned-memory-pool-byte-size=268435456" in gpu_args
+    for model in {p.parent.name for p in (ROOT / "model_repo").glob("*/config.pbtxt")}:
+        assert (ROOT / "model_repo" / model / "configs" / "gpu.pbtxt").is_file(), model
+    cpu_args = container(render("cpu"), "triton")["args"]
+    assert not any(a.startswith(("--model-config-name", "--pinned-memory")) for a in cpu_args)
+
+
 def test_triton_uses_explicit_model_control_for_every_model() -> None:
     args = container(render("default"), "triton")["args"]
     assert "--model-control-mode=explicit" in args

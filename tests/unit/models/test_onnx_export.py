@@ -9,7 +9,8 @@ from services.common.config import DecodeSettings
 from services.common.imaging import decode_image
 from services.common.models.gem import GeMEmbedder
 from services.common.models.mobilenet_v2 import load_imagenet_trunk
-from services.common.models.onnx_export import export_embedder, ort_session
+from services.common.models.onnx_export import export_embedder
+from services.common.models.ort_runtime import ort_session
 from services.common.photos.build import load_photo_set
 
 
