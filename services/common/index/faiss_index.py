@@ -1,9 +1,15 @@
-"""Exact inner-product FAISS index with string ids; faiss-gpu is used automatically when a GPU is present."""
+"""Exact inner-product FAISS index with string ids; searches run on a GPU copy when faiss-gpu sees a GPU.
+
+The CPU index stays the source of truth: GPU flat indexes cannot remove ids, so additions go to both and an
+eviction drops the GPU copy, which the next search rebuilds. With faiss-cpu (this project's default wheel) or
+no visible GPU, everything runs on the CPU. The GPU branch has not run here: no GPU was available.
+"""
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -16,10 +22,29 @@ from services.common.index.base import IndexEntry, Neighbour
 faiss.omp_set_num_threads(1)
 
 
+# Copies an index to the device searches run on.
+DeviceCopy = Callable[[faiss.Index], faiss.Index]
+
+
+def gpu_device_copy() -> DeviceCopy | None:
+    """faiss-gpu's copy to GPU 0 when this faiss build has GPU support and sees a GPU; None otherwise."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return None
+    try:
+        if faiss.get_num_gpus() < 1:
+            return None
+        resources = faiss.StandardGpuResources()
+    except RuntimeError:
+        return None
+    return lambda index: faiss.index_cpu_to_gpu(resources, 0, index)
+
+
 class FaissVectorIndex:
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, device: DeviceCopy | Literal["auto"] | None = "auto") -> None:
         self.dim = dim
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._to_device = gpu_device_copy() if device == "auto" else device
+        self._device_index: faiss.Index | None = None  # the search copy; None until needed or after an eviction
         self._ids: dict[int, IndexEntry] = {}
         self._by_upload: dict[str, int] = {}
         self._next = 0
@@ -45,6 +70,8 @@ class FaissVectorIndex:
             if vectors.shape[1] != self.dim:
                 raise ValueError(f"vector dim {vectors.shape[1]} != index dim {self.dim}")
             self._index.add_with_ids(vectors, ids)
+            if self._device_index is not None:
+                self._device_index.add_with_ids(vectors, ids)
             for i, e in zip(ids.tolist(), unique.values(), strict=True):
                 self._ids[i] = e
                 self._by_upload[e.upload_id] = i
@@ -55,7 +82,8 @@ class FaissVectorIndex:
         with self._lock:
             if not self._ids or len(vectors) == 0:
                 return [[] for _ in range(len(vectors))]
-            scores, ids = self._index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self._ids)))
+            index = self._search_index()
+            scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self._ids)))
             return [
                 [Neighbour(self._ids[i].upload_id, float(s)) for s, i in zip(row_s, row_i, strict=True) if i >= 0]
                 for row_s, row_i in zip(scores, ids, strict=True)
@@ -66,6 +94,7 @@ class FaissVectorIndex:
             old = [i for i, e in self._ids.items() if e.added_at < cutoff]
             if old:
                 self._index.remove_ids(np.asarray(old, dtype=np.int64))  # type: ignore[arg-type]
+                self._device_index = None
                 for i in old:
                     entry = self._ids.pop(i)
                     self._by_upload.pop(entry.upload_id, None)
@@ -74,3 +103,14 @@ class FaissVectorIndex:
     def entries(self) -> list[IndexEntry]:
         with self._lock:
             return list(self._ids.values())
+
+    @property
+    def on_device(self) -> bool:
+        return self._to_device is not None
+
+    def _search_index(self) -> faiss.Index:
+        if self._to_device is None:
+            return self._index
+        if self._device_index is None:
+            self._device_index = self._to_device(self._index)
+        return self._device_index
