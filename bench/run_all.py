@@ -35,13 +35,21 @@ def _safe(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def same_batch_ceiling(model: dict[str, Any], batch: int | None) -> dict[str, Any]:
+    """Stage 2's fastest row for both models at the pipeline's own batch size (any backend, any threads)."""
+    rows = [r for r in model.get("rows", []) if r.get("model") == "embedder+classifier" and r.get("batch") == batch]
+    return max(rows, key=lambda r: r.get("images_per_s", 0.0), default={})
+
+
 def ratios(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     model = stages.get("model", {})
-    ceiling = model.get("summary", {}).get("ceiling", {}).get("embedder+classifier", {})
-    best_inproc = ceiling.get("images_per_s")
-    batch_ms = ceiling.get("batch_p50_ms")
     e2e = stages.get("e2e", {})
     sat, half = _row(e2e, "saturation"), _row(e2e, "half_load")
+    best_any = model.get("summary", {}).get("ceiling", {}).get("embedder+classifier", {})
+    # "The same model and batch": the in-process ceiling and batch latency at the moderators' batch size.
+    ceiling = same_batch_ceiling(model, (e2e.get("params") or {}).get("moderator_batch_size")) or best_any
+    best_inproc = ceiling.get("images_per_s")
+    batch_ms = ceiling.get("batch_p50_ms")
     decode = stages.get("decode", {})
     decode_ms = decode.get("summary", {}).get("draft_reduce_ms_per_image")
     # The 1M-only rerun (``--only faiss_1m``, 11 minutes instead of the full stage's 36) wins when it is newer.
@@ -53,15 +61,23 @@ def ratios(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     if best_inproc and sat.get("images_per_s"):
         rows.append(
             {
-                "target": "e2e throughput / in-process ceiling",
+                "target": f"e2e throughput / in-process ceiling ({ceiling.get('case', '')})",
                 "value": sat["images_per_s"] / best_inproc,
                 "goal": ">= 0.80",
+            }
+        )
+    if best_any.get("images_per_s") and sat.get("images_per_s") and best_any is not ceiling:
+        rows.append(
+            {
+                "target": f"e2e throughput / best in-process at any batch (bs {best_any.get('batch')})",
+                "value": sat["images_per_s"] / best_any["images_per_s"],
+                "goal": "(for reference)",
             }
         )
     if batch_ms and half.get("p99_ms"):
         rows.append(
             {
-                "target": "p99 latency at half load / model batch latency",
+                "target": f"p99 latency at half load / model batch latency (bs {ceiling.get('batch')})",
                 "value": half["p99_ms"] / batch_ms,
                 "goal": "<= 3",
             }

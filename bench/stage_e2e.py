@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from bench.common import StageResult, main_for
-from bench.stream import StreamPlan, prepare_images, run_stream
+from bench.stream import StreamPlan, moderator_batch_size, prepare_images, run_stream
 from services.common.config import REPO_ROOT
 from services.common.stack import LocalStack
 
@@ -47,6 +47,7 @@ def run(quick: bool = False, stack: LocalStack | None = None) -> dict[str, Any]:
     result.params = {
         "replicas": 1,
         "batch_size_env": "SIEVE_MODERATOR_BATCH_SIZE",
+        "moderator_batch_size": moderator_batch_size(),
         "runs": [asdict(saturation), asdict(half)],
     }
     return result.finish().to_dict()

@@ -124,6 +124,11 @@ def _rss_tree_mb(pid: int) -> float:
         return 0.0
 
 
+def moderator_batch_size() -> int:
+    """The moderators' batch in these benchmarks: SIEVE_MODERATOR_BATCH_SIZE if set, else 32."""
+    return int(os.environ.get("SIEVE_MODERATOR_BATCH_SIZE", "32"))
+
+
 def wait_for_group(settings: Settings, replicas: int, partitions: int, timeout_s: float) -> None:
     """Blocks until the moderators' group is stable with every replica in it and every partition assigned."""
     conf: dict[str, Any] = {**settings.kafka.client_config(), "logger": RDKAFKA_LOG}
@@ -184,7 +189,7 @@ def run_stream(
         "SIEVE_REDIS_KEY_PREFIX": f"bench-{ns}",
         "SIEVE_FETCH_FILE_ROOTS": json.dumps([str(images[0].parent)]),
         "SIEVE_OTEL_EXPORTER": "none",
-        "SIEVE_MODERATOR_BATCH_SIZE": os.environ.get("SIEVE_MODERATOR_BATCH_SIZE", "32"),
+        "SIEVE_MODERATOR_BATCH_SIZE": str(moderator_batch_size()),
     }
     os.environ.update({k: v for k, v in env.items() if k.startswith("SIEVE_")})
     settings = Settings()
