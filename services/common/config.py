@@ -139,6 +139,10 @@ class IndexSettings(BaseSettings):
     retention_s: int = 7 * 24 * 3600
     sync_interval_s: float = 1.0
     snapshot_every: int = 5000  # stream entries between snapshots
+    # Entries at which a replica's index turns from exact Flat to IVF, trained in the background (0: always exact).
+    # Measured at 200k x 256-d: a batch of 32 costs 495 ms exact and 7 ms with IVF; training took 34.5 s.
+    ivf_from: int = 50_000
+    ivf_nprobe: int = 16  # IVF lists probed per query (1M x 256-d: recall@1 0.993, p99 1.07 ms)
 
 
 class ModeratorSettings(BaseSettings):

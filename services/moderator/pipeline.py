@@ -106,8 +106,15 @@ class Pipeline:
         """One index per model version: embeddings of two versions never share an index."""
         index = self.indexes.get(model_version)
         if index is None:
+            cfg = self.settings.index
             index = SharedRecentIndex(
-                self.redis, self.settings.redis.key_prefix, model_version, dim, self.settings.index.retention_s
+                self.redis,
+                self.settings.redis.key_prefix,
+                model_version,
+                dim,
+                cfg.retention_s,
+                ivf_from=cfg.ivf_from,
+                nprobe=cfg.ivf_nprobe,
             )
             self.indexes[model_version] = index
         return index

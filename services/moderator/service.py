@@ -300,6 +300,8 @@ class Moderator:
         for index in self.pipeline.indexes.values():
             index.sync()
             index.local.evict_older_than(time.time() - index.retention_s)
+            if index.local.reindex_in_background():  # past SIEVE_INDEX_IVF_FROM: exact -> IVF, off this loop
+                log.info("index %s: training IVF for %d entries in the background", index.model_version, len(index))
             try:
                 if self.redis.xlen(index.store.stream_key) >= self.settings.index.snapshot_every:
                     index.compact()

@@ -153,3 +153,20 @@ def test_a_writer_that_dies_mid_snapshot_leaves_the_current_one(client: redis.Re
     assert store.snapshot_id() == "1-0"
     leftovers = [k for k in client.scan_iter(f"{store.snapshot_key}:gen:7-0.*")]
     assert leftovers and all(client.ttl(k) > 0 for k in leftovers)
+
+
+def test_a_large_window_turns_ivf_in_the_background_and_rebuilds_keep_the_setting(
+    client: redis.Redis, settings: Settings
+) -> None:
+    replica = SharedRecentIndex(client, settings.redis.key_prefix, "emb:ivf", 32, 3600, ivf_from=300, nprobe=8)
+    now = time.time()
+    replica.add([IndexEntry(f"v{i}", _vec(i), now) for i in range(400)])
+    thread = replica.local.reindex_in_background()
+    assert thread is not None
+    thread.join(60)
+    assert replica.local.kind.startswith("IVF")
+    assert replica.search(_vec(123)[None], 1)[0][0].upload_id == "v123"
+    # A replica that starts later loads the same window and turns IVF on its own schedule.
+    late = SharedRecentIndex(client, settings.redis.key_prefix, "emb:ivf", 32, 3600, ivf_from=300, nprobe=8)
+    assert late.sync() and len(late) == 400 and late.local.ivf_from == 300
+    assert late.local.reindex() and late.search(_vec(7)[None], 1)[0][0].upload_id == "v7"

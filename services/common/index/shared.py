@@ -34,10 +34,20 @@ class SharedRecentIndex:
     If Redis is down, additions wait in ``pending`` and searches use the local index; both catch up later.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, model_version: str, dim: int, retention_s: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        model_version: str,
+        dim: int,
+        retention_s: int,
+        ivf_from: int = 0,
+        nprobe: int = 16,
+    ) -> None:
         self.model_version = model_version
         self.store = RedisIndexStore(client, prefix, model_version)
-        self.local = FaissVectorIndex(dim)
+        self._dim, self._ivf_from, self._nprobe = dim, ivf_from, nprobe
+        self.local = self._new_local()
         self.retention_s = retention_s
         self.stream_id = "0-0"
         self.pending: deque[IndexEntry] = deque()
@@ -50,6 +60,9 @@ class SharedRecentIndex:
 
     def __len__(self) -> int:
         return len(self.local)
+
+    def _new_local(self) -> FaissVectorIndex:
+        return FaissVectorIndex(self._dim, ivf_from=self._ivf_from, nprobe=self._nprobe)
 
     def _load(self) -> None:
         snapshot = self.store.load_snapshot()
@@ -74,7 +87,7 @@ class SharedRecentIndex:
         snapshot = self.store.load_snapshot()
         if snapshot is None:
             return
-        fresh = FaissVectorIndex(self.local.dim)
+        fresh = self._new_local()
         fresh.add(snapshot.entries)
         fresh.add([e for e in self.local.entries() if e.upload_id not in fresh])  # keep what only we have
         log.info(
