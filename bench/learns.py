@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import shutil
 import statistics
@@ -56,7 +55,7 @@ from services.common.schemas import FeedbackLabel, ReviewRequest
 from services.evaluation.benchmark import Benchmark, build_benchmark
 from services.moderator.active_learning import ReviewSelector
 from services.trainer.export import load_torchscript
-from services.trainer.finetune import finetune, save_like_serving
+from services.trainer.finetune import finetune, rehearsal_choice, save_like_serving
 from services.trainer.gate import gate
 from services.trainer.job import RetrainingJob
 from services.trainer.promotion import ModelRepository
@@ -121,7 +120,7 @@ def rehearsal_sample(stream: Stream, labels: list[FeedbackLabel], n: int) -> NDA
     no label mentions (stream A is what the index held while reviewers labelled), seeded by their count."""
     labelled = {lb.upload_id for lb in labels} | {lb.compared_with for lb in labels if lb.compared_with}
     rows = [i for i, u in enumerate(stream.uploads) if u.upload_id not in labelled]
-    chosen = sorted(random.Random(len(rows)).sample(rows, min(n, len(rows))))
+    chosen = sorted(rehearsal_choice(rows, n))
     return np.ascontiguousarray(stream.pixels[chosen]) if chosen else stream.pixels[:0]
 
 

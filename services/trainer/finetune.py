@@ -13,15 +13,17 @@ the index was built in.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
 HEAD_PREFIXES = ("reduce.", "pool.")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,11 @@ def finetune(
     for p in module.parameters():
         p.requires_grad_(False)
     return FinetuneResult(steps, before, pair_loss(module, pairs, threshold, margin), names)
+
+
+def rehearsal_choice(candidates: Sequence[T], n: int) -> list[T]:
+    """The rehearsal sample: ``n`` of the unlabelled window, seeded by its size so a rerun picks the same."""
+    return random.Random(len(candidates)).sample(list(candidates), min(n, len(candidates)))
 
 
 def _embed_chunks(module: torch.nn.Module, pixels: NDArray[np.uint8], chunk: int = 32) -> torch.Tensor:

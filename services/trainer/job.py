@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import signal
 import threading
@@ -24,7 +23,7 @@ from services.common.imaging import decode_image
 from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.upload_keys import upload_uri_key
 from services.trainer.feedback import FeedbackConsumer, FeedbackStore, LabelledPair
-from services.trainer.finetune import PairBatch, finetune, save_like_serving
+from services.trainer.finetune import PairBatch, finetune, rehearsal_choice, save_like_serving
 from services.trainer.gate import gate
 from services.trainer.promotion import ModelRepository, promote, record, window_entries
 
@@ -116,7 +115,7 @@ class RetrainingJob:
             log.warning("no rehearsal sample (%s): fine-tuning on the labels alone", exc)
             return empty
         ids = sorted(e.upload_id for e in entries if e.upload_id not in labelled)
-        chosen = random.Random(len(ids)).sample(ids, min(want, len(ids)))
+        chosen = rehearsal_choice(ids, want)
         prefix = self.settings.redis.key_prefix
         uris = cast(list[bytes | None], self.redis.mget([upload_uri_key(prefix, u) for u in chosen])) if chosen else []
         pixels = [p for p in (self._pixels(u.decode()) for u in uris if u is not None) if p is not None]

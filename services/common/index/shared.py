@@ -46,8 +46,7 @@ class SharedRecentIndex:
     ) -> None:
         self.model_version = model_version
         self.store = RedisIndexStore(client, prefix, model_version)
-        self._dim, self._ivf_from, self._nprobe = dim, ivf_from, nprobe
-        self.local = self._new_local()
+        self.local = FaissVectorIndex(dim, ivf_from=ivf_from, nprobe=nprobe)
         self.retention_s = retention_s
         self.stream_id = "0-0"
         self.pending: deque[IndexEntry] = deque()
@@ -62,7 +61,8 @@ class SharedRecentIndex:
         return len(self.local)
 
     def _new_local(self) -> FaissVectorIndex:
-        return FaissVectorIndex(self._dim, ivf_from=self._ivf_from, nprobe=self._nprobe)
+        """An empty index like the current one (a rebuild must not lose the IVF setting)."""
+        return FaissVectorIndex(self.local.dim, ivf_from=self.local.ivf_from, nprobe=self.local.nprobe)
 
     def _load(self) -> None:
         snapshot = self.store.load_snapshot()
