@@ -25,8 +25,8 @@ Part 3, graph at 100k: the neighbour-graph step alone (``build_graph`` + ``make_
 part whose cost grows quadratically, without the hours that embedding 100k real images takes on 2 cores.
 
 ``--sieve-repo DIR`` evaluates another embedder repository in part 1, in-process, at the threshold ``sieve dedup``
-would pick for it (the moderator's per-version threshold, else its model card): for example the version 2
-candidate, ``--sieve-repo model_candidates/sieve_embedder``; stored as ``compare_other_version``.
+would pick for it (the moderator's per-version threshold, else its model card): for example a candidate
+version staged in a copy of ``model_repo/sieve_embedder``; stored as ``compare_other_version``.
 
     .venv/bin/python -m bench.dedup_compare                      # all parts -> bench/results/dedup_compare.json
     .venv/bin/python -m bench.dedup_compare --skip-scale --skip-graph   # part 1 only (~5 min on 2 busy cores)
@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sieve-repo",
         default=None,
-        help="evaluate another embedder repository in-process (e.g. model_candidates/sieve_embedder), at the "
+        help="evaluate another embedder repository in-process (e.g. a staged candidate), at the "
         "threshold sieve dedup would pick for its version; stored as compare_other_version",
     )
     args = parser.parse_args(argv)

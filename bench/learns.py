@@ -60,7 +60,7 @@ from services.trainer.gate import gate
 from services.trainer.job import RetrainingJob
 from services.trainer.promotion import ModelRepository
 
-CANDIDATE = ROOT / "model_candidates" / "sieve_embedder" / "2"
+SERVED = ROOT / "model_repo" / "sieve_embedder" / "2"
 SERVING_VERSION = "sieve_embedder:2"
 MIN_TRAIN_PAIRS = 4  # RetrainingJob.retrain skips below this
 
@@ -144,7 +144,7 @@ def train_and_replay(ctx: Context, name: str, labels: list[FeedbackLabel], label
             "why": f"only {len(train.duplicate)} usable labelled pairs",
             "promoted": False,
         }
-    scripted, meta = load_torchscript(CANDIDATE / "model.pt")
+    scripted, meta = load_torchscript(SERVED / "model.pt")
     candidate = CachedEmbedder(scripted, ctx.cache)
     rehearsal = rehearsal_sample(label_stream, labels, ctx.settings.trainer.rehearsal_images)
     row["rehearsal_images"] = len(rehearsal)
@@ -166,7 +166,7 @@ def train_and_replay(ctx: Context, name: str, labels: list[FeedbackLabel], label
     if verdict.promote:
         staged = ctx.workdir / f"staged-{name}"
         staged.mkdir(parents=True)
-        shutil.copy2(CANDIDATE / "model.py", staged / "model.py")
+        shutil.copy2(SERVED / "model.py", staged / "model.py")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save nudges towards torch.export
             save_like_serving(scripted, staged / "model.pt", {**meta, "finetuned_from": 2, "label_set": name})
@@ -242,7 +242,7 @@ def run(
     stream_b = build_stream("B", manifest, side_b, workdir / "uploads" / "B", settings.decode, seed + 1, max_copies)
     bench = None if quick else build_benchmark(manifest, side_b, "learns-gate", seed=seed, copies_per_family=1)
 
-    serving_scripted, _ = load_torchscript(CANDIDATE / "model.pt")
+    serving_scripted, _ = load_torchscript(SERVED / "model.pt")
     cache = FeatureCache(serving_scripted)
     serving = CachedEmbedder(serving_scripted, cache)
     progress(f"embedding {len(stream_a.uploads)} + {len(stream_b.uploads)} uploads with the serving model")
@@ -256,7 +256,7 @@ def run(
     client, server = _redis(workdir, notes)
     try:
         repo_root = workdir / "model_repo"
-        shutil.copytree(CANDIDATE, repo_root / "sieve_embedder" / "2", ignore=shutil.ignore_patterns("*.onnx"))
+        shutil.copytree(SERVED, repo_root / "sieve_embedder" / "2", ignore=shutil.ignore_patterns("*.onnx"))
         ctx = Context(
             settings,
             threshold,
@@ -312,7 +312,7 @@ def run(
         "random_seeds": random_seeds,
         "split": split,
         "threads": threads,
-        "serving_model": f"{SERVING_VERSION} ({CANDIDATE.relative_to(ROOT)}/model.pt)",
+        "serving_model": f"{SERVING_VERSION} ({SERVED.relative_to(ROOT)}/model.pt)",
         "duplicate_threshold": threshold,
         "review_margin": cfg.review_margin,
         "finetune_steps": settings.trainer.finetune_steps,
@@ -330,10 +330,7 @@ def run(
                 *map(shlex.quote, sys.argv[1:]),
             ]
         ),
-        why_v2_serves_here=(
-            "v1 (served) has no trainable artifact, so retraining skips it; v2 false-matches different photos of "
-            "one person and unrelated star fields at its 0.86 threshold, which is what reviewer labels should fix"
-        ),
+        why_v2=("v2, the STN-CNN, is the served version and the one with a trainable artifact (v1 has none)"),
         streams={"A": stream_a.describe(), "B": stream_b.describe()},
         gate_benchmark=None if bench is None else {**bench.meta, "built_from": "stream B's originals"},
         queue_a=_queue_profile(stream_a, pass_a),

@@ -71,8 +71,8 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
 
 MODEL_REPO_HELP = (
-    "an embedder repository to run in-process instead of the served one, e.g. model_candidates/sieve_embedder "
-    "to look at a candidate before promoting it"
+    "an embedder repository to run in-process instead of the served one, e.g. a copy of "
+    "model_repo/sieve_embedder holding a candidate version, to look at it before promoting it"
 )
 
 

@@ -24,13 +24,11 @@ from services.common.errors import BadInput
 from services.common.imaging import decode_image
 
 EMBEDDER_REPO = REPO_ROOT / "model_repo" / "sieve_embedder"
-CANDIDATE_REPO = REPO_ROOT / "model_candidates" / "sieve_embedder"
 
 
 def version_dir(version: int) -> Path:
-    """Where a version's files live: served (model_repo/) first, else staged as a candidate."""
-    served = EMBEDDER_REPO / str(version)
-    return served if served.exists() else CANDIDATE_REPO / str(version)
+    """Where a served version's files live."""
+    return EMBEDDER_REPO / str(version)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")

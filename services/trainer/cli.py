@@ -12,13 +12,44 @@ from typing import Any
 from services.common.config import REPO_ROOT
 
 MODEL_REPO = REPO_ROOT / "model_repo" / "sieve_embedder"
+# TrainConfig fields settable from the command line (--stage1-steps, --hard-negative-fraction, ...).
+TUNABLE: dict[str, type] = {
+    "stage1_steps": int,
+    "stage2_steps": int,
+    "batch_pairs": int,
+    "views": int,
+    "input_size": int,
+    "embed_dim": int,
+    "temperature": float,
+    "trainable_from": int,
+    "lr_head": float,
+    "lr_trunk": float,
+    "lr_head_stage2": float,
+    "lr_loc": float,
+    "momentum": float,
+    "queue_size": int,
+    "queue_start": int,
+    "warmup_steps": int,
+    "hard_negative_fraction": float,
+    "validate_every": int,
+    "checkpoint_every": int,
+    "theta_weight": float,
+    "threads": int,
+}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from services.trainer.train import VAR_DIR, TrainConfig, Trainer, sweep_temperature
 
+    if args.import_state:
+        trainer = Trainer(TrainConfig(variant=args.variant), VAR_DIR / args.variant)
+        summary = trainer.import_state(Path(args.import_state))
+        print(json.dumps({k: summary[k] for k in ("variant", "validation", "model_path")}, indent=2))
+        if args.ship:
+            ship(Path(summary["model_path"]), summary, args.ship_version, Path(args.loader) if args.loader else None)
+        return 0
     overrides: dict[str, Any] = {"variant": args.variant, "seed": args.seed}
-    for name in ("stage1_steps", "stage2_steps", "batch_pairs", "views", "input_size", "embed_dim", "temperature"):
+    for name in TUNABLE:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -30,10 +61,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.sweep_only:
             return 0
         cfg = dataclasses.replace(cfg, temperature=float(report["best_temperature"]))
-    out_dir = VAR_DIR / cfg.variant
+    out_dir = Path(args.out_dir) if args.out_dir else VAR_DIR / cfg.variant
+    if args.views_only:
+        Trainer(cfg, out_dir).prepare_views()
+        return 0
     if args.fresh and (out_dir / "checkpoint.pt").exists():
         (out_dir / "checkpoint.pt").unlink()
-    summary = Trainer(cfg, out_dir).run()
+    log_path = Path(args.log) if args.log else None
+    trainer = Trainer(
+        cfg, out_dir, log_path, device=args.device, time_budget_s=args.time_budget, export=not args.no_export
+    )
+    summary = trainer.run()
+    if args.no_export:
+        print(json.dumps({k: summary[k] for k in ("variant", "validation", "selected_step")}, indent=2))
+        return 0
     print(json.dumps({k: summary[k] for k in ("variant", "validation", "model_path")}, indent=2))
     if args.ship:
         ship(Path(summary["model_path"]), summary, args.ship_version, Path(args.loader) if args.loader else None)
@@ -116,6 +157,11 @@ def ship(model_path: Path, summary: dict[str, Any], version: int, loader: Path |
             "duplicate_threshold": round(float(summary["validation"]["threshold"]), 4),
             "duplicate_threshold_note": "F1-optimal cosine similarity on the validation benchmark (train split)",
             "training_log": str((RESULTS_DIR / f"train_{summary['variant']}.jsonl").relative_to(REPO_ROOT)),
+            "training_run": {
+                k: summary[k]
+                for k in ("device", "selected_step", "train_seconds_this_invocation", "time_budget_plan")
+                if k in summary
+            },
         }
     )
     (staging / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
@@ -136,13 +182,17 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("train", help="train (or resume) the STN embedder on the photo set; --ship exports it")
     p.add_argument("--variant", choices=("stn", "no_stn"), default="stn", help="no_stn: the ablation")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--stage1-steps", type=int, default=None, help="frozen-trunk steps")
-    p.add_argument("--stage2-steps", type=int, default=None, help="full fine-tune steps")
-    p.add_argument("--batch-pairs", type=int, default=None)
-    p.add_argument("--views", type=int, default=None, help="augmented views generated per original")
-    p.add_argument("--input-size", type=int, default=None)
-    p.add_argument("--embed-dim", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
+    for name, kind in TUNABLE.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"TrainConfig.{name}")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (bf16 autocast)")
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="seconds: size both stages from a measured step time"
+    )
+    p.add_argument("--no-export", action="store_true", help="keep state.pt only (export later with --import-state)")
+    p.add_argument("--import-state", default=None, help="export and validate a state.pt trained elsewhere")
+    p.add_argument("--views-only", action="store_true", help="generate the cached augmented views and stop")
+    p.add_argument("--out-dir", default=None, help="run folder (default var/trainer/<variant>)")
+    p.add_argument("--log", default=None, help="loss log (default bench/results/train_<variant>.jsonl)")
     p.add_argument("--sweep-temperature", default="", help="comma list: pick the best on validation µAP first")
     p.add_argument("--sweep-steps", type=int, default=40)
     p.add_argument("--sweep-only", action="store_true")
@@ -151,3 +201,16 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--ship-version", type=int, default=2)
     p.add_argument("--loader", default=None, help="Triton model.py to ship (default: the newest TorchScript one)")
     p.set_defaults(func=_cmd_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.trainer.cli train ...``: training needs only torch, numpy, Pillow and pydantic, so a
+    GPU machine without the serving stack's packages runs it this way."""
+    parser = argparse.ArgumentParser(prog="sieve")
+    add_subcommands(parser.add_subparsers(required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,6 +18,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -82,6 +83,11 @@ class TrainConfig:
     val_fraction: float = 0.15
     checkpoint_every: int = 20
     threads: int = 2
+    # Share of each batch drawn from one source (faces, sky, ...): different photos of one kind of scene are
+    # the negatives a deployed model confuses, and uniform batches rarely hold enough of them together.
+    hard_negative_fraction: float = 0.0
+    # Validate every N steps and export the best state (0: only at the stage switch and the end).
+    validate_every: int = 0
 
     @property
     def use_stn(self) -> bool:
@@ -112,7 +118,7 @@ def split_train_val(manifest: Manifest, fraction: float, seed: int) -> tuple[lis
 class ViewBank:
     """(N, 1 + views, 256, 256, 3) uint8 wire pixels, flags per view, and one id per original."""
 
-    pixels: NDArray[np.uint8]
+    pixels: NDArray[np.uint8] | torch.Tensor  # a tensor once moved to the training device
     flags: NDArray[np.float32]
     ids: list[str]
 
@@ -138,22 +144,50 @@ def load_views(
     return ViewBank(pixels, flags, ids)
 
 
-def sample_batch(bank: ViewBank, cfg: TrainConfig, step: int) -> tuple[torch.Tensor, ...]:
+def sample_batch(
+    bank: ViewBank, cfg: TrainConfig, step: int, families: NDArray[np.int64] | None = None
+) -> tuple[torch.Tensor, ...]:
     """A pure function of (seed, step): resuming replays exactly the batches a straight run would see."""
     rng = np.random.default_rng([cfg.seed, step])
     n, v = bank.pixels.shape[:2]
-    chosen = rng.choice(n, size=min(cfg.batch_pairs, n), replace=False)
+    chosen = _choose_originals(rng, n, cfg, families)
     first = np.where(rng.random(len(chosen)) < 0.5, 0, rng.integers(1, v, len(chosen)))
     second = rng.integers(1, v, len(chosen))
     clash = second == first
     second[clash] = (second[clash] % (v - 1)) + 1
+    pixels = bank.pixels if isinstance(bank.pixels, torch.Tensor) else torch.from_numpy(bank.pixels)
+    # Gather where the bank lives (the accelerator, once moved there): only indices cross the bus.
+    index = torch.from_numpy(chosen).to(pixels.device)
     return (
-        torch.from_numpy(bank.pixels[chosen, first]),
-        torch.from_numpy(bank.pixels[chosen, second]),
-        torch.from_numpy(bank.flags[chosen, first]),
-        torch.from_numpy(bank.flags[chosen, second]),
-        torch.from_numpy(chosen.astype(np.int64)),
+        pixels[index, torch.from_numpy(first).to(pixels.device)],
+        pixels[index, torch.from_numpy(second).to(pixels.device)],
+        torch.from_numpy(bank.flags[chosen, first]).to(pixels.device),
+        torch.from_numpy(bank.flags[chosen, second]).to(pixels.device),
+        index,
     )
+
+
+def _choose_originals(
+    rng: np.random.Generator, n: int, cfg: TrainConfig, families: NDArray[np.int64] | None
+) -> NDArray[np.int64]:
+    """Uniform originals, or with ``hard_negative_fraction`` part of the batch from one family picked per step
+    (uniformly over families, so a small family such as faces is drilled as often as a large one)."""
+    size = min(cfg.batch_pairs, n)
+    if families is None or cfg.hard_negative_fraction <= 0:
+        plain: NDArray[np.int64] = rng.choice(n, size=size, replace=False).astype(np.int64)
+        return plain
+    labels, counts = np.unique(families, return_counts=True)
+    eligible = labels[counts >= 4]
+    if len(eligible) == 0:
+        uniform: NDArray[np.int64] = rng.choice(n, size=size, replace=False).astype(np.int64)
+        return uniform
+    family = rng.choice(eligible)
+    members = np.flatnonzero(families == family)
+    hard = rng.choice(members, size=min(len(members), round(size * cfg.hard_negative_fraction)), replace=False)
+    rest = np.setdiff1d(np.arange(n), hard)
+    easy = rng.choice(rest, size=size - len(hard), replace=False)
+    mixed: NDArray[np.int64] = np.concatenate([hard, easy]).astype(np.int64)
+    return mixed
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -162,17 +196,17 @@ def sample_batch(bank: ViewBank, cfg: TrainConfig, step: int) -> tuple[torch.Ten
 class MemoryQueue:
     """Ring buffer of detached embeddings and the original each came from (-1 = empty slot)."""
 
-    def __init__(self, size: int, dim: int) -> None:
-        self.embeddings = torch.zeros(size, dim)
-        self.ids = torch.full((size,), -1, dtype=torch.int64)
+    def __init__(self, size: int, dim: int, device: torch.device | str = "cpu") -> None:
+        self.embeddings = torch.zeros(size, dim, device=device)
+        self.ids = torch.full((size,), -1, dtype=torch.int64, device=device)
         self.ptr = 0
 
     def push(self, embeddings: torch.Tensor, ids: torch.Tensor) -> None:
         size = self.embeddings.shape[0]
         if size == 0:
             return
-        idx = (torch.arange(len(ids)) + self.ptr) % size
-        self.embeddings[idx] = embeddings.detach()
+        idx = (torch.arange(len(ids), device=ids.device) + self.ptr) % size
+        self.embeddings[idx] = embeddings.detach().to(self.embeddings.dtype)
         self.ids[idx] = ids
         self.ptr = int((self.ptr + len(ids)) % size)
 
@@ -181,10 +215,12 @@ class MemoryQueue:
         self.ptr = 0
 
     def state(self) -> dict[str, Any]:
-        return {"embeddings": self.embeddings, "ids": self.ids, "ptr": self.ptr}
+        return {"embeddings": self.embeddings.cpu(), "ids": self.ids.cpu(), "ptr": self.ptr}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.embeddings, self.ids, self.ptr = state["embeddings"], state["ids"], int(state["ptr"])
+        device = self.embeddings.device
+        self.embeddings, self.ids = state["embeddings"].to(device), state["ids"].to(device)
+        self.ptr = int(state["ptr"])
 
 
 def info_nce(
@@ -198,7 +234,7 @@ def info_nce(
 ) -> torch.Tensor:
     """Symmetric InfoNCE: each view must pick its partner's key among the batch's keys and the queue (own
     copies masked). Without momentum keys (ka, kb) the partner's own embedding is the key."""
-    targets = torch.arange(len(za))
+    targets = torch.arange(len(za), device=za.device)
     losses = []
     keys_b = zb if kb is None else kb
     keys_a = za if ka is None else ka
@@ -250,19 +286,25 @@ def _lr_factor(step_in_stage: int, stage_steps: int, warmup: int) -> float:
 
 
 def embed_pixels(
-    fn: Callable[[torch.Tensor], torch.Tensor], pixels: NDArray[np.uint8], batch: int = 64
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    pixels: NDArray[np.uint8],
+    batch: int = 64,
+    device: torch.device | str = "cpu",
 ) -> NDArray[Any]:
     out = []
     with torch.inference_mode():
         for start in range(0, len(pixels), batch):
-            out.append(fn(torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch]))).float().numpy())
+            chunk = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch])).to(device)
+            out.append(fn(chunk).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def validate(fn: Callable[[torch.Tensor], torch.Tensor], bench: Benchmark) -> dict[str, float]:
+def validate(
+    fn: Callable[[torch.Tensor], torch.Tensor], bench: Benchmark, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """µAP and recall@P90 on the validation benchmark, and the F1-optimal duplicate threshold there."""
-    refs = embed_pixels(fn, bench.reference_pixels)
-    queries = embed_pixels(fn, bench.query_pixels)
+    refs = embed_pixels(fn, bench.reference_pixels, device=device)
+    queries = embed_pixels(fn, bench.query_pixels, device=device)
     sim = queries @ refs.T
     truth = bench.truth_index()
     idx, scores = top_k(sim, 1)
@@ -297,13 +339,32 @@ def init_projection_by_pca(model: STNEmbedder, bank: ViewBank, views: int, batch
 
 
 class Trainer:
-    """One run: ``run()`` resumes from ``checkpoint.pt`` in its folder when the config matches."""
+    """One run: ``run()`` resumes from ``checkpoint.pt`` in its folder when the config matches.
 
-    def __init__(self, cfg: TrainConfig, out_dir: Path | None = None, log_path: Path | None = None) -> None:
+    On a GPU (``device="cuda"``) the view bank lives on the device and the passes run under bf16 autocast.
+    ``time_budget_s`` sizes both stages from a measured step time before the first step, so a leased
+    accelerator is used to the end without overrunning it; the chosen step counts go into the config, so the
+    run can be repeated exactly without the budget. ``state.pt`` (best weights, fp16, with the config) is
+    what travels back from such a machine: ``import_state`` exports and validates it here.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: Path | None = None,
+        log_path: Path | None = None,
+        device: str = "cpu",
+        time_budget_s: float | None = None,
+        export: bool = True,
+    ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir or VAR_DIR / cfg.variant
         self.log_path = log_path or RESULTS_DIR / f"train_{cfg.variant}.jsonl"
         self.checkpoint = self.out_dir / "checkpoint.pt"
+        self.device = torch.device(device)
+        self.time_budget_s = time_budget_s
+        self.export = export
+        self.mixed_precision = self.device.type == "cuda"
 
     def log(self, message: str) -> None:
         print(f"[train:{self.cfg.variant}] {message}", flush=True)
@@ -331,55 +392,177 @@ class Trainer:
         kept = [r for r in rows if int(r.get("step", 0)) < step or (int(r["step"]) == step and "validation" not in r)]
         self.log_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
-    def run(self, manifest: Manifest | None = None) -> dict[str, Any]:
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.mixed_precision:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _data(
+        self, with_views: bool = True
+    ) -> tuple[list[PhotoRecord], list[PhotoRecord], ViewBank | None, NDArray[np.int64], Benchmark]:
+        cfg = self.cfg
+        manifest = load_photo_set()
+        train_records, val_records = split_train_val(manifest, cfg.val_fraction, cfg.seed)
+        self.log(f"{len(train_records)} train / {len(val_records)} validation originals (held-out never used)")
+        bank = load_views(manifest, train_records, cfg, self.log) if with_views else None
+        sources = sorted({r.source for r in train_records})
+        families = np.array([sources.index(r.source) for r in train_records], dtype=np.int64)
+        val_bench = build_benchmark(manifest, val_records, "validation", seed=cfg.seed)
+        self.log(f"validation benchmark: {val_bench.meta}")
+        return train_records, val_records, bank, families, val_bench
+
+    def prepare_views(self) -> ViewBank:
+        """Generate (or find) the cached views alone: runs that share a seed and view count then share them."""
+        manifest = load_photo_set()
+        train_records, _ = split_train_val(manifest, self.cfg.val_fraction, self.cfg.seed)
+        return load_views(manifest, train_records, self.cfg, self.log)
+
+    def _train_step(
+        self,
+        model: STNEmbedder,
+        keys: STNEmbedder,
+        opt: torch.optim.Optimizer,
+        queue: MemoryQueue,
+        batch: tuple[torch.Tensor, ...],
+        use_queue: bool,
+    ) -> dict[str, float]:
+        cfg = self.cfg
+        xa, xb, fa, fb, ids = batch
+        with self._autocast():
+            za, la, ta = model.encode(xa)
+            zb, lb, tb = model.encode(xb)
+            with torch.no_grad():
+                ka = keys.encode(xa)[0]
+                kb = keys.encode(xb)[0]
+        # The loss in fp32: bf16 similarities are too coarse for a temperature of 0.07.
+        za, zb = F.normalize(za.float(), dim=1), F.normalize(zb.float(), dim=1)
+        ka, kb = F.normalize(ka.float(), dim=1), F.normalize(kb.float(), dim=1)
+        la, lb, ta, tb = la.float(), lb.float(), ta.float(), tb.float()
+        nce = info_nce(za, zb, ids, queue if use_queue else None, cfg.temperature, ka, kb)
+        cls = F.binary_cross_entropy_with_logits(la, fa) + F.binary_cross_entropy_with_logits(lb, fb)
+        reg = theta_regulariser(ta) + theta_regulariser(tb) if cfg.use_stn else torch.zeros((), device=za.device)
+        loss = nce + cfg.cls_weight * cls + cfg.theta_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pk, pq in zip(keys.parameters(), model.parameters(), strict=True):
+                pk.mul_(cfg.momentum).add_(pq.detach(), alpha=1.0 - cfg.momentum)
+            queue.push(torch.cat([ka, kb]), torch.cat([ids, ids]))
+            positive = (za * kb).sum(1).mean().item()
+            scale = torch.sqrt(torch.abs(torch.linalg.det(ta[:, :, :2]))).mean().item()
+        return {
+            "loss": round(loss.item(), 5),
+            "nce": round(nce.item(), 5),
+            "cls": round(cls.item(), 5),
+            "theta_reg": round(reg.item(), 6),
+            "pos_sim": round(positive, 4),
+            "theta_scale": round(scale, 4),
+        }
+
+    def _plan_steps(
+        self, model: STNEmbedder, bank: ViewBank, families: NDArray[np.int64], val_bench: Benchmark
+    ) -> dict[str, float]:
+        """Stage lengths that fill the time budget, keeping the configured stage-1 : stage-2 ratio.
+
+        A throwaway copy runs a few stage-2 steps (the costlier stage) and one validation; the warm-up steps
+        (autotuning, allocator growth) are not counted."""
+        assert self.time_budget_s is not None
+        cfg = self.cfg
+        probe = copy.deepcopy(model)
+        probe_keys = copy.deepcopy(model)
+        opt = _set_stage(probe, cfg, 2)
+        queue = MemoryQueue(cfg.queue_size, cfg.embed_dim, self.device)
+        times = []
+        for i in range(8):
+            t0 = time.monotonic()
+            self._train_step(probe, probe_keys, opt, queue, sample_batch(bank, cfg, 10_000_000 + i, families), i > 1)
+            times.append(time.monotonic() - t0)
+        step_s = float(np.median(times[3:]))
+        t0 = time.monotonic()
+        validate(probe, val_bench, self.device)
+        validate_s = time.monotonic() - t0
+        del probe, probe_keys, opt, queue
+        validations = 2 + (1 if cfg.validate_every else 0)
+        usable = 0.92 * self.time_budget_s - validations * validate_s - 10.0
+        per_step = step_s + (validate_s / cfg.validate_every if cfg.validate_every else 0.0)
+        total = max(2, int(usable / per_step))
+        stage1 = max(1, round(total * cfg.stage1_steps / max(1, cfg.total_steps)))
+        self.cfg = dataclasses.replace(cfg, stage1_steps=stage1, stage2_steps=max(1, total - stage1))
+        plan = {"step_seconds": round(step_s, 4), "validate_seconds": round(validate_s, 2), "total_steps": total}
+        self.log(f"time budget {self.time_budget_s:.0f}s: {plan} -> {stage1} + {total - stage1} steps")
+        return plan
+
+    def run(self) -> dict[str, Any]:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        manifest = manifest or load_photo_set()
-        train_records, val_records = split_train_val(manifest, cfg.val_fraction, cfg.seed)
-        self.log(f"{len(train_records)} train / {len(val_records)} validation originals (held-out never used)")
-        bank = load_views(manifest, train_records, cfg, self.log)
-        val_bench = build_benchmark(manifest, val_records, "validation", seed=cfg.seed)
-        self.log(f"validation benchmark: {val_bench.meta}")
+        started = time.monotonic()
+        train_records, val_records, views, families, val_bench = self._data()
+        assert views is not None
+        bank = views
+        bank = ViewBank(torch.from_numpy(bank.pixels).to(self.device), bank.flags, bank.ids)
 
-        model = build_stn_embedder(use_stn=cfg.use_stn, embed_dim=cfg.embed_dim, input_size=cfg.input_size).eval()
-        queue = MemoryQueue(cfg.queue_size, cfg.embed_dim)
+        model = build_stn_embedder(use_stn=cfg.use_stn, embed_dim=cfg.embed_dim, input_size=cfg.input_size)
+        model = model.eval().to(self.device)
         keys = copy.deepcopy(model).eval()
         for p in keys.parameters():
             p.requires_grad_(False)
         step = 0
         state: dict[str, Any] | None = None
         history: list[dict[str, Any]] = []
+        plan: dict[str, float] = {}
         if self.checkpoint.exists():
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
-            if state["config"] != asdict(cfg):
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+            saved = dict(state["config"])
+            if self.time_budget_s is not None:  # a budgeted run resumes with the step counts it planned
+                self.cfg = cfg = dataclasses.replace(
+                    cfg, stage1_steps=saved["stage1_steps"], stage2_steps=saved["stage2_steps"]
+                )
+            if saved != asdict(cfg):
                 raise SystemExit(f"{self.checkpoint} was written with another config; remove it or pass --fresh")
             model.load_state_dict(state["model"])
             keys.load_state_dict(state["keys"])
-            queue.load(state["queue"])
             step = int(state["step"])
             self._truncate_log(step)
             self.log(f"resumed at step {step}/{cfg.total_steps}")
         else:
             if self.log_path.exists():
                 self.log_path.unlink()  # a fresh run starts a fresh loss log
+            if self.time_budget_s is not None:
+                plan = self._plan_steps(model, bank, families, val_bench)
+                cfg = self.cfg
+                self._record(
+                    {"step": 0, "plan": plan, "stage1_steps": cfg.stage1_steps, "stage2_steps": cfg.stage2_steps}
+                )
             if cfg.pca_init:
                 pca = init_projection_by_pca(model, bank, cfg.pca_views)
                 keys.load_state_dict(model.state_dict())
                 self.log(f"projection initialised by PCA: {pca}")
                 self._record({"step": 0, **pca})
                 history.append(self._validate(model, val_bench, 0, "after PCA initialisation"))
+        queue = MemoryQueue(cfg.queue_size, cfg.embed_dim, self.device)
+        if state is not None:
+            queue.load(state["queue"])
         # A checkpoint taken at the stage boundary still holds stage-1 optimizer state; the loop switches.
         stage = 1 if step <= cfg.stage1_steps else 2
         opt = _set_stage(model, cfg, stage)
         if state is not None and step < cfg.total_steps:
             opt.load_state_dict(state["optimizer"])
+        best: dict[str, Any] = {}
 
-        started = time.monotonic()
+        def consider(row: dict[str, Any]) -> None:
+            if cfg.validate_every and float(row["micro_ap"]) > float(best.get("micro_ap", -1.0)):
+                best.update(micro_ap=row["micro_ap"], step=row["step"])
+                best["state"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+        loop_started = time.monotonic()
         while step < cfg.total_steps:
             if step == cfg.stage1_steps and stage == 1:
                 history.append(self._validate(model, val_bench, step, "end of stage 1"))
+                consider(history[-1])
                 stage, opt = 2, _set_stage(model, cfg, 2)
                 queue.reset()  # the trunk starts moving: stage-1 embeddings would be stale negatives
             in_stage = step if stage == 1 else step - cfg.stage1_steps
@@ -388,69 +571,110 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
             t0 = time.monotonic()
-            xa, xb, fa, fb, ids = sample_batch(bank, cfg, step)
-            za, la, ta = model.encode(xa)
-            zb, lb, tb = model.encode(xb)
             use_queue = in_stage >= cfg.queue_start and cfg.queue_size > 0
-            with torch.no_grad():
-                ka = keys.encode(xa)[0]
-                kb = keys.encode(xb)[0]
-            nce = info_nce(za, zb, ids, queue if use_queue else None, cfg.temperature, ka, kb)
-            cls = F.binary_cross_entropy_with_logits(la, fa) + F.binary_cross_entropy_with_logits(lb, fb)
-            reg = theta_regulariser(ta) + theta_regulariser(tb) if cfg.use_stn else torch.zeros(())
-            loss = nce + cfg.cls_weight * cls + cfg.theta_weight * reg
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-            opt.step()
-            with torch.no_grad():
-                for pk, pq in zip(keys.parameters(), model.parameters(), strict=True):
-                    pk.mul_(cfg.momentum).add_(pq.detach(), alpha=1.0 - cfg.momentum)
-            queue.push(torch.cat([ka, kb]), torch.cat([ids, ids]))
+            stats = self._train_step(model, keys, opt, queue, sample_batch(bank, cfg, step, families), use_queue)
             step += 1
-            with torch.no_grad():
-                positive = (za * kb).sum(1).mean().item()
-                scale = torch.sqrt(torch.abs(torch.linalg.det(ta[:, :, :2]))).mean().item()
             row = {
                 "step": step,
                 "stage": stage,
-                "loss": round(loss.item(), 5),
-                "nce": round(nce.item(), 5),
-                "cls": round(cls.item(), 5),
-                "theta_reg": round(reg.item(), 6),
-                "pos_sim": round(positive, 4),
-                "theta_scale": round(scale, 4),
+                **stats,
                 "lr_factor": round(factor, 4),
                 "queue": int((queue.ids >= 0).sum()) if use_queue else 0,
-                "seconds": round(time.monotonic() - t0, 2),
+                "seconds": round(time.monotonic() - t0, 3),
             }
             self._record(row)
             if step % 5 == 0 or step == cfg.total_steps:
                 self.log(
                     f"step {step}/{cfg.total_steps} stage {stage} loss {row['loss']:.4f} nce {row['nce']:.4f} "
-                    f"cls {row['cls']:.4f} θ-reg {row['theta_reg']:.4f} pos {positive:.3f} "
-                    f"({row['seconds']:.1f}s/step)"
+                    f"cls {row['cls']:.4f} θ-reg {row['theta_reg']:.4f} pos {row['pos_sim']:.3f} "
+                    f"({row['seconds']:.2f}s/step)"
                 )
+            # The stage switch and the last step validate anyway.
+            periodic = cfg.validate_every and step % cfg.validate_every == 0
+            if periodic and step not in (cfg.stage1_steps, cfg.total_steps):
+                history.append(self._validate(model, val_bench, step, "periodic"))
+                consider(history[-1])
             if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
                 self._save(model, keys, opt, queue, step)
-        meta = {"variant": cfg.variant, "config": asdict(cfg)}
-        exported = export_torchscript(model, self.out_dir / "model.pt", meta)
-        self.log(f"exported {exported} ({exported.stat().st_size / 1e6:.1f} MB)")
-        # Validate (and calibrate the threshold on) the exported file, fp16-rounded weights and all: that is
-        # the network Triton serves, and its F1-optimal threshold can differ from the in-memory model's.
-        final = self._validate(load_torchscript(exported)[0], val_bench, step, "final")
-        history.append(final)
-        summary = {
+        selected = step
+        if cfg.validate_every:
+            history.append(self._validate(model, val_bench, step, "last step"))
+            consider(history[-1])
+            if best and int(best["step"]) != step:
+                model.load_state_dict(best["state"])
+                self.log(f"selected the state of step {best['step']} (validation µAP {best['micro_ap']:.4f})")
+            selected = int(best["step"]) if best else step
+        extra = {
+            "selected_step": selected,
+            "train_seconds_this_invocation": round(time.monotonic() - loop_started, 1),
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "time_budget_plan": plan,
+        }
+        self._save_state(model.cpu(), history, extra)
+        return self._finish(model, train_records, val_records, val_bench, history, extra)
+
+    def _save_state(self, model: STNEmbedder, history: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
+        """The selected weights in fp16 (a few MB) with the config: enough to export the model anywhere."""
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        path = self.out_dir / "state.pt"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": asdict(self.cfg), "model": weights, "history": history, **extra}, path)
+        return path
+
+    def import_state(self, path: Path) -> dict[str, Any]:
+        """Export and validate weights trained elsewhere (``state.pt`` from a GPU machine) as if trained here."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.cfg = TrainConfig(**state["config"])
+        self.out_dir = self.out_dir.parent / self.cfg.variant
+        self.log(f"importing {path} (trained on {state.get('device', '?')}, step {state.get('selected_step')})")
+        train_records, val_records, _, _, val_bench = self._data(with_views=False)
+        model = build_stn_embedder(
+            use_stn=self.cfg.use_stn, embed_dim=self.cfg.embed_dim, input_size=self.cfg.input_size
+        )
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
+        extra = {
+            k: state[k]
+            for k in ("selected_step", "train_seconds_this_invocation", "device", "time_budget_plan")
+            if k in state
+        }
+        return self._finish(model.eval(), train_records, val_records, val_bench, list(state.get("history", [])), extra)
+
+    def _finish(
+        self,
+        model: STNEmbedder,
+        train_records: list[PhotoRecord],
+        val_records: list[PhotoRecord],
+        val_bench: Benchmark,
+        history: list[dict[str, Any]],
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        model = model.cpu()
+        summary: dict[str, Any] = {
             "variant": cfg.variant,
             "config": asdict(cfg),
             "train_originals": len(train_records),
             "validation_originals": len(val_records),
             "validation_benchmark": val_bench.meta,
-            "validation": final,
             "history": history,
-            "train_seconds_this_invocation": round(time.monotonic() - started, 1),
-            "model_path": str(exported),
+            **extra,
         }
+        if self.export:
+            meta = {"variant": cfg.variant, "config": asdict(cfg)}
+            exported = export_torchscript(model, self.out_dir / "model.pt", meta)
+            self.log(f"exported {exported} ({exported.stat().st_size / 1e6:.1f} MB)")
+            # Validate (and calibrate the threshold on) the exported file, fp16-rounded weights and all: that is
+            # the network Triton serves, and its F1-optimal threshold can differ from the in-memory model's.
+            final = self._validate(
+                load_torchscript(exported)[0], val_bench, int(extra.get("selected_step", 0)), "final"
+            )
+            history.append(final)
+            summary.update(validation=final, model_path=str(exported))
+        else:
+            summary["validation"] = next(
+                (h for h in reversed(history) if h["step"] == extra.get("selected_step")), None
+            )
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
         return summary
 
@@ -458,7 +682,12 @@ class Trainer:
         self, model: Callable[[torch.Tensor], torch.Tensor], bench: Benchmark, step: int, label: str
     ) -> dict[str, Any]:
         t0 = time.monotonic()
-        metrics = validate(model, bench)
+        device = (
+            self.device
+            if isinstance(model, torch.nn.Module) and not isinstance(model, torch.jit.ScriptModule)
+            else "cpu"
+        )
+        metrics = validate(model, bench, device)
         row = {"step": step, "validation": label, **{k: round(v, 5) for k, v in metrics.items()}}
         self._record(row)
         self.log(

@@ -128,7 +128,7 @@ def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[Review
             DuplicateMatch(upload_id="orig-0412", score=0.913),
             DuplicateMatch(upload_id="orig-0977", score=0.41),
         ],
-        model_version="sieve_embedder:1",
+        model_version="sieve_embedder:2",
     )
     flag = ReviewRequest(
         upload_id="up-flag-0031",
@@ -137,7 +137,7 @@ def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[Review
         priority=0.55,
         scores={"nsfw": 0.62, "safe": 0.3, "violence": 0.05, "spam": 0.02},
         neighbours=[DuplicateMatch(upload_id="orig-0977", score=0.38)],
-        model_version="sieve_embedder:1",
+        model_version="sieve_embedder:2",
     )
     producer = AckedProducer(settings.kafka)
     for r in (duplicate, flag):
@@ -187,11 +187,12 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
             expect(page.locator("#item-id")).to_have_text(duplicate.upload_id)  # the highest priority first
             expect(page.locator(".nb")).to_have_count(2)
             expect(page.locator(".nb.top .id")).to_have_text("orig-0412")
-            expect(page.locator("#aligned-fig")).to_be_hidden()  # version 1 has no spatial transformer to show
+            # The served version 2 has a spatial transformer: its canonical-pose view of the upload is shown.
+            expect(page.locator("#aligned-fig")).to_be_visible()
             loaded = page.eval_on_selector_all(
-                "#img-upload, .nb img", "els => els.map(e => e.complete && e.naturalWidth > 0)"
+                "#img-upload, .nb img, #img-aligned", "els => els.map(e => e.complete && e.naturalWidth > 0)"
             )
-            assert loaded == [True, True, True], loaded
+            assert loaded == [True, True, True, True], loaded
             page.mouse.move(0, 0)  # no hover highlight in the picture
             shot = tmp_path / "reviewer.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -1,7 +1,6 @@
 """Version 2 of the embedder served by a real Triton equals the same files run in-process.
 
-Version 2 is staged in model_candidates/ (not served by default), so the test gives it a Triton of its own:
-a copy of model_repo/ with version 2 installed next to version 1, exactly what promotion produces. This is
+Version 2 (the STN-CNN) is the latest in model_repo/, so the session's Triton serves it. This is
 what makes ``sieve embed`` and ``sieve eval`` trustworthy stand-ins for the served model: whether they reach
 Triton or fall back to the files, the embeddings agree.
 """
@@ -9,8 +8,6 @@ Triton or fall back to the files, the embeddings agree.
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,6 @@ from PIL import Image
 from services.common.config import REPO_ROOT, DecodeSettings, Settings
 from services.common.imaging import decode_image
 from services.common.inference import TritonModels
-from services.common.stack.triton import TritonServer
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import ServedEmbedder, embed_folder, load_version, version_dir
 
@@ -30,19 +26,11 @@ DATA = Path(skimage.__file__).parent / "data"
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
-@pytest.fixture(scope="module")
-def v2_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """(repository, gRPC url) of a Triton serving embedder version 2 beside version 1 of every model."""
-    root = tmp_path_factory.mktemp("v2") / "model_repo"
-    for model in ("sieve_embedder", "sieve_classifier"):
-        (root / model).mkdir(parents=True)
-        shutil.copy2(REPO_ROOT / "model_repo" / model / "config.pbtxt", root / model / "config.pbtxt")
-        shutil.copytree(REPO_ROOT / "model_repo" / model / "1", root / model / "1")
-    shutil.copytree(version_dir(2), root / "sieve_embedder" / "2", ignore=shutil.ignore_patterns("__pycache__"))
-    server = TritonServer(root.parent / "triton", root, ["sieve_embedder", "sieve_classifier"])
-    server.start(root.parent / "logs", 300)
-    yield root, server.grpc_url
-    server.stop()
+@pytest.fixture()
+def v2_repo(settings: Settings) -> tuple[Path, str]:
+    """(repository, gRPC url) of the session's Triton, which serves model_repo/: version 2 is the latest there."""
+    assert version_dir(2) == REPO_ROOT / "model_repo" / "sieve_embedder" / "2"
+    return REPO_ROOT / "model_repo", settings.triton.url
 
 
 def _settings(settings: Settings, url: str) -> Settings:

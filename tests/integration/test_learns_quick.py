@@ -19,8 +19,10 @@ def test_quick_run_compares_equal_label_counts_and_writes_results(photo_set: Man
         random = next(r for r in sets if r["budget"] == budget and r["strategy"] == "random")
         assert active["labels"] == random["labels"] == min(budget, queue)
         assert active["labels"] == active["duplicate"] + active["not_duplicate"]
-    full = [r for r in sets if r["strategy"] == "random_full"]
-    assert len(full) == 1 and queue < full[0]["labels"] <= 50  # capped by the uploads that have a neighbour
+    full = {r["budget"]: r for r in sets if r["strategy"] == "random_full"}
+    assert set(full) == {b for b in (3, 50) if b > queue}  # only where the active queue ran out first
+    for budget, row in full.items():
+        assert queue < row["labels"] <= budget  # capped by the uploads that have a neighbour
     assert (
         result["serving_replay_b"]["tp"] + result["serving_replay_b"]["fn"] == result["streams"]["B"]["true_duplicates"]
     )

@@ -23,7 +23,7 @@ from services.common.transforms import chain, crop, encode_jpeg, jpeg
 from services.common.upload_keys import upload_uri_key
 from services.trainer.job import RetrainingJob
 
-CANDIDATE = REPO_ROOT / "model_candidates" / "sieve_embedder" / "2"
+SERVED_V2 = REPO_ROOT / "model_repo" / "sieve_embedder" / "2"
 
 
 def _distinct(manifest: Manifest, n: int) -> list[Path]:
@@ -42,7 +42,7 @@ def test_a_round_trains_on_labels_rehearses_the_window_and_records_the_gate(
     settings: Settings, photo_set: Manifest, tmp_path: Path
 ) -> None:
     repo = tmp_path / "model_repo" / "sieve_embedder"
-    shutil.copytree(CANDIDATE, repo / "2", ignore=shutil.ignore_patterns("*.onnx"))
+    shutil.copytree(SERVED_V2, repo / "2", ignore=shutil.ignore_patterns("*.onnx"))
     trainer = settings.trainer.model_copy(
         update={"workdir": tmp_path / "trainer", "rehearsal_images": 50, "gate_tolerance": -1.0}
     )

@@ -33,7 +33,7 @@ from services.trainer.export import load_torchscript
 from services.trainer.feedback import FeedbackStore
 from services.trainer.finetune import PairBatch, finetune
 
-MODEL = Path(__file__).resolve().parents[3] / "model_candidates" / "sieve_embedder" / "2" / "model.pt"
+MODEL = Path(__file__).resolve().parents[3] / "model_repo" / "sieve_embedder" / "2" / "model.pt"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_stream_ground_truth_follows_upload_order(small_stream: Stream) -> None:
 def test_oracle_labels_match_ground_truth_and_become_trainer_pairs(small_stream: Stream, tmp_path: Path) -> None:
     scripted, _ = load_torchscript(MODEL)
     embedder = CachedEmbedder(scripted, FeatureCache(scripted))
-    cfg = Settings().decision.model_copy(update={"duplicate_threshold": 0.86})
+    cfg = Settings().decision.for_version("sieve_embedder:2")
     selector = ReviewSelector(_unreachable_redis(), "t", Settings().review)
     n = len(small_stream.uploads)
     moderated = moderate(small_stream, embedder.embed(small_stream.pixels), [{}] * n, cfg, selector, "v")
