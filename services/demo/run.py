@@ -137,9 +137,10 @@ def _stream(
     consumer.close()
     elapsed = time.monotonic() - began
     found, planted, wrong = score_stream(samples, seen)
+    versions = sorted({str(v["model_version"]) for v in seen.values() if v.get("model_version")})
     console.print(
         f"[bold]summary[/bold]: {len(seen)}/{len(samples)} verdicts in {elapsed:.1f}s "
-        f"({len(seen) / max(elapsed, 1e-9):.1f} uploads/s); planted near-duplicate pairs linked {found}/{planted}; "
-        f"links between unrelated photos {wrong}"
+        f"({len(seen) / max(elapsed, 1e-9):.1f} uploads/s) by {', '.join(versions) or 'no model'}; "
+        f"planted near-duplicate pairs linked {found}/{planted}; links between unrelated photos {wrong}"
     )
     return 0 if len(seen) == len(samples) else 1
