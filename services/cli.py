@@ -18,19 +18,21 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     from services.common.stack import LocalStack
 
     stack = LocalStack(with_triton=not args.no_triton)
-    endpoints = stack.start()
-    print(json.dumps(endpoints.__dict__, indent=2))
-    print("export " + " ".join(f"{k}={v}" for k, v in endpoints.env().items()))
-    print("[stack] running; Ctrl-C to stop", flush=True)
     stopped = False
 
     def on_signal(_signum: int, _frame: object) -> None:
         nonlocal stopped
         stopped = True
 
+    # Installed before the "running" line: a Ctrl-C that follows that line at once must reach this handler,
+    # not Python's default one, which raises KeyboardInterrupt outside the cleanup below.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        endpoints = stack.start()
+        print(json.dumps(endpoints.__dict__, indent=2))
+        print("export " + " ".join(f"{k}={v}" for k, v in endpoints.env().items()))
+        print("[stack] running; Ctrl-C to stop", flush=True)
         while not stopped:
             time.sleep(0.5)
     finally:
