@@ -24,8 +24,9 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         nonlocal stopped
         stopped = True
 
-    # Installed before the "running" line: a Ctrl-C that follows that line at once must reach this handler,
-    # not Python's default one, which raises KeyboardInterrupt outside the cleanup below.
+    # Installed before the "running" line, so a signal that follows that line at once is not lost. Started in
+    # the background (nohup, CI), SIGINT is ignored until this handler replaces that: one sent in the gap left
+    # the stack running with its parent asleep in the loop below.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
