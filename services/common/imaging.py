@@ -25,9 +25,11 @@ class DecodedImage:
     format: str
     width: int  # original, after orientation
     height: int
+    detail: NDArray[Any] | None = None  # uint8 grayscale, aspect kept, for local-feature verification
 
 
-def decode_image(data: bytes, settings: DecodeSettings, size: int = 256) -> DecodedImage:
+def decode_image(data: bytes, settings: DecodeSettings, size: int = 256, detail_side: int = 0) -> DecodedImage:
+    """``detail_side`` > 0 also keeps a grayscale view with that longest side (or less), from the same decode."""
     if not data:
         raise BadInput(ErrorKind.CORRUPT_IMAGE, "empty body (0 bytes)")
     try:
@@ -46,12 +48,14 @@ def decode_image(data: bytes, settings: DecodeSettings, size: int = 256) -> Deco
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated GIF/WebP: moderate the first frame
             # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: most of the cost of big photos disappears.
-            image.draft("RGB", (size, size))
+            draft = max(size, detail_side)
+            image.draft("RGB", (draft, draft))
             image.load()
             image = ImageOps.exif_transpose(image) or image
             oriented_w, oriented_h = image.size
             if image.mode not in ("RGB",):
                 image = _to_rgb(image)
+            detail = detail_view(image, detail_side) if detail_side > 0 else None
             image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
             pixels = np.asarray(image, dtype=np.uint8)
     except BadInput:
@@ -64,7 +68,18 @@ def decode_image(data: bytes, settings: DecodeSettings, size: int = 256) -> Deco
         raise BadInput(ErrorKind.CORRUPT_IMAGE, f"cannot decode image: {exc}") from exc
     if pixels.shape != (size, size, 3):
         raise BadInput(ErrorKind.CORRUPT_IMAGE, f"unexpected decoded shape {pixels.shape}")
-    return DecodedImage(pixels=pixels, format=fmt, width=oriented_w, height=oriented_h)
+    return DecodedImage(pixels=pixels, format=fmt, width=oriented_w, height=oriented_h, detail=detail)
+
+
+def detail_view(image: Image.Image, side: int) -> NDArray[np.uint8]:
+    """Grayscale, aspect kept, longest side at most ``side``: verification needs the geometry that the wire
+    square distorts, and more pixels than it holds."""
+    gray = image.convert("L")
+    scale = side / max(gray.size)
+    if scale < 1.0:
+        size = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
+        gray = gray.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(gray, dtype=np.uint8)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

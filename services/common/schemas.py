@@ -57,6 +57,16 @@ class DuplicateMatch(_Strict):
     score: float
 
 
+class MatchEvidence(_Strict):
+    """Why a neighbour scored what it did: the descriptor's cosine and the local-feature check behind it."""
+
+    upload_id: str
+    cosine: float
+    inliers: int  # keypoint matches consistent with one homography (RANSAC)
+    mirrored: bool = False  # matched against the mirrored upload
+    score: float  # fused score, compared with the version's threshold
+
+
 class Verdict(_Strict):
     upload_id: str
     event_id: str
@@ -66,6 +76,7 @@ class Verdict(_Strict):
     flags: dict[str, float] = Field(default_factory=dict)
     reasons: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)  # milliseconds per stage
+    evidence: list[MatchEvidence] = Field(default_factory=list)  # verified neighbours
     decided_at: datetime = Field(default_factory=utcnow)
 
 

@@ -23,13 +23,14 @@ from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.hashing import informative_phash, phash_hex, sha256_hex
 from services.common.imaging import DecodedImage, decode_image
-from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.index import IndexEntry, Neighbour, SharedRecentIndex
 from services.common.inference import ImageModels
 from services.common.schemas import (
     Action,
     DeadLetter,
     DuplicateMatch,
     ErrorKind,
+    MatchEvidence,
     ReviewRequest,
     UploadEvent,
     Verdict,
@@ -37,6 +38,7 @@ from services.common.schemas import (
 from services.common.telemetry import extract_context, tracer
 from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.upload_keys import upload_action_key, upload_uri_key
+from services.common.verification import FeatureStore, LocalFeatures, QueryFeatures, Verifier, rescored
 from services.moderator.active_learning import Candidate, ReviewSelector
 from services.moderator.decide import Decision, decide
 from services.moderator.exact import ExactMatchStore, KnownUpload
@@ -58,7 +60,14 @@ class Item:
     sha256: str = ""
     phash: str = ""
     bank_check_failed: bool = False
+    features: LocalFeatures | None = None  # local features for verification, computed while preparing
     prepared: bool = False  # parsed, fetched and decoded (possibly ahead of time, while the last batch infers)
+
+
+@dataclass
+class _Evidence:
+    matches: list[MatchEvidence] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -70,6 +79,7 @@ class BatchOutput:
     fresh_verdicts: list[Verdict] = field(default_factory=list)  # decided by the model in this batch
     hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload_id -> (sha256, phash)
     uris: dict[str, str] = field(default_factory=dict)  # upload_id -> image_uri, for reviewers' neighbour views
+    features: dict[str, LocalFeatures] = field(default_factory=dict)  # kept for later uploads' verification
 
 
 def _now_ns() -> int:
@@ -97,6 +107,8 @@ class Pipeline:
         self.indexes: dict[str, SharedRecentIndex] = {}
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
+        self.verifier = Verifier(settings.verify)
+        self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self._priorities: dict[str, float] = {}
         self._overrides: dict[str, float] = {}
         self.sleep = sleep
@@ -147,10 +159,18 @@ class Pipeline:
                     span.set_attribute("sieve.bytes", len(data))
                 with _tracer.start_as_current_span("decode", context=ctx) as span:
                     began = time.perf_counter()
-                    item.image = decode_image(data, self.settings.decode, self.settings.triton.input_size)
+                    verify = self.settings.verify
+                    detail_side = verify.detail_side if verify.enabled else 0
+                    item.image = decode_image(data, self.settings.decode, self.settings.triton.input_size, detail_side)
                     item.phash = phash_hex(item.image.pixels)
                     item.timings["decode_ms"] = _ms(began)
                     span.set_attribute("sieve.format", item.image.format)
+                if item.image.detail is not None:
+                    with _tracer.start_as_current_span("features", context=ctx) as span:
+                        began = time.perf_counter()
+                        item.features = self.verifier.extractor.extract(item.image.detail)
+                        item.timings["features_ms"] = _ms(began)
+                        span.set_attribute("sieve.keypoints", len(item.features))
                 return
             except BadInput as exc:
                 item.failure = exc
@@ -319,6 +339,7 @@ class Pipeline:
         cfg = self.decision_for(result.model_version)
         search_total = 0.0
         decided: list[tuple[Item, Decision, list[str]]] = []
+        item_evidence: dict[str, list[MatchEvidence]] = {}
         batch_actions: dict[str, str] = {}
         for row, item in enumerate(ready):
             assert item.event is not None
@@ -333,13 +354,16 @@ class Pipeline:
             s0 = _now_ns()
             began = time.perf_counter()
             neighbours = index.search(result.embeddings[row : row + 1], cfg.top_k, exclude=[item.event.upload_id])[0]
+            item.timings["search_ms"] = _ms(began)
+            neighbours, evidence = self._verify(item, neighbours, cfg.duplicate_threshold, out)
             scores = {c: float(result.scores[row, k]) for k, c in enumerate(result.categories)}
             twins = [n.upload_id for n in neighbours if n.score >= cfg.duplicate_threshold]
             decision = decide(neighbours, scores, cfg, self._actions_of(twins, batch_actions))
             batch_actions[item.event.upload_id] = decision.action.value
             entry = IndexEntry(item.event.upload_id, result.embeddings[row], time.time())
             index.local.add([entry])  # later items of this batch must see it
-            item.timings["search_ms"] = _ms(began)
+            if item.features is not None:
+                out.features[item.event.upload_id] = item.features  # and verify against its features
             search_total += item.timings["search_ms"]
             _child(
                 item.span,
@@ -350,7 +374,8 @@ class Pipeline:
             )
             out.index_entries.append(entry)
             extra = ["bank_check_unavailable"] if item.bank_check_failed else []
-            decided.append((item, decision, extra))
+            decided.append((item, decision, extra + evidence.reasons))
+            item_evidence[item.event.upload_id] = evidence.matches
 
         selected = self._select_reviews(decided)
         for item, decision, extra in decided:
@@ -371,6 +396,7 @@ class Pipeline:
                 flags=decision.flags,
                 reasons=reasons,
                 timings=item.timings,
+                evidence=item_evidence.get(item.event.upload_id, []),
             )
             out.hashes[verdict.upload_id] = (item.sha256, item.phash)
             out.uris[verdict.upload_id] = item.event.image_uri
@@ -390,6 +416,39 @@ class Pipeline:
                 out.reviews.append((request, item.span))
         self.metrics.stage("index_search", search_total / 1000.0)
         self.metrics.index_size(result.model_version, len(index))
+
+    def _verify(
+        self, item: Item, neighbours: list[Neighbour], threshold: float, out: BatchOutput
+    ) -> tuple[list[Neighbour], _Evidence]:
+        """Local-feature check of the nearest candidates; their fused scores replace the cosines."""
+        evidence = _Evidence()
+        chosen = self.verifier.candidates(neighbours, threshold) if item.features is not None else []
+        if not chosen or item.features is None or item.image is None or item.image.detail is None:
+            return neighbours, evidence
+        began = time.perf_counter()
+        wanted = [n.upload_id for n in chosen]
+        references = {u: out.features[u] for u in wanted if u in out.features}
+        missing = [u for u in wanted if u not in references]
+        try:
+            references.update(self.feature_store.get_many(missing))
+        except redis.RedisError:
+            evidence.reasons.append("verification_unavailable")  # the descriptor's scores stand
+        detail = item.image.detail
+        query = QueryFeatures(item.features, lambda: self.verifier.extractor.extract_mirrored(detail))
+        verified = self.verifier.verify(query, chosen, references)
+        item.timings["verify_ms"] = _ms(began)
+        self.metrics.stage("verify", item.timings["verify_ms"] / 1000.0)
+        evidence.matches = [
+            MatchEvidence(
+                upload_id=v.upload_id, cosine=round(v.cosine, 6), inliers=v.inliers, mirrored=v.mirrored, score=v.score
+            )
+            for v in verified
+        ]
+        for v in verified:
+            if v.score >= threshold > v.cosine:
+                evidence.reasons.append(f"verified_match:{v.upload_id}:{v.inliers}")
+        item.span.set_attribute("sieve.verified", len(verified))
+        return rescored(neighbours, verified), evidence
 
     def _select_reviews(self, decided: list[tuple[Item, Decision, list[str]]]) -> dict[str, str]:
         """upload_id -> why it is not sent to review ("" when it is)."""
@@ -429,6 +488,7 @@ class Pipeline:
                 self.indexes[version].add(entries)
         self.processed.put_many(out.fresh_verdicts)
         self._remember_uploads(out)
+        self._remember_features(out)
         for verdict in out.fresh_verdicts:
             sha, phash = out.hashes[verdict.upload_id]
             known = KnownUpload(verdict.upload_id, verdict.action.value, verdict.model_version, verdict.flags)
@@ -436,6 +496,14 @@ class Pipeline:
                 self.exact.remember(sha, phash if informative_phash(phash) else None, known)
             except redis.RedisError:
                 break  # only the fast path is lost; the model still catches the re-upload
+
+    def _remember_features(self, out: BatchOutput) -> None:
+        """Computed once per upload, read whenever it is a later upload's candidate."""
+        fresh = {v.upload_id for v in out.fresh_verdicts}
+        try:
+            self.feature_store.put_many({u: f for u, f in out.features.items() if u in fresh})
+        except redis.RedisError:
+            log.warning("could not store local features of %d uploads; they stay unverifiable", len(fresh))
 
     def _remember_uploads(self, out: BatchOutput) -> None:
         """Reviewers see an upload beside its neighbours (by uri); the disagreement check needs their actions."""

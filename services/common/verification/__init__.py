@@ -1,0 +1,25 @@
+"""Local-feature verification of near-duplicate candidates: keypoints, geometric check, fused score.
+
+A global descriptor ranks candidates; a geometric check with local features confirms the ones it is unsure of.
+Crops, memes, rotations and screenshots keep many keypoints of the original in one consistent geometry, which a
+single global vector loses. Features are computed once per image (when it enters the index) and kept in Redis.
+"""
+
+from services.common.imaging import detail_view
+from services.common.verification.features import FeatureExtractor, LocalFeatures
+from services.common.verification.matching import Verification, count_inliers, fuse
+from services.common.verification.store import FeatureStore
+from services.common.verification.verifier import QueryFeatures, Verifier, rescored
+
+__all__ = [
+    "FeatureExtractor",
+    "FeatureStore",
+    "LocalFeatures",
+    "QueryFeatures",
+    "Verification",
+    "Verifier",
+    "count_inliers",
+    "detail_view",
+    "fuse",
+    "rescored",
+]

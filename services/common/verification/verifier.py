@@ -1,0 +1,68 @@
+"""Which candidates to verify, and their fused scores: one rule for the moderator, the benchmark and explain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from services.common.config import VerificationSettings
+from services.common.index.base import Neighbour
+from services.common.verification.features import FeatureExtractor, LocalFeatures
+from services.common.verification.matching import Verification, count_inliers, fuse
+
+
+@dataclass
+class QueryFeatures:
+    """An upload's features, and a way to get its mirrored features only if a candidate needs them."""
+
+    features: LocalFeatures
+    mirrored: Callable[[], LocalFeatures] | None = None
+    _mirrored: LocalFeatures | None = None
+
+    def mirror(self) -> LocalFeatures | None:
+        if self._mirrored is None and self.mirrored is not None:
+            self._mirrored = self.mirrored()
+        return self._mirrored
+
+
+class Verifier:
+    def __init__(self, settings: VerificationSettings) -> None:
+        self.settings = settings
+        self.extractor = FeatureExtractor(settings.kind, settings.max_features)
+
+    def candidates(self, neighbours: Sequence[Neighbour], threshold: float) -> list[Neighbour]:
+        """The nearest ``top_k``, unless the best is already far above the threshold (then none)."""
+        if not self.settings.enabled or not neighbours:
+            return []
+        if neighbours[0].score >= threshold + self.settings.sure_margin:
+            return []
+        return list(neighbours[: self.settings.top_k])
+
+    def verify(
+        self, query: QueryFeatures, neighbours: Sequence[Neighbour], references: Mapping[str, LocalFeatures]
+    ) -> list[Verification]:
+        """One result per neighbour whose features are known, in the neighbours' order."""
+        cfg = self.settings
+        out = []
+        for rank, neighbour in enumerate(neighbours):
+            reference = references.get(neighbour.upload_id)
+            if reference is None or reference.kind != query.features.kind:
+                continue
+            inliers = count_inliers(query.features, reference, cfg.ratio, cfg.ransac_px)
+            mirrored = False
+            if inliers <= cfg.inlier_floor and rank < cfg.mirror_top_k:
+                flipped = query.mirror()
+                if flipped is not None:
+                    flipped_inliers = count_inliers(flipped, reference, cfg.ratio, cfg.ransac_px)
+                    if flipped_inliers > inliers:
+                        inliers, mirrored = flipped_inliers, True
+            score = fuse(neighbour.score, inliers, cfg.weight, cfg.inlier_floor, cfg.inlier_cap)
+            out.append(Verification(neighbour.upload_id, neighbour.score, inliers, mirrored, round(score, 6)))
+        return out
+
+
+def rescored(neighbours: Sequence[Neighbour], verified: Sequence[Verification]) -> list[Neighbour]:
+    """The neighbours with verified ones carrying their fused score, best first."""
+    fused = {v.upload_id: v.score for v in verified}
+    out = [Neighbour(n.upload_id, fused.get(n.upload_id, n.score)) for n in neighbours]
+    return sorted(out, key=lambda n: -n.score)

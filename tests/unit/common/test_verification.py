@@ -1,0 +1,104 @@
+"""Local-feature verification on real photos (scikit-image ships them): copies gain inliers, strangers do not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from services.common.config import VerificationSettings
+from services.common.imaging import detail_view
+from services.common.index.base import Neighbour
+from services.common.verification import (
+    FeatureExtractor,
+    LocalFeatures,
+    QueryFeatures,
+    Verifier,
+    count_inliers,
+    fuse,
+    rescored,
+)
+
+
+def _photo(name: str) -> Image.Image:
+    return Image.fromarray(getattr(skdata, name)()).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    return FeatureExtractor("orb", 500)
+
+
+def _features(extractor: FeatureExtractor, img: Image.Image) -> LocalFeatures:
+    return extractor.extract(detail_view(img, 512))
+
+
+def test_features_round_trip_through_bytes(extractor: FeatureExtractor) -> None:
+    feats = _features(extractor, _photo("astronaut"))
+    back = LocalFeatures.from_bytes(feats.to_bytes())
+    assert len(back) == len(feats) > 100
+    assert back.kind == "orb" and (back.width, back.height) == (feats.width, feats.height)
+    assert np.array_equal(back.descriptors, feats.descriptors)
+    assert np.abs(back.points - feats.points).max() < 0.5  # float16 keeps positions to well under RANSAC's 5 px
+
+
+def test_a_garbled_record_is_refused() -> None:
+    with pytest.raises(ValueError):
+        LocalFeatures.from_bytes(b"XXXX" + bytes(40))
+
+
+def test_a_small_rotated_crop_keeps_many_inliers_and_a_stranger_gets_none(extractor: FeatureExtractor) -> None:
+    original = _photo("astronaut")
+    w, h = original.size
+    copy = original.crop((int(w * 0.2), int(h * 0.1), int(w * 0.75), int(h * 0.65))).rotate(55, expand=True)
+    reference = _features(extractor, original)
+    assert count_inliers(_features(extractor, copy), reference) >= 25
+    assert count_inliers(_features(extractor, _photo("coffee")), reference) < 12
+
+
+def test_a_mirrored_copy_is_found_through_the_mirrored_query(extractor: FeatureExtractor) -> None:
+    original = _photo("chelsea")
+    flipped = original.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    reference = _features(extractor, original)
+    gray = detail_view(flipped, 512)
+    assert count_inliers(extractor.extract_mirrored(gray), reference) > count_inliers(
+        extractor.extract(gray), reference
+    )
+    verifier = Verifier(VerificationSettings(mirror_top_k=1))
+    query = QueryFeatures(extractor.extract(gray), lambda: extractor.extract_mirrored(gray))
+    [result] = verifier.verify(query, [Neighbour("orig", 0.4)], {"orig": reference})
+    assert result.mirrored and result.inliers > verifier.settings.inlier_floor
+    assert result.score > 0.4
+
+
+def test_fuse_adds_a_bonus_only_above_the_floor_and_saturates_at_the_cap() -> None:
+    assert fuse(0.4, 10, weight=0.5, floor=12, cap=50) == pytest.approx(0.4)
+    assert fuse(0.4, 31, weight=0.5, floor=12, cap=50) == pytest.approx(0.4 + 0.5 * 19 / 38)
+    assert fuse(0.4, 500, weight=0.5, floor=12, cap=50) == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        fuse(0.4, 10, weight=0.5, floor=50, cap=50)
+
+
+def test_candidates_are_the_nearest_unless_the_best_is_already_sure() -> None:
+    verifier = Verifier(VerificationSettings(top_k=2, sure_margin=0.1))
+    near = [Neighbour("a", 0.6), Neighbour("b", 0.5), Neighbour("c", 0.4)]
+    assert [n.upload_id for n in verifier.candidates(near, threshold=0.65)] == ["a", "b"]
+    assert verifier.candidates([Neighbour("a", 0.8)], threshold=0.65) == []
+    assert Verifier(VerificationSettings(enabled=False)).candidates(near, threshold=0.65) == []
+
+
+def test_neighbours_without_features_keep_their_cosine_and_order_follows_fused_scores(
+    extractor: FeatureExtractor,
+) -> None:
+    original = _photo("astronaut")
+    w, h = original.size
+    copy = original.crop((0, 0, w // 2, h // 2)).rotate(40, expand=True)
+    verifier = Verifier(VerificationSettings())
+    neighbours = [Neighbour("stranger", 0.55), Neighbour("orig", 0.35), Neighbour("unknown", 0.3)]
+    references = {"orig": _features(extractor, original), "stranger": _features(extractor, _photo("coffee"))}
+    verified = verifier.verify(QueryFeatures(_features(extractor, copy)), neighbours, references)
+    assert {v.upload_id for v in verified} == {"orig", "stranger"}
+    ranked = rescored(neighbours, verified)
+    assert ranked[0].upload_id == "orig" and ranked[0].score > 0.55
+    assert next(n for n in ranked if n.upload_id == "unknown").score == 0.3
