@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from services.common.config import REPO_ROOT, DecisionSettings, DecodeSettings, Settings
 from services.common.imaging import DecodedImage, decode_image
+from services.common.verification import FeatureExtractor, GeometricMatch, fuse, match_geometry
 from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_version, triton_reachable
 
 WIRE_SIZE = 256  # what the moderator sends to Triton: uint8 NHWC 256x256
@@ -309,15 +310,30 @@ class Explanation:
     flag_review_low: float
     stn_flags: list[dict[str, float]] | None
     sizes: list[str]
+    inliers: int = 0  # keypoint matches on one homography (ORB + RANSAC, as the moderator verifies)
+    mirrored: bool = False  # found by matching the mirrored A
+    score: float = 0.0  # cosine fused with the inliers: what the moderator compares with the threshold
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _decode(data: bytes) -> tuple[DecodedImage, tuple[int, int]]:
+def _decode(data: bytes, detail_side: int = 0) -> tuple[DecodedImage, tuple[int, int]]:
     from services.batch.dedup import true_size
 
-    return decode_image(data, DecodeSettings(), WIRE_SIZE), true_size(data)
+    return decode_image(data, DecodeSettings(), WIRE_SIZE, detail_side), true_size(data)
+
+
+def keypoint_match(a: DecodedImage, b: DecodedImage, settings: Settings) -> tuple[GeometricMatch, bool]:
+    """The moderator's verification of this pair: A's features (and its mirror's) against B's."""
+    cfg = settings.verify
+    if a.detail is None or b.detail is None:
+        raise ValueError("decode both images with a detail view first")
+    extractor = FeatureExtractor(cfg.kind, cfg.max_features)
+    reference = extractor.extract(b.detail)
+    direct = match_geometry(extractor.extract(a.detail), reference, cfg.ratio, cfg.ransac_px)
+    flipped = match_geometry(extractor.extract_mirrored(a.detail), reference, cfg.ratio, cfg.ransac_px)
+    return (flipped, True) if flipped.inliers > direct.inliers else (direct, False)
 
 
 @functools.lru_cache(maxsize=2)
@@ -388,7 +404,7 @@ def explain_pair(
     from services.batch.dedup import moderator_threshold
 
     settings = settings or Settings()
-    decoded = [_decode(data_a), _decode(data_b)]
+    decoded = [_decode(data_a, settings.verify.detail_side), _decode(data_b, settings.verify.detail_side)]
     pixels = np.stack([d.pixels for d, _ in decoded]).astype(np.uint8)
     version = latest_version(repo)
     local_name = f"{repo.name}:{version}"
@@ -413,6 +429,15 @@ def explain_pair(
             f"{cfg.duplicate_threshold:.3f} for it ({source})."
         )
     notes.append(f"classifier: {served.classifier_source}")
+    geometry, mirrored = keypoint_match(decoded[0][0], decoded[1][0], settings)
+    vcfg = settings.verify
+    score = fuse(similarity, geometry.inliers, vcfg.weight, vcfg.inlier_floor, vcfg.inlier_cap)
+    notes.append(
+        f"verification: {geometry.inliers} {vcfg.kind.upper()} keypoint matches agree on one homography"
+        + (" (with A mirrored)" if mirrored else "")
+        + f"; inliers above {vcfg.inlier_floor} add up to {vcfg.weight} to the cosine (saturating at "
+        f"{vcfg.inlier_cap}): score {score:.3f}."
+    )
     result = Explanation(
         a=name_a,
         b=name_b,
@@ -421,7 +446,7 @@ def explain_pair(
         backend=served.backend,
         similarity=round(similarity, 6),
         local_similarity=round(evidence.similarity, 6),
-        verdict=band_of(similarity, cfg),
+        verdict=band_of(score, cfg),
         duplicate_threshold=cfg.duplicate_threshold,
         review_margin=cfg.review_margin,
         card_threshold=card,
@@ -436,8 +461,51 @@ def explain_pair(
         flag_review_low=cfg.flag_review_low,
         stn_flags=evidence.stn_flags,
         sizes=[f"{w}x{h} {d.format}" for d, (w, h) in decoded],
+        inliers=geometry.inliers,
+        mirrored=mirrored,
+        score=round(score, 6),
     )
-    return result, render(result, pixels, evidence, notes), notes
+    picture = render(result, pixels, evidence, notes)
+    details = [d.detail for d, _ in decoded]
+    if details[0] is not None and details[1] is not None:
+        picture = _stacked(picture, keypoint_panel(details[0], details[1], geometry, mirrored, picture.width))
+    return result, picture, notes
+
+
+def keypoint_panel(
+    a: NDArray[np.uint8], b: NDArray[np.uint8], geometry: GeometricMatch, mirrored: bool, width: int
+) -> Image.Image:
+    """A beside B at the verification's resolution, a line per inlier: where the copy's pixels came from."""
+    height = 300
+    views = []
+    for gray in (a[:, ::-1] if mirrored else a, b):
+        img = Image.fromarray(np.ascontiguousarray(gray)).convert("RGB")
+        views.append((img.resize((max(1, round(img.width * height / img.height)), height)), height / img.height))
+    title_h = 28
+    canvas = Image.new("RGB", (max(width, views[0][0].width + views[1][0].width + 3 * PAD), height + title_h + PAD))
+    canvas.paste((255, 255, 255), (0, 0, canvas.width, canvas.height))
+    draw = ImageDraw.Draw(canvas)
+    title = f"keypoint verification: {geometry.inliers} inliers" + (" (A mirrored)" if mirrored else "")
+    draw.text((PAD, 6), title, fill=INK, font=_font(14, bold=True))
+    xa, xb, y0 = PAD, 2 * PAD + views[0][0].width, title_h
+    canvas.paste(views[0][0], (xa, y0))
+    canvas.paste(views[1][0], (xb, y0))
+    a_width = a.shape[1]
+    for (qx, qy), (rx, ry) in zip(geometry.query_points, geometry.reference_points, strict=True):
+        qx = a_width - 1 - qx if mirrored else qx  # mirrored features were found on the flipped A, drawn flipped
+        p = (xa + qx * views[0][1], y0 + qy * views[0][1])
+        r = (xb + rx * views[1][1], y0 + ry * views[1][1])
+        draw.line((p, r), fill=(40, 200, 90), width=1)
+        for x, y in (p, r):
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), outline=(255, 214, 0))
+    return canvas
+
+
+def _stacked(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), (255, 255, 255))
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- drawing
@@ -560,14 +628,15 @@ def render(result: Explanation, pixels: NDArray[np.uint8], ev: PairEvidence, not
     if "review" in result.verdict:
         verdict_colour = ZONES["review"]
     draw.rectangle((0, 0, width, header_h - 10), fill=tuple(int(c * 0.35 + 255 * 0.65) for c in verdict_colour))
-    draw.text((PAD, 8), f"cosine {result.similarity:.3f}  →  {result.verdict}", fill=INK, font=_font(22, bold=True))
+    headline = f"cosine {result.similarity:.3f} + {result.inliers} inliers = {result.score:.3f}  →  {result.verdict}"
+    draw.text((PAD, 8), headline, fill=INK, font=_font(22, bold=True))
     sub = f"{result.model_version} via {result.backend}   ·   A: {Path(result.a).name}   ·   B: {Path(result.b).name}"
     draw.text((PAD, 40), sub, fill=MUTED, font=_font(13))
     card = result.card_threshold
-    if card is not None and (result.similarity >= card) != (result.similarity >= result.duplicate_threshold):
-        side = "above" if result.similarity >= card else "below"
+    if card is not None and (result.score >= card) != (result.score >= result.duplicate_threshold):
+        side = "above" if result.score >= card else "below"
         remark = f"({side} the version's calibrated {card:.3f})"
-        title_w = draw.textlength(f"cosine {result.similarity:.3f}  →  {result.verdict}", font=_font(22, bold=True))
+        title_w = draw.textlength(headline, font=_font(22, bold=True))
         draw.text((PAD + title_w + 12, 14), remark, fill=(60, 60, 200), font=_font(14, bold=True))
 
     y = header_h
@@ -616,7 +685,7 @@ def render(result: Explanation, pixels: NDArray[np.uint8], ev: PairEvidence, not
 def _similarity_bar(draw: ImageDraw.ImageDraw, r: Explanation, x0: int, y0: int, w: int) -> None:
     """The score on a bar whose zones are the moderator's: no match, review band, duplicate."""
     thr, margin = r.duplicate_threshold, r.review_margin
-    lo = min(0.5, math.floor((min(r.similarity, thr - margin) - 0.05) * 10) / 10)
+    lo = min(0.5, math.floor((min(r.score, thr - margin) - 0.05) * 10) / 10)
     lo = max(lo, -1.0)
     draw.text((x0, y0), "similarity against the moderator's thresholds", fill=INK, font=_font(13, bold=True))
     top, bottom = y0 + 26, y0 + 58
@@ -647,9 +716,9 @@ def _similarity_bar(draw: ImageDraw.ImageDraw, r: Explanation, x0: int, y0: int,
         draw.line((card_x, top - 4, card_x, bottom + 4), fill=(60, 60, 200), width=2)
         label = f"{r.model_version} model card {r.card_threshold:.3f}"
         draw.text((card_x - draw.textlength(label, font=small) - 6, top - 30), label, fill=(60, 60, 200), font=small)
-    s = px(r.similarity)
+    s = px(r.score)
     draw.polygon([(s - 8, bottom + 22), (s + 8, bottom + 22), (s, bottom + 4)], fill=INK)
-    draw.text((s - 20, bottom + 24), f"{r.similarity:.3f}", fill=INK, font=_font(13, bold=True))
+    draw.text((s - 20, bottom + 24), f"{r.score:.3f}", fill=INK, font=_font(13, bold=True))
     legend_x = x0 + 10
     for name, colour in ZONES.items():
         draw.rectangle((legend_x, y0 + 100, legend_x + 12, y0 + 112), fill=colour)

@@ -106,7 +106,7 @@ class DecisionSettings(BaseSettings):
     # Each is the version's high-precision operating point: the lowest similarity with precision >= 0.98 on the
     # validation benchmark (train-split originals), recorded in its model card by `sieve eval --update-card`.
     version_thresholds: dict[str, float] = Field(
-        default_factory=lambda: {"sieve_embedder:1": 0.90, "sieve_embedder:2": 0.65}
+        default_factory=lambda: {"sieve_embedder:1": 0.90, "sieve_embedder:2": 0.69}
     )
     review_margin: float = 0.03  # similarity within this of the threshold goes to review
     flag_threshold: float = 0.80
@@ -134,7 +134,7 @@ class VerificationSettings(BaseSettings):
     detail_side: int = 512  # longest side of the grayscale view features are computed on
     top_k: int = 5  # candidates verified per upload (the nearest ones by cosine)
     mirror_top_k: int = 2  # of those, how many are also matched against the mirrored upload (flipped copies)
-    sure_margin: float = 0.15  # a best cosine this far above the threshold needs no verification
+    sure_margin: float = 0.3  # a best cosine this far above the threshold needs no verification
     ratio: float = 0.75  # Lowe's ratio test
     ransac_px: float = 5.0
     inlier_floor: int = 12  # inliers that unrelated pairs reach by chance; only those above count

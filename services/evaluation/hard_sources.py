@@ -37,6 +37,7 @@ MIN_SIDE = 200
 class SourceImage:
     id: str  # "<package>:<path inside>", stable across machines
     data: bytes  # as shipped (JPEG or PNG)
+    group: str = ""  # images of one scene (frames of a clip, shots of one person) share a group
 
 
 @dataclass(frozen=True)

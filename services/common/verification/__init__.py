@@ -7,13 +7,14 @@ single global vector loses. Features are computed once per image (when it enters
 
 from services.common.imaging import detail_view
 from services.common.verification.features import FeatureExtractor, LocalFeatures
-from services.common.verification.matching import Verification, count_inliers, fuse
+from services.common.verification.matching import GeometricMatch, Verification, count_inliers, fuse, match_geometry
 from services.common.verification.store import FeatureStore
 from services.common.verification.verifier import QueryFeatures, Verifier, rescored
 
 __all__ = [
     "FeatureExtractor",
     "FeatureStore",
+    "GeometricMatch",
     "LocalFeatures",
     "QueryFeatures",
     "Verification",
@@ -21,5 +22,6 @@ __all__ = [
     "count_inliers",
     "detail_view",
     "fuse",
+    "match_geometry",
     "rescored",
 ]

@@ -25,12 +25,33 @@ class Verification:
     score: float  # the fused score the decision compares with the threshold
 
 
+@dataclass(frozen=True)
+class GeometricMatch:
+    """The inlier correspondences themselves, for drawing (``sieve explain``)."""
+
+    query_points: NDArray[np.float32]  # (n, 2)
+    reference_points: NDArray[np.float32]  # (n, 2)
+
+    @property
+    def inliers(self) -> int:
+        return int(self.query_points.shape[0])
+
+
+_NO_MATCH = GeometricMatch(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32))
+
+
 def count_inliers(query: LocalFeatures, reference: LocalFeatures, ratio: float = 0.75, ransac_px: float = 5.0) -> int:
     """Ratio-test matches that agree on one homography (RANSAC): 0 when there is no consistent geometry."""
+    return match_geometry(query, reference, ratio, ransac_px).inliers
+
+
+def match_geometry(
+    query: LocalFeatures, reference: LocalFeatures, ratio: float = 0.75, ransac_px: float = 5.0
+) -> GeometricMatch:
     if query.kind != reference.kind:
         raise ValueError(f"cannot match {query.kind} features against {reference.kind}")
     if len(query) < 2 or len(reference) < 2:
-        return 0
+        return _NO_MATCH
     norm = cv2.NORM_HAMMING if query.kind == "orb" else cv2.NORM_L2
     q_desc, r_desc = query.descriptors, reference.descriptors
     if query.kind == "sift":
@@ -38,14 +59,15 @@ def count_inliers(query: LocalFeatures, reference: LocalFeatures, ratio: float =
     pairs = cv2.BFMatcher(norm).knnMatch(q_desc, r_desc, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < ratio * p[1].distance]
     if len(good) < MIN_MATCHES:
-        return 0
+        return _NO_MATCH
     src = query.points[[m.queryIdx for m in good]].reshape(-1, 1, 2)
     dst = reference.points[[m.trainIdx for m in good]].reshape(-1, 1, 2)
     cv2.setRNGSeed(0)  # the same pair gives the same count on every replica and every redelivery
     homography, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=1000, confidence=0.995)
     if homography is None or mask is None or not _plausible(homography):
-        return 0
-    return int(mask.sum())
+        return _NO_MATCH
+    keep = mask.ravel().astype(bool)
+    return GeometricMatch(src.reshape(-1, 2)[keep], dst.reshape(-1, 2)[keep])
 
 
 def _plausible(homography: NDArray[Any]) -> bool:

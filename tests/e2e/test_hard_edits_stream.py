@@ -1,0 +1,72 @@
+"""Hard edits through the whole pipeline: the verification stage links what the descriptor alone misses."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from services.common.config import DecisionSettings, Settings, VerificationSettings
+from services.common.kafka_io import ensure_topics
+from services.common.photos.build import Manifest
+from services.common.transforms import encode_jpeg
+from services.common.uploads import UploadPublisher, event_for_file
+from services.evaluation.hard_edits import small_crop, strong_geometry
+from tests.e2e.conftest import ModeratorProcess, pick_photos, read_topic, start_moderator, write_photo
+
+
+def _hard_copy(image: Image.Image, seed: int) -> Image.Image:
+    """A small crop (20-45% of the area), then a rotation of 30-90° or a strong perspective."""
+    rng = random.Random(seed)
+    cropped, _ = small_crop(image, rng)
+    edited, _ = strong_geometry(cropped, rng)
+    return edited
+
+
+def test_hard_copies_are_linked_with_keypoint_evidence(
+    settings: Settings,
+    stack_env: dict[str, str],
+    tmp_path: Path,
+    photo_set: Manifest,
+    moderators: list[ModeratorProcess],
+) -> None:
+    records = pick_photos(photo_set, 14, seed=23)
+    originals = {f"orig-{n:03d}": write_photo(photo_set, r, tmp_path, f"orig-{n:03d}") for n, r in enumerate(records)}
+    copies: dict[str, tuple[Path, str]] = {}
+    for n, (uid, path) in enumerate(list(originals.items())[:8]):
+        with Image.open(path) as img:
+            edited = _hard_copy(img.convert("RGB"), seed=n)
+        cpath = tmp_path / f"hard-{n:03d}.jpg"
+        cpath.write_bytes(encode_jpeg(edited, 80))
+        copies[f"hard-{n:03d}"] = (cpath, uid)
+
+    ensure_topics(settings.kafka)
+    start_moderator(moderators, stack_env, tmp_path)
+    publisher = UploadPublisher(settings.kafka)
+    publisher.publish(event_for_file(path, uid) for uid, path in originals.items())
+    assert len(read_topic(settings, settings.kafka.topic_verdicts, len(originals))) >= len(originals)
+    publisher.publish(event_for_file(path, uid) for uid, (path, _) in copies.items())
+    records_read = read_topic(settings, settings.kafka.topic_verdicts, len(originals) + len(copies))
+    verdicts = {str(r["upload_id"]): r for r in records_read}
+    assert set(verdicts) >= set(copies), moderators[0].log()[-3000:]
+
+    floor = VerificationSettings().inlier_floor
+    found = by_keypoints = 0
+    for uid, (_, original) in copies.items():
+        verdict = verdicts[uid]
+        matches = [str(d["upload_id"]) for d in verdict["duplicate_of"]]  # type: ignore[union-attr]
+        assert all(m == original for m in matches), f"{uid} linked to the wrong upload: {matches}"
+        evidence = {str(e["upload_id"]): e for e in verdict["evidence"]}  # type: ignore[union-attr]
+        found += bool(matches)
+        verified = evidence.get(original)
+        if matches and verified is not None and int(verified["inliers"]) > floor:  # type: ignore[call-overload]
+            by_keypoints += 1
+            assert float(verified["score"]) > float(verified["cosine"])  # type: ignore[arg-type]
+            threshold = DecisionSettings().threshold_for(str(verdict["model_version"]))
+            if float(verified["cosine"]) < threshold:  # type: ignore[arg-type]
+                assert f"verified_match:{original}:{verified['inliers']}" in verdict["reasons"], verdict  # type: ignore[operator]
+    assert found >= 6, f"only {found} of {len(copies)} hard copies linked"
+    assert by_keypoints >= 3, f"only {by_keypoints} links carry keypoint evidence"
+    for uid in originals:
+        assert verdicts[uid]["duplicate_of"] == [], f"{uid} (an unrelated photo) was linked: {verdicts[uid]}"
