@@ -28,7 +28,7 @@ import io
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,14 +38,21 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from bench.common import RESULTS_DIR, machine_info, write_result
-from services.common.calibration import VALIDATION_HALF, background_half
+from services.common.calibration import (
+    BACKGROUND_HALF,
+    VALIDATION_HALF,
+    background_half,
+    background_similarity,
+    normalised,
+)
 from services.common.config import DecisionSettings, DecodeSettings, VerificationSettings
 from services.common.hashing import hamming, phash_hex
 from services.common.imaging import decode_image
 from services.common.index.base import Neighbour
 from services.common.photos.build import load_photo_set
 from services.common.verification import FeatureExtractor, LocalFeatures, QueryFeatures, Verifier, detail_view
-from services.evaluation.hard_edits import FAMILY_QUALITY, HARD_FAMILIES, hard_family_edits
+from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG
+from services.evaluation.hard_edits import FAMILY_QUALITY, Edit, hard_family_edits
 from services.evaluation.hard_sources import (
     TEST_DISTRACTORS,
     VALIDATION_DISTRACTORS,
@@ -64,6 +71,8 @@ from services.evaluation.metrics import (
 )
 
 TOP_K = 10
+FamilyPolicy = tuple[Mapping[str, Edit], Mapping[str, tuple[int, int]]]
+NORMALISATION_BETA, NORMALISATION_K = 1.0, 1  # SSCD's score normalisation, as measured here (not served)
 EDIT_MAX_SIDE = 1024
 
 
@@ -123,10 +132,11 @@ def build_set(
     filler_images: Sequence[Image.Image],
     seed: int = 20261204,
     reference_fraction: float = 0.65,
+    families: FamilyPolicy | None = None,
 ) -> HardSet:
     """Deterministic in its inputs: every original gives one query per family; ~65% of originals are in the
-    database, the rest give queries that must match nothing."""
-    edits = hard_family_edits(filler_images)
+    database, the rest give queries that must match nothing. ``families`` defaults to the hard ones."""
+    edits, qualities = families or (hard_family_edits(filler_images), FAMILY_QUALITY)
     originals = merge_identical(originals)
     out = HardSet(name)
     for image in distractors:
@@ -143,11 +153,11 @@ def build_set(
         with Image.open(io.BytesIO(image.data)) as opened:
             original = opened.convert("RGB")
         original.thumbnail((EDIT_MAX_SIDE, EDIT_MAX_SIDE))
-        for family in HARD_FAMILIES:
+        for family, edit in edits.items():
             qid = f"{image.id}__{family}"
             rng = random.Random(f"{name}:{seed}:{qid}")
-            edited, description = edits[family](original.copy(), rng)
-            quality = rng.randint(*FAMILY_QUALITY[family])
+            edited, description = edit(original.copy(), rng)
+            quality = rng.randint(*qualities[family])
             out.query_ids.append(qid)
             out.query_data.append(_jpeg(edited, quality))
             out.families.append(family)
@@ -167,15 +177,19 @@ def _photo_sources(split: str, limit: int | None, seed: int, half: int | None = 
     return [SourceImage(f"photos:{r.id}", manifest.path_of(r).read_bytes(), r.group) for r in records]
 
 
-def build_sets(quick: bool) -> tuple[HardSet, HardSet]:
+def build_sets(quick: bool) -> tuple[HardSet, HardSet, HardSet]:
+    """Validation (hard families), test (hard families) and the current benchmark's easier families on the
+    test originals and distractors, to check that they do not regress."""
     fill = fillers()
     test_originals = _photo_sources("heldout", 30 if quick else None, 1) + ([] if quick else extra_photos())
     val_originals = _photo_sources("train", 30 if quick else None, 2, half=VALIDATION_HALF)
-    test = build_set("test", test_originals, texture_images(TEST_DISTRACTORS, limit=150 if quick else None), fill)
+    test_distractors = texture_images(TEST_DISTRACTORS, limit=150 if quick else None)
+    test = build_set("test", test_originals, test_distractors, fill)
     val = build_set(
         "validation", val_originals, texture_images(VALIDATION_DISTRACTORS, limit=100 if quick else None), fill
     )
-    return val, test
+    current = build_set("current", test_originals, test_distractors, fill, families=(FAMILY_EDITS, FAMILY_JPEG))
+    return val, test, current
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -248,6 +262,7 @@ def score_table(
     sim: NDArray[Any], truth: NDArray[np.int64], families: Sequence[str], threshold: float | None
 ) -> dict[str, Any]:
     fam = np.asarray(families)
+    names = list(dict.fromkeys(families))
     has_truth = truth >= 0
     result: dict[str, Any] = {"micro_ap": micro_ap(predictions(sim, truth, TOP_K))}
     idx, scores = top_k(sim, 1)
@@ -257,7 +272,7 @@ def score_table(
     if threshold is not None:
         result["at_served_threshold"] = _decision_row(decide(top1, correct, has_truth, threshold), top1, has_truth)
     result["families"] = {}
-    for family in HARD_FAMILIES:
+    for family in names:
         rows = fam == family
         family_row: dict[str, Any] = {"micro_ap": micro_ap(predictions(sim[rows], truth[rows], TOP_K))}
         if threshold is not None:
@@ -328,6 +343,51 @@ def verified_similarity(
     }
 
 
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def normalisation_study(test_sim: NDArray[Any], served: Embed, val: HardSet, test: HardSet) -> dict[str, Any]:
+    """Does the false-match rate grow as the index fills, with raw cosines and with SSCD's normalisation?
+
+    The descriptor alone (no verification), each at its own threshold calibrated on validation (precision
+    >= 0.98); negatives matched on the test set as 0 ... all distractors join the database.
+    """
+    background = served([s.data for s in _photo_sources("train", None, 0, half=BACKGROUND_HALF)])
+    k, beta = NORMALISATION_K, NORMALISATION_BETA
+    centre = float(np.median(background_similarity(background, background, k + 1)))  # +1: itself
+    val_queries, val_refs = served(val.query_data), served(val.ref_data)
+    test_queries = served(test.query_data)
+    variants = {
+        "raw_cosine": (val_queries @ val_refs.T, test_sim),
+        "normalised": (
+            normalised(val_queries @ val_refs.T, background_similarity(val_queries, background, k), beta, centre),
+            normalised(test_sim, background_similarity(test_queries, background, k), beta, centre),
+        ),
+    }
+    kinds = np.asarray(test.ref_kind)
+    photos, distractors = (
+        np.where(kinds == "photo")[0],
+        np.random.default_rng(0).permutation(np.where(kinds != "photo")[0]),
+    )
+    truth, val_truth = test.truth_index(), val.truth_index()
+    out: dict[str, Any] = {"background_images": len(background), "k": k, "beta": beta, "centre": round(centre, 4)}
+    for name, (val_sim, sim) in variants.items():
+        idx, top = top_k(val_sim, 1)
+        thr = threshold_for_precision(top[:, 0], idx[:, 0] == val_truth, val_truth >= 0, 0.98).threshold
+        growth = {}
+        for n in (0, len(distractors) // 4, len(distractors) // 2, len(distractors)):
+            cols = np.r_[photos, distractors[:n]]
+            growth[str(n)] = round(float((sim[truth < 0][:, cols].max(axis=1) >= thr).mean()), 4)
+        row = score_table(sim, truth, test.families, thr)
+        out[name] = {
+            "threshold": round(thr, 4),
+            "micro_ap": row["micro_ap"],
+            "at_threshold": row["at_served_threshold"],
+            "negatives_matched_by_distractors_in_index": growth,
+        }
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- run
 
 
@@ -342,8 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[hard-edits {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    val, test = build_sets(args.quick)
-    log(f"validation {val.summary()}; test {test.summary()}")
+    val, test, current = build_sets(args.quick)
+    log(f"validation {val.summary()}; test {test.summary()}; current families {current.summary()}")
     threshold = DecisionSettings().threshold_for("sieve_embedder:2")
     vcfg = VerificationSettings()
     verifier = Verifier(vcfg)
@@ -387,10 +447,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["methods"][key] = table
         log(f"{key}: µAP {table['micro_ap']}, at {threshold}: {table['at_served_threshold']} ({cost})")
 
+    # The current benchmark's (easier) families on the same originals and distractors: no regression there.
+    current_refs = served(current.ref_data)
+    current_sim = served(current.query_data) @ current_refs.T
+    results["current_families"] = {"served_v2": score_table(current_sim, current.truth_index(), current.families, None)}
+    ref_features = features_of(current.ref_data, verifier.extractor, vcfg.detail_side)
+    fused, _ = verified_similarity(current_sim, current.query_data, ref_features, verifier, threshold)
+    results["current_families"]["served_system"] = score_table(
+        fused, current.truth_index(), current.families, threshold
+    )
+    log(f"current families: {results['current_families']['served_system']['families']}")
+
+    results["normalisation"] = normalisation_study(similarities["served_v2"], served, val, test)
+    log(f"normalisation: {results['normalisation']}")
+
     results.update(
         benchmark="hard_edits",
         quick=args.quick,
-        sets={"validation": val.summary(), "test": test.summary()},
+        sets={"validation": val.summary(), "test": test.summary(), "current_families": current.summary()},
         served_threshold=threshold,
         verification=vcfg.model_dump(),
         top_k=TOP_K,

@@ -39,4 +39,5 @@ def background_similarity(queries: NDArray[Any], background: NDArray[Any], k: in
 def normalised(scores: NDArray[Any], query_background: NDArray[Any], beta: float, centre: float) -> NDArray[Any]:
     """``score - beta * (bg_k(q) - centre)``: ``centre`` (the background's typical bg_k) keeps thresholds on the
     cosine scale, so a typical query's scores are unchanged and only unusually generic ones are discounted."""
-    return np.asarray(scores) - beta * (np.asarray(query_background)[:, None] - centre)
+    out: NDArray[Any] = np.asarray(scores) - beta * (np.asarray(query_background)[:, None] - centre)
+    return out
