@@ -47,13 +47,12 @@ from services.common.calibration import (
     background_similarity,
     normalised,
 )
-from services.common.config import DecisionSettings, DecodeSettings, VerificationSettings
+from services.common.config import DecisionSettings, VerificationSettings
 from services.common.hashing import hamming, phash_hex
-from services.common.imaging import decode_image
 from services.common.index.base import Neighbour
 from services.common.photos.build import load_photo_set
 from services.common.verification import FeatureExtractor, LocalFeatures, QueryFeatures, Verifier, detail_view
-from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG
+from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG, jpeg_bytes, wire_pixels
 from services.evaluation.hard_edits import FAMILY_QUALITY, HARD_FAMILIES, Edit, hard_family_edits
 from services.evaluation.hard_sources import (
     TEST_DISTRACTORS,
@@ -109,16 +108,10 @@ def _stable(key: str) -> float:
     return random.Random(key).random()
 
 
-def _jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def merge_identical(originals: Sequence[SourceImage], max_distance: int = 8) -> list[SourceImage]:
     """One group for originals that are the same picture (a package may ship one photo at two sizes): otherwise
     a copy of one, matched to the other, would be scored as a false match."""
-    hashes = [phash_hex(wire(image.data)) for image in originals]
+    hashes = [phash_hex(wire_pixels(image.data)) for image in originals]
     out: list[SourceImage] = []
     for i, image in enumerate(originals):
         twin = next((out[j] for j in range(i) if hamming(hashes[i], hashes[j]) <= max_distance), None)
@@ -161,7 +154,7 @@ def build_set(
             edited, description = edit(original.copy(), rng)
             quality = rng.randint(*qualities[family])
             out.query_ids.append(qid)
-            out.query_data.append(_jpeg(edited, quality))
+            out.query_data.append(jpeg_bytes(edited, quality))
             out.families.append(family)
             out.truth.append(image.id if in_database else "")
             out.edits.append(f"{description}+jpeg{quality}")
@@ -197,12 +190,6 @@ def build_sets(quick: bool) -> tuple[HardSet, HardSet, HardSet]:
 # ------------------------------------------------------------------------------------------------ decoding
 
 
-def wire(data: bytes) -> NDArray[np.uint8]:
-    """What Triton receives from the moderator."""
-    pixels: NDArray[np.uint8] = decode_image(data, DecodeSettings(), 256).pixels
-    return pixels
-
-
 def pil(data: bytes, max_side: int) -> Image.Image:
     with Image.open(io.BytesIO(data)) as opened:
         opened.draft("RGB", (max_side, max_side))
@@ -222,7 +209,7 @@ def served_embedder(version: int) -> Embed:
     run = load_serving(version)
 
     def embed(items: Sequence[bytes]) -> NDArray[np.float32]:
-        rows = [run(np.stack([wire(d) for d in items[i : i + 32]])) for i in range(0, len(items), 32)]
+        rows = [run(np.stack([wire_pixels(d) for d in items[i : i + 32]])) for i in range(0, len(items), 32)]
         return _normalised(np.concatenate(rows))
 
     return embed
@@ -348,7 +335,14 @@ def verified_similarity(
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def normalisation_study(test_sim: NDArray[Any], served: Embed, val: HardSet, test: HardSet) -> dict[str, Any]:
+def normalisation_study(
+    served: Embed,
+    val: HardSet,
+    test: HardSet,
+    val_embeddings: tuple[NDArray[np.float32], NDArray[np.float32]],
+    test_queries: NDArray[np.float32],
+    test_sim: NDArray[Any],
+) -> dict[str, Any]:
     """Does the false-match rate grow as the index fills, with raw cosines and with SSCD's normalisation?
 
     The descriptor alone (no verification), each at its own threshold calibrated on validation (precision
@@ -357,8 +351,7 @@ def normalisation_study(test_sim: NDArray[Any], served: Embed, val: HardSet, tes
     background = served([s.data for s in _photo_sources("train", None, 0, half=BACKGROUND_HALF)])
     k, beta = NORMALISATION_K, NORMALISATION_BETA
     centre = float(np.median(background_similarity(background, background, k + 1)))  # +1: itself
-    val_queries, val_refs = served(val.query_data), served(val.ref_data)
-    test_queries = served(test.query_data)
+    val_queries, val_refs = val_embeddings
     variants = {
         "raw_cosine": (val_queries @ val_refs.T, test_sim),
         "normalised": (
@@ -524,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         refs, queries = embed(test.ref_data), embed(test.query_data)
         ms = (time.perf_counter() - began) * 1000 / (len(test.ref_data) + len(test.query_data))
         similarities[name] = queries @ refs.T
+        if name == "served_v2":
+            test_query_embeddings = queries  # reused by the normalisation study
         results["methods"][name] = score_table(similarities[name], test.truth_index(), test.families, None)
         results["methods"][name]["ms_per_image"] = round(ms, 2)
         log(f"{name}: µAP {results['methods'][name]['micro_ap']} ({ms:.1f} ms/image)")
@@ -531,11 +526,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Sieve's served system: validation first (the thresholds are fixed before the test set is seen).
     served = methods["served_v2"]
     calibrated: float | None = None
+    val_embeddings = served(val.query_data), served(val.ref_data)
     for hard_set in (val, test):
         began = time.perf_counter()
         ref_features = features_of(hard_set.ref_data, verifier.extractor, vcfg.detail_side)
         feature_ms = (time.perf_counter() - began) * 1000 / len(hard_set.ref_data)
-        sim = similarities["served_v2"] if hard_set is test else served(val.query_data) @ served(val.ref_data).T
+        sim = similarities["served_v2"] if hard_set is test else val_embeddings[0] @ val_embeddings[1].T
         fused, cost = verified_similarity(sim, hard_set.query_data, ref_features, verifier, threshold)
         cost["features_ms_per_image"] = round(feature_ms, 2)
         table = score_table(fused, hard_set.truth_index(), hard_set.families, threshold)
@@ -562,7 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log(f"current families: {results['current_families']['served_system']['families']}")
 
-    results["normalisation"] = normalisation_study(similarities["served_v2"], served, val, test)
+    results["normalisation"] = normalisation_study(
+        served, val, test, val_embeddings, test_query_embeddings, similarities["served_v2"]
+    )
     log(f"normalisation: {results['normalisation']}")
 
     results.update(

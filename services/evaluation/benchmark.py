@@ -55,7 +55,7 @@ EVAL_WORDS = (
 FamilyEdit = Callable[[Image.Image, random.Random], tuple[Image.Image, str]]
 
 
-def _jpeg_bytes(img: Image.Image, quality: int) -> bytes:
+def jpeg_bytes(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     to_rgb(img).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -280,7 +280,7 @@ def build_benchmark(
                 q_fam.append(family)
                 q_truth.append(record.id if is_reference else "")
                 q_edit.append(f"{description}+jpeg{quality}")
-                q_pixels.append(wire_pixels(_jpeg_bytes(edited, quality)))
+                q_pixels.append(wire_pixels(jpeg_bytes(edited, quality)))
     return Benchmark(
         name=name,
         reference_ids=ref_ids,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
+from services.evaluation.benchmark import EVAL_EMOJI  # the glyphs training never draws
 from services.trainer.augment import (
     blur,
     colour,
@@ -33,7 +34,6 @@ from services.trainer.augment import (
 
 HARD_FAMILIES: tuple[str, ...] = ("crop", "geometric", "overlay", "photometric", "combined")
 HARD_FONTS = ("DejaVuSerif-Bold.ttf", "LiberationSerif-Bold.ttf", "LiberationMono-Regular.ttf", "DejaVuSerif.ttf")
-HARD_EMOJI = "☹☎☘☝☣♪♫⚑⚡⚽⚓✂✎✿❀➜☞"
 HARD_WORDS = (
     "nobody:", "me when", "wait for it", "this!!", "tag a friend", "so cursed", "found it", "original?",
     "credit to OP", "zoom in", "2019 vs 2026", "legend says",
@@ -152,7 +152,7 @@ def compositions(fillers: Sequence[Image.Image]) -> Edit:
             )
             return shot, "phone_screenshot"
         glyphs = [
-            (rng.choice(HARD_EMOJI), rng.uniform(0.15, 0.3), rng.random(), rng.random(), random_colour(rng))
+            (rng.choice(EVAL_EMOJI), rng.uniform(0.15, 0.3), rng.random(), rng.random(), random_colour(rng))
             for _ in range(rng.randint(3, 6))
         ]
         out = overlay_glyphs(img, glyphs)
