@@ -305,6 +305,7 @@ def verified_similarity(
     ref_features: Sequence[LocalFeatures],
     verifier: Verifier,
     threshold: float,
+    band: float = DecisionSettings().review_margin,
 ) -> tuple[NDArray[np.float64], dict[str, Any]]:
     """The moderator's rule on every query: top candidates by cosine, verified, fused scores written back."""
     cfg = verifier.settings
@@ -314,7 +315,7 @@ def verified_similarity(
     began = time.perf_counter()
     for q, data in enumerate(queries):
         neighbours = [Neighbour(str(int(i)), float(s)) for i, s in zip(idx[q], scores[q], strict=True)]
-        chosen = verifier.candidates(neighbours, threshold)
+        chosen = verifier.candidates(neighbours, threshold, band)
         if not chosen:
             continue
         gray = detail_view(pil(data, cfg.detail_side), cfg.detail_side)

@@ -24,7 +24,7 @@ from services.common.fetch import FetcherRegistry
 from services.common.hashing import informative_phash, phash_hex, sha256_hex
 from services.common.imaging import DecodedImage, decode_image
 from services.common.index import IndexEntry, Neighbour, SharedRecentIndex
-from services.common.inference import ImageModels
+from services.common.inference import ImageModels, InferenceResult
 from services.common.schemas import (
     Action,
     DeadLetter,
@@ -49,6 +49,18 @@ log = logging.getLogger(__name__)
 _tracer = tracer("sieve.moderator")
 
 
+@dataclass(frozen=True)
+class Inferred:
+    """An item's row of one Triton answer, which may have come while the previous batch was being decided."""
+
+    result: InferenceResult
+    row: int
+    began_ns: int
+    ended_ns: int
+    infer_ms: float
+    batch_size: int
+
+
 @dataclass
 class Item:
     message: Message
@@ -62,6 +74,7 @@ class Item:
     bank_check_failed: bool = False
     features: LocalFeatures | None = None  # local features for verification, computed while preparing
     prepared: bool = False  # parsed, fetched and decoded (possibly ahead of time, while the last batch infers)
+    inferred: Inferred | None = None  # embedding and scores, possibly ahead of time
 
 
 @dataclass
@@ -326,36 +339,86 @@ class Pipeline:
             timings=item.timings,
         )
 
-    def _infer_and_decide(self, ready: list[Item], out: BatchOutput) -> None:
-        batch = np.stack([i.image.pixels for i in ready if i.image is not None])
+    def infer_ahead(self, items: list[Item]) -> None:
+        """Embeds a prepared batch while the previous one is still being decided.
+
+        Deciding (index search, keypoint verification) is CPU work in this process; without this, Triton sits
+        idle through it. Items a fast path will answer are left out. Whatever is not inferred here (Triton down,
+        a fast path that no longer applies) is inferred in line by ``run``, so a failure here costs only time.
+        """
+        wanted = [
+            i
+            for i in items
+            if i.prepared
+            and i.failure is None
+            and i.image is not None
+            and i.inferred is None
+            and not self._fast_path_likely(i)
+        ]
+        if not wanted:
+            return
+        try:
+            self._infer(wanted)
+        except TransientError as exc:
+            log.info("inference ahead failed (%s); the batch will be inferred in line", exc)
+
+    def _fast_path_likely(self, item: Item) -> bool:
+        """A read-only look at the banks and exact-match store, as of the batches committed so far."""
+        assert item.event is not None
+        phash = item.phash if informative_phash(item.phash) else None
+        try:
+            return bool(self.banks.match(item.sha256, phash)) or self._exact_lookup(item) is not None
+        except redis.RedisError:
+            return False
+
+    def _infer(self, items: list[Item]) -> None:
+        batch = np.stack([i.image.pixels for i in items if i.image is not None])
         t0 = _now_ns()
         began = time.perf_counter()
         result = self.models.infer(batch)
         infer_ms = _ms(began)
         t1 = _now_ns()
         self.metrics.stage("triton", infer_ms / 1000.0)
-        index = self.index_for(result.model_version, int(result.embeddings.shape[1]))
+        for row, item in enumerate(items):
+            item.inferred = Inferred(result, row, t0, t1, infer_ms, len(items))
+
+    def _infer_and_decide(self, ready: list[Item], out: BatchOutput) -> None:
+        missing = [i for i in ready if i.inferred is None]
+        if missing:
+            self._infer(missing)
+        versions: dict[str, list[Item]] = {}
+        for item in ready:
+            assert item.inferred is not None
+            versions.setdefault(item.inferred.result.model_version, []).append(item)
+        for model_version, group in versions.items():  # one embedding space per index, in arrival order
+            self._decide(model_version, group, out)
+
+    def _decide(self, model_version: str, ready: list[Item], out: BatchOutput) -> None:
+        dim = next(int(i.inferred.result.embeddings.shape[1]) for i in ready if i.inferred is not None)
+        index = self.index_for(model_version, dim)
         index.sync()
-        cfg = self.decision_for(result.model_version)
+        cfg = self.decision_for(model_version)
         search_total = 0.0
         decided: list[tuple[Item, Decision, list[str]]] = []
         item_evidence: dict[str, list[MatchEvidence]] = {}
         batch_actions: dict[str, str] = {}
-        for row, item in enumerate(ready):
-            assert item.event is not None
+        for item in ready:
+            assert item.event is not None and item.inferred is not None
+            inferred = item.inferred
+            result, row = inferred.result, inferred.row
             _child(
                 item.span,
                 "triton.infer",
-                t0,
-                t1,
-                {"sieve.model_version": result.model_version, "sieve.batch_size": len(ready)},
+                inferred.began_ns,
+                inferred.ended_ns,
+                {"sieve.model_version": model_version, "sieve.batch_size": inferred.batch_size},
             )
-            item.timings["infer_ms"] = round(infer_ms, 3)
+            item.timings["infer_ms"] = round(inferred.infer_ms, 3)
             s0 = _now_ns()
             began = time.perf_counter()
             neighbours = index.search(result.embeddings[row : row + 1], cfg.top_k, exclude=[item.event.upload_id])[0]
             item.timings["search_ms"] = _ms(began)
-            neighbours, evidence = self._verify(item, neighbours, cfg.duplicate_threshold, out)
+            neighbours, evidence = self._verify(item, neighbours, cfg, out)
             scores = {c: float(result.scores[row, k]) for k, c in enumerate(result.categories)}
             twins = [n.upload_id for n in neighbours if n.score >= cfg.duplicate_threshold]
             decision = decide(neighbours, scores, cfg, self._actions_of(twins, batch_actions))
@@ -390,7 +453,7 @@ class Pipeline:
             verdict = Verdict(
                 upload_id=item.event.upload_id,
                 event_id=item.event.event_id,
-                model_version=result.model_version,
+                model_version=model_version,
                 action=action,
                 duplicate_of=decision.duplicate_of,
                 flags=decision.flags,
@@ -411,18 +474,19 @@ class Pipeline:
                     priority=self._priorities.get(item.event.upload_id, decision.review_priority),
                     scores=decision.flags,
                     neighbours=decision.neighbours,
-                    model_version=result.model_version,
+                    model_version=model_version,
                 )
                 out.reviews.append((request, item.span))
         self.metrics.stage("index_search", search_total / 1000.0)
-        self.metrics.index_size(result.model_version, len(index))
+        self.metrics.index_size(model_version, len(index))
 
     def _verify(
-        self, item: Item, neighbours: list[Neighbour], threshold: float, out: BatchOutput
+        self, item: Item, neighbours: list[Neighbour], cfg: DecisionSettings, out: BatchOutput
     ) -> tuple[list[Neighbour], _Evidence]:
         """Local-feature check of the nearest candidates; their fused scores replace the cosines."""
         evidence = _Evidence()
-        chosen = self.verifier.candidates(neighbours, threshold) if item.features is not None else []
+        threshold = cfg.duplicate_threshold
+        chosen = self.verifier.candidates(neighbours, threshold, cfg.review_margin) if item.features is not None else []
         if not chosen or item.features is None or item.image is None or item.image.detail is None:
             return neighbours, evidence
         began = time.perf_counter()

@@ -148,9 +148,14 @@ class Moderator:
         return False
 
     def _read_ahead(self, messages: list[Message]) -> _Batch:
-        """Starts parsing, fetching and decoding a batch in the background; Triton is busy with the last one."""
+        """Starts parsing, fetching, decoding and embedding a batch in the background, while the last one is
+        decided: Triton works on this batch while this process verifies the last one's candidates."""
         items = self.pipeline.start_items(messages)
-        return _Batch(messages, items, self._prepare_pool.submit(self.pipeline.prepare, items), time.perf_counter())
+        return _Batch(messages, items, self._prepare_pool.submit(self._prepare_ahead, items), time.perf_counter())
+
+    def _prepare_ahead(self, items: list[Item]) -> None:
+        self.pipeline.prepare(items)
+        self.pipeline.infer_ahead(items)
 
     def _finish_pending(self, consumer: Consumer, in_rebalance: bool = False) -> None:
         batch, self._pending = self._pending, None

@@ -30,13 +30,16 @@ class Verifier:
         self.settings = settings
         self.extractor = FeatureExtractor(settings.kind, settings.max_features)
 
-    def candidates(self, neighbours: Sequence[Neighbour], threshold: float) -> list[Neighbour]:
-        """The nearest ``top_k``, unless the best is already far above the threshold (then none)."""
+    def candidates(self, neighbours: Sequence[Neighbour], threshold: float, band: float = 0.0) -> list[Neighbour]:
+        """The nearest ``top_k`` that a full inlier bonus could lift to within ``band`` of the threshold (the
+        review band), unless the best is already far above the threshold (then none): verifying a pair whose
+        fused score cannot change the decision only costs time."""
         if not self.settings.enabled or not neighbours:
             return []
         if neighbours[0].score >= threshold + self.settings.sure_margin:
             return []
-        return list(neighbours[: self.settings.top_k])
+        reach = threshold - band - self.settings.weight
+        return [n for n in neighbours[: self.settings.top_k] if n.score >= reach]
 
     def verify(
         self, query: QueryFeatures, neighbours: Sequence[Neighbour], references: Mapping[str, LocalFeatures]

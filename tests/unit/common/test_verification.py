@@ -88,6 +88,47 @@ def test_candidates_are_the_nearest_unless_the_best_is_already_sure() -> None:
     assert Verifier(VerificationSettings(enabled=False)).candidates(near, threshold=0.65) == []
 
 
+def test_candidates_that_no_inlier_bonus_could_lift_into_the_decision_band_are_not_verified() -> None:
+    verifier = Verifier(VerificationSettings(top_k=5, weight=0.5))
+    near = [Neighbour("a", 0.40), Neighbour("b", 0.20), Neighbour("c", 0.16), Neighbour("d", 0.10)]
+    # threshold 0.69: a full bonus (0.5) lifts 0.20 to 0.70, but 0.16 only to 0.66
+    assert [n.upload_id for n in verifier.candidates(near, threshold=0.69)] == ["a", "b"]
+    # the review band starts 0.03 below the threshold: 0.16 + 0.5 = 0.66 reaches it
+    assert [n.upload_id for n in verifier.candidates(near, threshold=0.69, band=0.03)] == ["a", "b", "c"]
+
+
+def test_ratio_matches_are_those_of_opencvs_brute_force_matcher(extractor: FeatureExtractor) -> None:
+    """The FAISS search behind the ratio test must find exactly what cv2.BFMatcher finds, copy or stranger."""
+    import cv2
+
+    from services.common.verification.matching import _ratio_matches
+
+    original = _features(extractor, _photo("astronaut"))
+    copy = _features(extractor, _photo("astronaut").rotate(20, expand=True).resize((400, 380)))
+    stranger = _features(extractor, _photo("coffee"))
+    for kind, make in (("orb", extractor), ("sift", FeatureExtractor("sift", 300))):
+        norm = cv2.NORM_HAMMING if kind == "orb" else cv2.NORM_L2
+        pairs = (
+            [(original, copy), (original, stranger)]
+            if kind == "orb"
+            else [
+                (_features(make, _photo("astronaut")), _features(make, _photo("astronaut").resize((300, 300)))),
+                (_features(make, _photo("astronaut")), _features(make, _photo("coffee"))),
+            ]
+        )
+        for query, reference in pairs:
+            q_desc, r_desc = query.descriptors, reference.descriptors
+            if kind == "sift":
+                q_desc, r_desc = q_desc.astype(np.float32), r_desc.astype(np.float32)
+            knn = cv2.BFMatcher(norm).knnMatch(q_desc, r_desc, k=2)
+            expected = [
+                (p[0].queryIdx, p[0].trainIdx) for p in knn if len(p) == 2 and p[0].distance < 0.75 * p[1].distance
+            ]
+            q_idx, r_idx = _ratio_matches(query, reference, 0.75)
+            assert list(zip(q_idx.tolist(), r_idx.tolist(), strict=True)) == expected
+        assert len(_ratio_matches(*pairs[0], 0.75)[0]) > 30  # the copy: plenty of matches to compare
+
+
 def test_neighbours_without_features_keep_their_cosine_and_order_follows_fused_scores(
     extractor: FeatureExtractor,
 ) -> None:
