@@ -62,12 +62,9 @@ def stage_candidate(workdir: Path, model: str, version: int, repo_root: Path, br
     """A candidate version folder where admins' promotions look for one (the trainer workdir's candidates/)."""
     target = workdir / "candidates" / model / str(version)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if broken:
-        target.mkdir()
+    shutil.copytree(repo_root / SOURCE / SOURCE_VERSION, target)
+    if broken:  # backfills like a good one (model.pt is intact), then fails in Triton's initialize()
         (target / "model.py").write_text(BROKEN_MODEL_PY)
-        (target / "model_card.json").write_text('{"duplicate_threshold": 0.9}')
-    else:
-        shutil.copytree(repo_root / SOURCE / SOURCE_VERSION, target)
     return target
 
 
