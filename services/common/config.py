@@ -190,9 +190,6 @@ class TrainerJobSettings(BaseSettings):
     gate_tolerance: float = 0.005
     rehearsal_images: int = 128  # retention-window images the fine-tune keeps in place (0: labels only)
     gate_benchmark: bool = True  # gate on the held-out photo benchmark too (needs the photo set), not only labels
-    # Admin promotion requests: a request idle this long in a trainer's hands (it died) is claimed by another.
-    promotion_claim_idle_s: float = 900.0
-    promotion_max_attempts: int = 3  # then the request is refused with the last error, instead of retried forever
 
 
 class TelemetrySettings(BaseSettings):

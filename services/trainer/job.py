@@ -227,9 +227,7 @@ def promotion_consumer(settings: Settings, client: redis.Redis) -> PromotionCons
     """The admin's promotion requests, run through the retraining job's own promotion."""
     ledger = PromotionLedger(client, settings.redis.key_prefix)
     handler = AdminPromotion(settings, client, settings.trainer.workdir / "promotions.jsonl")
-    return PromotionConsumer(
-        ledger, handler, settings.trainer.promotion_claim_idle_s, settings.trainer.promotion_max_attempts
-    )
+    return PromotionConsumer(ledger, handler)
 
 
 def status(settings: Settings) -> dict[str, Any]:

@@ -20,6 +20,10 @@ from services.common.promotions import FINAL_STATES, PromotionLedger, PromotionR
 
 log = logging.getLogger(__name__)
 GROUP = "trainer"
+# Longer than a promotion takes (backfill plus up to 180 s of Triton load), so a live trainer's request is never
+# taken over; a dead trainer's waits this long for the next one.
+CLAIM_IDLE_S = 900.0
+MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,8 @@ class PromotionConsumer:
         self,
         ledger: PromotionLedger,
         handle: Handler,
-        claim_idle_s: float = 900.0,
-        max_attempts: int = 3,
+        claim_idle_s: float = CLAIM_IDLE_S,
+        max_attempts: int = MAX_ATTEMPTS,
         consumer: str | None = None,
     ) -> None:
         self.ledger = ledger
