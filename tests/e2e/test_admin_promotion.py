@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from numpy.typing import NDArray
 
 from services.common.config import Settings
 from services.common.imaging import decode_image
@@ -91,10 +92,10 @@ def env(stack_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPat
     return {**stack_env, **extra}
 
 
-def _seed_window(settings: Settings, model: str, manifest: Manifest, folder: Path) -> np.ndarray:
+def _seed_window(settings: Settings, model: str, manifest: Manifest, folder: Path) -> NDArray[np.uint8]:
     """Version 1's recent-images index as moderators leave it: entries plus each upload's image URI."""
     paths = [write_photo(manifest, r, folder, f"w{i}") for i, r in enumerate(pick_photos(manifest, 4, seed=19))]
-    pixels = np.stack([decode_image(p.read_bytes(), settings.decode, 256).pixels for p in paths])
+    pixels: NDArray[np.uint8] = np.stack([decode_image(p.read_bytes(), settings.decode, 256).pixels for p in paths])
     models = TritonModels(settings.triton.model_copy(update={"embedder_model": model}))
     served = models.infer(pixels)
     models.close()

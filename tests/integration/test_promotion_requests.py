@@ -87,7 +87,12 @@ def test_a_request_a_dead_trainer_held_is_claimed_by_another(client: redis.Redis
     survivor = PromotionConsumer(ledger, handler, claim_idle_s=2)
     assert survivor.poll() == []  # not idle long enough yet: the other trainer may still be working on it
     finished: list[PromotionRecord] = []
-    wait_for(lambda: bool(finished.extend(survivor.poll()) or finished), 30, "the stale request to be claimed")
+
+    def claimed() -> bool:
+        finished.extend(survivor.poll())
+        return bool(finished)
+
+    wait_for(claimed, 30, "the stale request to be claimed")
     assert [r.request_id for r in finished] == [requested.request_id] == handler.seen
     assert finished[0].state == PromotionState.PROMOTED and _pending(client, ledger) == 0
 
