@@ -8,6 +8,8 @@ handler against a private model on the shared Triton (tests/promotion_support.py
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import cast
 
@@ -24,6 +26,7 @@ from services.trainer.promotion_consumer import GROUP, Outcome, PromotionConsume
 from tests.promotion_support import private_model, serving_versions, stage_candidate, wait_for
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -123,16 +126,22 @@ def test_a_request_that_keeps_failing_is_refused_after_its_attempts(
 
 
 def test_unknown_models_and_versions_are_refused_with_the_reason(
-    client: redis.Redis, ledger: PromotionLedger, trainer_settings: Settings
+    ledger: PromotionLedger, trainer_settings: Settings
 ) -> None:
     unknown_version = ledger.request("sieve_embedder", "9", "", "root").request_id
     unknown_model = ledger.request("no_such_model", "2", "", "root").request_id
     serving = ledger.request("sieve_embedder", "2", "", "root").request_id
-    done = {r.request_id: r for r in promotion_consumer(trainer_settings, client).drain()}
+    # ``sieve trainer promotions``: runs what is waiting, prints the outcomes, exits.
+    cli = subprocess.run(
+        [sys.executable, "-m", "services.cli", "trainer", "promotions"], capture_output=True, timeout=300, cwd=ROOT
+    )
+    assert cli.returncode == 0, cli.stderr.decode(errors="replace")
+    done = {r["request_id"]: PromotionRecord.model_validate(r) for r in json.loads(cli.stdout)}
     assert {r.state for r in done.values()} == {PromotionState.REFUSED}
     assert done[unknown_version].detail == "version 9 of sieve_embedder is neither installed nor staged as a candidate"
     assert done[unknown_model].detail == "unknown model 'no_such_model': the model repository has no such model"
     assert done[serving].detail == "version 2 of sieve_embedder is already serving"
+    assert ledger.get(serving) == done[serving]
     assert serving_versions(trainer_settings.triton.url, "sieve_embedder") == ["2"]
 
 
