@@ -46,6 +46,11 @@ def record_threshold(client: redis.Redis, prefix: str, model_version: str, thres
     client.hset(version_thresholds_key(prefix), model_version, repr(float(threshold)))
 
 
+def forget_threshold(client: redis.Redis, prefix: str, model_version: str) -> None:
+    """For a version whose promotion was undone: its number may be reused by a different model."""
+    client.hdel(version_thresholds_key(prefix), model_version)
+
+
 def with_recorded(decision: DecisionSettings, recorded: dict[str, float]) -> DecisionSettings:
     """The decision settings with recorded thresholds merged over the configured per-version ones."""
     if not recorded:

@@ -5,7 +5,8 @@ trainer reads the promotion requests. Formats (``<prefix>`` is SIEVE_REDIS_KEY_P
 
 - ``<prefix>:config:thresholds``        string  JSON of the overridden DecisionSettings fields only
 - hash banks: kept by ``services.common.banks.HashBankStore`` (the same store the moderator matches against)
-- ``<prefix>:trainer:promotion-requests`` stream fields model, version, reason, requested_by
+- promotion requests and their state: kept by ``services.common.promotions.PromotionLedger`` (the trainer
+  consumes the stream and records each request's outcome there)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.banks import Bank, HashBankStore
 from services.common.config import DecisionSettings
+from services.common.promotions import PromotionLedger
 from services.reviewer.labels import AuditLog
 
 BANK_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -82,7 +84,7 @@ class AdminStore:
         self.audit = audit
         self.thresholds_key = f"{key_prefix}:config:thresholds"
         self.bank_store = HashBankStore(client, key_prefix)
-        self.promotions_key = f"{key_prefix}:trainer:promotion-requests"
+        self.ledger = PromotionLedger(client, key_prefix)
 
     def _overrides(self) -> ThresholdOverrides:
         raw = self.client.get(self.thresholds_key)
@@ -135,10 +137,18 @@ class AdminStore:
         return True
 
     def request_promotion(self, request: PromotionRequest, actor: str) -> str:
-        fields: dict[Any, Any] = {**request.model_dump(), "requested_by": actor}
-        entry_id = _text(self.client.xadd(self.promotions_key, fields))
-        self.audit.record("promotion_requested", actor, f"{request.model}/{request.version}", request.model_dump())
-        return entry_id
+        record = self.ledger.request(request.model, request.version, request.reason, actor)
+        details = {**request.model_dump(), "request_id": record.request_id}
+        self.audit.record("promotion_requested", actor, f"{request.model}/{request.version}", details)
+        return record.request_id
+
+    def promotions(self, count: int) -> list[dict[str, Any]]:
+        """Newest first, each with its state (requested / running / promoted / refused) and why."""
+        return [r.model_dump(mode="json") for r in self.ledger.recent(count)]
+
+    def promotion(self, request_id: str) -> dict[str, Any] | None:
+        record = self.ledger.get(request_id)
+        return record.model_dump(mode="json") if record else None
 
     def audit_log(self, count: int) -> list[dict[str, Any]]:
         return self.audit.recent(count)

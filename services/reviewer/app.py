@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 UploadId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/-]+$")]
 BankName = Annotated[str, PathParam(pattern=BANK_NAME_PATTERN)]
+PromotionId = Annotated[str, PathParam(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")]  # a stream entry id
 
 # The page is served from this origin only: no inline script, images only from here or blob: URLs.
 SECURITY_HEADERS = {
@@ -69,6 +70,8 @@ class AdminAPI(Protocol):
     def add_bank_hashes(self, name: str, body: BankHashes, actor: str) -> int: ...
     def delete_bank(self, name: str, actor: str) -> bool: ...
     def request_promotion(self, request: PromotionRequest, actor: str) -> str: ...
+    def promotions(self, count: int) -> list[dict[str, Any]]: ...
+    def promotion(self, request_id: str) -> dict[str, Any] | None: ...
     def audit_log(self, count: int) -> list[dict[str, Any]]: ...
 
 
@@ -341,9 +344,21 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
         return {
             "status": "recorded",
             "request_id": request_id,
-            "note": "recorded for the trainer, which gates, writes, loads and switches the model; "
-            "this service does not promote by itself",
+            "state": f"/api/admin/promotions/{request_id}",
+            "note": "recorded for the trainer, which validates it, backfills the index, installs, loads and "
+            "switches the model; this service does not promote by itself",
         }
+
+    @app.get("/api/admin/promotions")
+    def promotions(_admin: Admin, count: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict[str, Any]:
+        return {"requests": services.admin.promotions(count)}
+
+    @app.get("/api/admin/promotions/{request_id}")
+    def promotion(request_id: PromotionId, _admin: Admin) -> dict[str, Any]:
+        found = services.admin.promotion(request_id)
+        if found is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such promotion request")
+        return found
 
     @app.get("/api/admin/audit")
     def audit(_admin: Admin, count: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from services.common.models.stn import STNEmbedder
 
@@ -58,6 +61,20 @@ def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]
     module.float().eval()
     meta: dict[str, Any] = json.loads(extra[META_FILE] or "{}")
     return module, meta
+
+
+def embed_fn(module: torch.nn.Module) -> Callable[[NDArray[np.uint8]], NDArray[np.float32]]:
+    """In-process embedding with a candidate, for backfilling its index before Triton has loaded it."""
+
+    def embed(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), 32):
+                out.append(module(torch.from_numpy(np.ascontiguousarray(pixels[start : start + 32]))).float().numpy())
+        result: NDArray[np.float32] = np.concatenate(out).astype(np.float32)
+        return result
+
+    return embed
 
 
 def export_onnx(torchscript_path: Path, path: Path) -> Path:

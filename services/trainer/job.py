@@ -13,33 +13,23 @@ from typing import Any, cast
 
 import numpy as np
 import redis
-import torch
 from numpy.typing import NDArray
 
 from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.imaging import decode_image
+from services.common.promotions import PromotionLedger
 from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.upload_keys import upload_uri_key
+from services.trainer.admin_promotion import AdminPromotion
 from services.trainer.feedback import FeedbackConsumer, FeedbackStore, LabelledPair
 from services.trainer.finetune import PairBatch, finetune, rehearsal_choice, save_like_serving
 from services.trainer.gate import gate
-from services.trainer.promotion import ModelRepository, promote, record, window_entries
+from services.trainer.promotion import ModelRepository, PromotionFailed, promote, record, window_entries
+from services.trainer.promotion_consumer import PromotionConsumer
 
 log = logging.getLogger(__name__)
-
-
-def _embed_fn(module: torch.nn.Module) -> Any:
-    def embed(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), 32):
-                out.append(module(torch.from_numpy(np.ascontiguousarray(pixels[start : start + 32]))).float().numpy())
-        result: NDArray[np.float32] = np.concatenate(out).astype(np.float32)
-        return result
-
-    return embed
 
 
 class RetrainingJob:
@@ -55,6 +45,7 @@ class RetrainingJob:
         self._trained_at_count = self.store.count()
         self._last_run = time.monotonic()
         self._benchmark: Any | None = None
+        self.promotions = promotion_consumer(settings, self.redis)
 
     def due(self) -> bool:
         new = self.store.count() - self._trained_at_count
@@ -72,10 +63,19 @@ class RetrainingJob:
                 added = consumer.poll(timeout_s=1.0)
                 if added:
                     log.info("feedback: %d new labels (%d in total)", added, self.store.count())
+                self.serve_promotion_requests()
                 if self.due():
                     self.retrain()
         finally:
             consumer.close()
+
+    def serve_promotion_requests(self) -> None:
+        """Admin requests run between feedback polls, never during a retrain: one promotion at a time."""
+        try:
+            for done in self.promotions.poll():
+                log.info("promotion request %s %s: %s", done.request_id, done.state.value, done.detail)
+        except redis.RedisError as exc:
+            log.warning("promotion requests unavailable (%s); retrying on the next poll", exc)
 
     def _pixels(self, uri: str) -> NDArray[np.uint8] | None:
         try:
@@ -142,7 +142,7 @@ class RetrainingJob:
 
     def retrain(self, bench: Any | None = None) -> dict[str, Any]:
         """One fine-tune, gate and (maybe) promotion; always recorded with its reason."""
-        from services.trainer.export import load_torchscript
+        from services.trainer.export import embed_fn, load_torchscript
 
         self._trained_at_count, self._last_run = self.store.count(), time.monotonic()
         serving = self.repo.serving()
@@ -177,7 +177,7 @@ class RetrainingJob:
         result = finetune(candidate, train, threshold, steps=self.cfg.finetune_steps, rehearsal=rehearsal)
         bench = bench if bench is not None else self.gate_benchmark()
         verdict = gate(
-            _embed_fn(serving_module), _embed_fn(candidate), heldout, threshold, bench, self.cfg.gate_tolerance
+            embed_fn(serving_module), embed_fn(candidate), heldout, threshold, bench, self.cfg.gate_tolerance
         )
         outcome = {
             "event": "gated",
@@ -204,23 +204,45 @@ class RetrainingJob:
             "gate": verdict.__dict__,
         }
         (staged / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
-        version = promote(
-            self.settings,
-            self.redis,
-            self.repo,
-            staged,
-            _embed_fn(candidate),
-            dim,
-            self.log_path,
-            {"gate": verdict.__dict__, "labels": self.store.count(), "duplicate_threshold": threshold},
-            threshold=threshold,
-        )
+        try:
+            version = promote(
+                self.settings,
+                self.redis,
+                self.repo,
+                staged,
+                embed_fn(candidate),
+                dim,
+                self.log_path,
+                {"gate": verdict.__dict__, "labels": self.store.count(), "duplicate_threshold": threshold},
+                threshold=threshold,
+            )
+        except PromotionFailed as exc:  # undone: the serving version is unchanged
+            outcome["promotion_failed"] = str(exc)
+            return outcome
         outcome["promoted_version"] = version
         return outcome
+
+
+def promotion_consumer(settings: Settings, client: redis.Redis) -> PromotionConsumer:
+    """The admin's promotion requests, run through the retraining job's own promotion."""
+    ledger = PromotionLedger(client, settings.redis.key_prefix)
+    handler = AdminPromotion(settings, client, settings.trainer.workdir / "promotions.jsonl")
+    return PromotionConsumer(ledger, handler)
 
 
 def status(settings: Settings) -> dict[str, Any]:
     repo = ModelRepository(settings.stack.model_repo)
     log_path: Path = settings.trainer.workdir / "promotions.jsonl"
     history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    return {"serving": repo.serving(), "versions": repo.versions(), "history": history[-10:]}
+    requests: list[dict[str, Any]] | str
+    try:
+        client = redis.Redis.from_url(settings.redis.url.get_secret_value(), socket_connect_timeout=5)
+        requests = [r.model_dump(mode="json") for r in PromotionLedger(client, settings.redis.key_prefix).recent(10)]
+    except redis.RedisError as exc:
+        requests = f"unavailable: {exc}"
+    return {
+        "serving": repo.serving(),
+        "versions": repo.versions(),
+        "history": history[-10:],
+        "promotion_requests": requests,
+    }

@@ -1,4 +1,8 @@
-"""``sieve trainer run | status | rollback``: the retraining job and its one-command rollback."""
+"""``sieve trainer run | status | rollback | promotions``: the retraining job, its rollback, admin requests.
+
+``run`` serves admin promotion requests between feedback polls; ``promotions`` runs the ones waiting now and
+exits, for a deployment that does not keep the job running.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,14 @@ def _cmd(args: argparse.Namespace) -> int:
         RetrainingJob(settings).run(max_iterations=args.iterations)
     elif args.action == "status":
         print(json.dumps(status(settings), indent=2, default=str))
+    elif args.action == "promotions":
+        import redis
+
+        from services.trainer.job import promotion_consumer
+
+        client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+        done = promotion_consumer(settings, client).drain()
+        print(json.dumps([r.model_dump(mode="json") for r in done], indent=2))
     elif args.action == "rollback":
         repo = ModelRepository(settings.stack.model_repo)
         version = rollback(settings, repo, settings.trainer.workdir / "promotions.jsonl", args.reason)
@@ -28,7 +40,11 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("trainer", help="the retraining job: consume feedback, fine-tune, gate, promote")
-    p.add_argument("action", choices=["run", "status", "rollback"])
+    p.add_argument(
+        "action",
+        choices=["run", "status", "rollback", "promotions"],
+        help="promotions: run the admin promotion requests waiting now, then exit",
+    )
     p.add_argument("--iterations", type=int, default=None, help="stop after this many polls (default: forever)")
     p.add_argument("--reason", default="manual", help="recorded with a rollback")
     p.set_defaults(func=_cmd)

@@ -3,7 +3,8 @@
 Order matters. The new version's recent-images index is built first (every image in the retention window is
 re-embedded with the candidate and written as that version's snapshot in Redis), and only then is the version
 folder renamed into model_repo/ and loaded by Triton. So the first verdict from the new version already sees the
-whole window, and no index ever holds embeddings of two versions.
+whole window, and no index ever holds embeddings of two versions. A version Triton fails to load is moved back
+out of sight and the previous version reloaded, so a bad folder never stays where the next reload would pick it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import redis
 import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
+from tritonclient.utils import InferenceServerException
 
 from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
@@ -29,11 +31,15 @@ from services.common.imaging import decode_image
 from services.common.index.base import IndexEntry, Snapshot
 from services.common.index.redis_store import RedisIndexStore
 from services.common.index.shared import SharedRecentIndex
-from services.common.thresholds import record_threshold
+from services.common.thresholds import forget_threshold, record_threshold
 from services.common.upload_keys import upload_uri_key
 
 log = logging.getLogger(__name__)
 EmbedFn = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
+
+
+class PromotionFailed(RuntimeError):
+    """The version was refused or did not load; the previous version still serves."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,10 @@ class ModelRepository:
         staged.rename(target)
         return target
 
-    def retire(self, version: int) -> Path:
+    def retire(self, version: int, tag: str = "retired") -> Path:
         """Moves a version out of Triton's sight (a non-numeric name), keeping it for the record."""
         source = self.dir / str(version)
-        target = self.dir / f".retired-{version}-{int(time.time())}"
+        target = self.dir / f".{tag}-{version}-{int(time.time())}"
         source.rename(target)
         return target
 
@@ -129,6 +135,32 @@ def backfill(
     return BackfillReport(to_version, len(fresh), skipped, round(time.monotonic() - began, 2))
 
 
+def index_dim(client: redis.Redis, prefix: str, model_version: str) -> int | None:
+    """The dimension of a version's shared index (None: it has none), read from its stream or snapshot."""
+    store = RedisIndexStore(client, prefix, model_version)
+    tail, _ = store.read_since("0-0", 1)
+    if tail:
+        return int(tail[0].vector.shape[0])
+    snapshot = store.load_snapshot()
+    if snapshot is not None and snapshot.entries:
+        return int(snapshot.entries[0].vector.shape[0])
+    return None
+
+
+def triton_serving(url: str, model: str) -> int | None:
+    """The version Triton serves now, which can lag the folders on disk (None: the model is not loaded)."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        if not client.is_model_ready(model):
+            return None
+        versions = client.get_model_metadata(model).versions
+        return max(int(v) for v in versions) if versions else None
+    except InferenceServerException as exc:
+        raise TransientError("triton", f"cannot ask Triton which {model} version serves: {exc}") from exc
+    finally:
+        client.close()
+
+
 def triton_load(url: str, model: str, expect_version: int, timeout_s: float = 180.0) -> None:
     """Explicit model control: (re)load the model; Triton then serves the highest version folder."""
     client = grpcclient.InferenceServerClient(url)
@@ -155,28 +187,62 @@ def promote(
     settings: Settings,
     client: redis.Redis,
     repo: ModelRepository,
-    staged: Path,
-    embed: EmbedFn,
-    dim_serving: int,
+    staged: Path | None,
+    embed: EmbedFn | None,
+    dim_serving: int | None,
     log_path: Path,
     reason: dict[str, Any],
     threshold: float | None = None,
+    version: int | None = None,
+    serving: int | None = None,
 ) -> int:
     """Backfill, record the threshold, install, load. Returns the new version number.
 
-    The threshold is recorded before Triton loads the version, so the first verdict a moderator makes with it
-    already uses it (moderators pick recorded thresholds up with the admin overrides).
+    The retraining job stages a new folder and lets the number be the next one; an admin request names the
+    version, and ``staged`` is None when its folder is already installed but not loaded. The threshold is
+    recorded before Triton loads the version, so the first verdict a moderator makes with it already uses it
+    (moderators pick recorded thresholds up with the admin overrides). Raises PromotionFailed when the version
+    cannot be backfilled or loaded; by then it is out of the repository and the previous version serves.
     """
-    serving = repo.serving()
-    version = max(repo.versions()) + 1
-    entries = window_entries(settings, client, f"{repo.model}:{serving}", dim_serving)
-    report = backfill(settings, client, entries, f"{repo.model}:{version}", embed)
+    serving = serving if serving is not None else repo.serving()
+    version = version if version is not None else max(repo.versions()) + 1
+    tag = f"{repo.model}:{version}"
+    entries = window_entries(settings, client, f"{repo.model}:{serving}", dim_serving) if dim_serving else []
+    if entries and embed is None:
+        raise PromotionFailed(f"no model.pt to re-embed the {len(entries)} images of the window with")
+    report = backfill(settings, client, entries, tag, embed) if embed is not None else BackfillReport(tag, 0, 0, 0.0)
     if threshold is not None:
-        record_threshold(client, settings.redis.key_prefix, f"{repo.model}:{version}", threshold)
-    repo.install(staged, version)
-    triton_load(settings.triton.url, repo.model, version)
+        record_threshold(client, settings.redis.key_prefix, tag, threshold)
+    if staged is not None:
+        repo.install(staged, version)
+    try:
+        triton_load(settings.triton.url, repo.model, version)
+    except (InferenceServerException, TransientError) as exc:
+        undo_install(settings, client, repo, version, serving, log_path, str(exc))
+        raise PromotionFailed(f"Triton did not load version {version}: {exc}") from exc
     record(log_path, {"event": "promoted", "version": version, "from": serving, "backfill": report.__dict__, **reason})
     return version
+
+
+def undo_install(
+    settings: Settings,
+    client: redis.Redis,
+    repo: ModelRepository,
+    version: int,
+    previous: int,
+    log_path: Path,
+    why: str,
+) -> None:
+    """Takes a version that failed to load back out (kept aside for a post-mortem) and reloads the previous one."""
+    kept = repo.retire(version, tag="failed")
+    forget_threshold(client, settings.redis.key_prefix, f"{repo.model}:{version}")
+    event: dict[str, Any] = {"event": "load_failed", "version": version, "serving": previous, "kept_at": str(kept)}
+    try:
+        triton_load(settings.triton.url, repo.model, previous)
+    except (InferenceServerException, TransientError) as exc:
+        record(log_path, {**event, "why": why, "reload_failed": str(exc)})
+        raise PromotionFailed(f"Triton did not load version {version} ({why}) nor reload {previous}: {exc}") from exc
+    record(log_path, {**event, "why": why})
 
 
 def rollback(settings: Settings, repo: ModelRepository, log_path: Path, reason: str = "manual") -> int:

@@ -91,7 +91,7 @@ class FakeAdmin:
     def __init__(self) -> None:
         self.overrides: dict[str, Any] = {}
         self.bank_records: dict[str, dict[str, Any]] = {}
-        self.promotions: list[tuple[PromotionRequest, str]] = []
+        self.promotions_made: list[tuple[PromotionRequest, str]] = []
 
     def thresholds(self) -> dict[str, Any]:
         return {"key": "k", "overrides": self.overrides, "effective": self.overrides}
@@ -121,8 +121,14 @@ class FakeAdmin:
         return self.bank_records.pop(name, None) is not None
 
     def request_promotion(self, request: PromotionRequest, actor: str) -> str:
-        self.promotions.append((request, actor))
+        self.promotions_made.append((request, actor))
         return "1-0"
+
+    def promotions(self, count: int) -> list[dict[str, Any]]:
+        return [{"request_id": "1-0", "version": r.version, "state": "requested"} for r, _ in self.promotions_made]
+
+    def promotion(self, request_id: str) -> dict[str, Any] | None:
+        return next((p for p in self.promotions(1) if p["request_id"] == request_id), None)
 
     def audit_log(self, count: int) -> list[dict[str, Any]]:
         return []

@@ -114,6 +114,11 @@ def test_admins_manage_thresholds_banks_and_promotions(client: TestClient) -> No
     res = client.post("/api/admin/promote", headers=h, json={"version": "3", "reason": "gate passed"})
     assert res.status_code == 202 and res.json()["status"] == "recorded"
     assert client.post("/api/admin/promote", headers=h, json={"version": "../3"}).status_code == 422
+    listed = client.get("/api/admin/promotions", headers=h).json()["requests"]
+    assert [(p["version"], p["state"]) for p in listed] == [("3", "requested")]
+    assert client.get(f"/api/admin/promotions/{res.json()['request_id']}", headers=h).json()["version"] == "3"
+    assert client.get("/api/admin/promotions/9-9", headers=h).status_code == 404
+    assert client.get("/api/admin/promotions/x", headers=h).status_code == 422
 
 
 def test_reviewers_claim_and_label_with_their_own_identity(client: TestClient) -> None:
