@@ -9,6 +9,7 @@ out of sight and the previous version reloaded, so a bad folder never stays wher
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -183,6 +184,10 @@ def record(log_path: Path, event: dict[str, Any]) -> None:
         fh.write(json.dumps({"at": round(time.time(), 3), **event}, sort_keys=True) + "\n")
 
 
+PROMOTION_LOCK_S = 6 * 3600  # a backfill of a large window takes a while; a crashed holder's lock expires
+PROMOTION_WAIT_S = 600
+
+
 def promote(
     settings: Settings,
     client: redis.Redis,
@@ -204,7 +209,47 @@ def promote(
     (moderators pick recorded thresholds up with the admin overrides). Raises PromotionFailed when the version
     cannot be backfilled or loaded; by then it is out of the repository and the previous version serves.
     """
-    serving = serving if serving is not None else repo.serving()
+    lock = client.lock(
+        f"{settings.redis.key_prefix}:trainer:promotion-lock:{repo.model}",
+        timeout=PROMOTION_LOCK_S,
+        blocking_timeout=PROMOTION_WAIT_S,
+    )
+    try:
+        acquired = lock.acquire()
+    except redis.RedisError as exc:
+        raise TransientError("redis", f"cannot take the promotion lock: {exc}") from exc
+    if not acquired:
+        raise PromotionFailed(f"another promotion of {repo.model} has been running for over {PROMOTION_WAIT_S} s")
+    try:
+        return _promote_locked(
+            settings, client, repo, staged, embed, dim_serving, log_path, reason, threshold, version, serving
+        )
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            lock.release()
+
+
+def _promote_locked(
+    settings: Settings,
+    client: redis.Redis,
+    repo: ModelRepository,
+    staged: Path | None,
+    embed: EmbedFn | None,
+    dim_serving: int | None,
+    log_path: Path,
+    reason: dict[str, Any],
+    threshold: float | None,
+    version: int | None,
+    serving: int | None,
+) -> int:
+    """The retraining job and admin requests (``sieve trainer promotions``) may run at once: the lock makes them
+    take turns, and a plan made before the wait is refused if another promotion changed what serves."""
+    now_serving = repo.serving()
+    if serving is not None and serving != now_serving:
+        raise PromotionFailed(f"version {now_serving} started serving while this promotion (from {serving}) waited")
+    serving = now_serving
+    if version is not None and version <= serving:
+        raise PromotionFailed(f"version {version} is not newer than the serving version {serving}")
     version = version if version is not None else max(repo.versions()) + 1
     tag = f"{repo.model}:{version}"
     entries = window_entries(settings, client, f"{repo.model}:{serving}", dim_serving) if dim_serving else []

@@ -142,7 +142,12 @@ def test_default_render_has_every_part() -> None:
     docs = render("default")
     deployments = of_kind(docs, "Deployment")
     assert set(deployments) == {f"{RELEASE}-sieve-{c}" for c in ("moderator", "reviewer", "triton")}
-    assert set(of_kind(docs, "CronJob")) == {f"{RELEASE}-sieve-trainer"}
+    cronjobs = of_kind(docs, "CronJob")
+    assert set(cronjobs) == {f"{RELEASE}-sieve-trainer", f"{RELEASE}-sieve-trainer-promotions"}
+    promotions = cronjobs[f"{RELEASE}-sieve-trainer-promotions"]["spec"]
+    assert promotions["concurrencyPolicy"] == "Forbid"
+    pod = promotions["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["sieve", "trainer", "promotions"]  # admins' requests between rounds
     assert set(of_kind(docs, "HorizontalPodAutoscaler")) == {f"{RELEASE}-sieve-moderator"}
     assert {f"{RELEASE}-sieve-moderator", f"{RELEASE}-sieve-triton"} <= set(of_kind(docs, "PodDisruptionBudget"))
     assert set(of_kind(docs, "ConfigMap")) == {f"{RELEASE}-sieve"}
@@ -276,7 +281,7 @@ def test_secrets_stay_out_of_the_configmap() -> None:
     sieve_containers = [
         c for _, spec in pod_specs(docs) for c in spec["containers"] if c.get("args", [])[:1] == ["sieve"]
     ]
-    assert len(sieve_containers) == 3  # moderator, reviewer, trainer
+    assert len(sieve_containers) == 4  # moderator, reviewer, trainer, trainer-promotions
     for c in sieve_containers:
         refs = [ref["secretRef"] for ref in c["envFrom"] if "secretRef" in ref]
         assert {"name": f"{RELEASE}-sieve"} in refs, c["name"]
