@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from services.common.config import REPO_ROOT, DecisionSettings, DecodeSettings, Settings
 from services.common.imaging import DecodedImage, decode_image
-from services.common.verification import FeatureExtractor, GeometricMatch, fuse, match_geometry
+from services.common.verification import FeatureExtractor, GeometricMatch, Verifier, match_geometry
 from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_version, triton_reachable
 
 WIRE_SIZE = 256  # what the moderator sends to Triton: uint8 NHWC 256x256
@@ -324,16 +324,19 @@ def _decode(data: bytes, detail_side: int = 0) -> tuple[DecodedImage, tuple[int,
     return decode_image(data, DecodeSettings(), WIRE_SIZE, detail_side), true_size(data)
 
 
-def keypoint_match(a: DecodedImage, b: DecodedImage, settings: Settings) -> tuple[GeometricMatch, bool]:
-    """The moderator's verification of this pair: A's features (and its mirror's) against B's."""
+def keypoint_match(a: DecodedImage, b: DecodedImage, settings: Settings) -> tuple[GeometricMatch, bool, int, int]:
+    """The moderator's verification of this pair: A's features (and its mirror's) against B's; with both
+    keypoint counts, which decide whether a miss counts against the pair."""
     cfg = settings.verify
     if a.detail is None or b.detail is None:
         raise ValueError("decode both images with a detail view first")
     extractor = FeatureExtractor(cfg.kind, cfg.max_features)
     reference = extractor.extract(b.detail)
-    direct = match_geometry(extractor.extract(a.detail), reference, cfg.ratio, cfg.ransac_px)
+    query = extractor.extract(a.detail)
+    direct = match_geometry(query, reference, cfg.ratio, cfg.ransac_px)
     flipped = match_geometry(extractor.extract_mirrored(a.detail), reference, cfg.ratio, cfg.ransac_px)
-    return (flipped, True) if flipped.inliers > direct.inliers else (direct, False)
+    best, mirrored = (flipped, True) if flipped.inliers > direct.inliers else (direct, False)
+    return best, mirrored, len(query), len(reference)
 
 
 @functools.lru_cache(maxsize=2)
@@ -429,14 +432,21 @@ def explain_pair(
             f"{cfg.duplicate_threshold:.3f} for it ({source})."
         )
     notes.append(f"classifier: {served.classifier_source}")
-    geometry, mirrored = keypoint_match(decoded[0][0], decoded[1][0], settings)
+    geometry, mirrored, keypoints_a, keypoints_b = keypoint_match(decoded[0][0], decoded[1][0], settings)
     vcfg = settings.verify
-    score = fuse(similarity, geometry.inliers, vcfg.weight, vcfg.inlier_floor, vcfg.inlier_cap)
+    score = Verifier(vcfg).score(similarity, geometry.inliers, keypoints_a, keypoints_b)
+    missed = geometry.inliers <= vcfg.inlier_floor and min(keypoints_a, keypoints_b) >= vcfg.miss_min_keypoints
     notes.append(
         f"verification: {geometry.inliers} {vcfg.kind.upper()} keypoint matches agree on one homography"
         + (" (with A mirrored)" if mirrored else "")
         + f"; inliers above {vcfg.inlier_floor} add up to {vcfg.weight} to the cosine (saturating at "
-        f"{vcfg.inlier_cap}): score {score:.3f}."
+        f"{vcfg.inlier_cap})"
+        + (
+            f"; none found between two images with {keypoints_a} and {keypoints_b} keypoints costs {vcfg.miss_penalty}"
+            if missed
+            else ""
+        )
+        + f": score {score:.3f}."
     )
     result = Explanation(
         a=name_a,

@@ -106,7 +106,7 @@ class DecisionSettings(BaseSettings):
     # Each is the version's high-precision operating point: the lowest similarity with precision >= 0.98 on the
     # validation benchmark (train-split originals), recorded in its model card by `sieve eval --update-card`.
     version_thresholds: dict[str, float] = Field(
-        default_factory=lambda: {"sieve_embedder:1": 0.90, "sieve_embedder:2": 0.69}
+        default_factory=lambda: {"sieve_embedder:1": 0.90, "sieve_embedder:2": 0.6766}
     )
     review_margin: float = 0.03  # similarity within this of the threshold goes to review
     flag_threshold: float = 0.80
@@ -140,6 +140,10 @@ class VerificationSettings(BaseSettings):
     inlier_floor: int = 12  # inliers that unrelated pairs reach by chance; only those above count
     inlier_cap: int = 50  # the bonus saturates here
     weight: float = 0.5  # fused = cosine + weight * bonus, bonus in [0, 1]
+    # No geometric support between two keypoint-rich images is evidence against a copy: the fused score loses
+    # miss_penalty when both have at least miss_min_keypoints (chosen on the hard validation set).
+    miss_penalty: float = 0.1
+    miss_min_keypoints: int = 300
 
 
 class ReviewSelectionSettings(BaseSettings):

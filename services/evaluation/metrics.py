@@ -122,12 +122,22 @@ def best_f1_threshold(
 
 
 def threshold_for_precision(
-    top1_score: NDArray[Any], top1_correct: NDArray[np.bool_], has_truth: NDArray[np.bool_], target: float
+    top1_score: NDArray[Any],
+    top1_correct: NDArray[np.bool_],
+    has_truth: NDArray[np.bool_],
+    target: float,
+    max_negatives: float | None = None,
 ) -> Decision:
-    """The lowest threshold whose decisions keep precision >= target (the most recall at that precision)."""
-    candidates = np.unique(np.asarray(top1_score, dtype=np.float64))
+    """The lowest threshold whose decisions keep precision >= target (the most recall at that precision) and,
+    with ``max_negatives``, flag at most that share of the queries that have no original (what users see as
+    false matches, whatever the mix of copies and strangers in the stream)."""
+    scores = np.asarray(top1_score, dtype=np.float64)
+    candidates = np.unique(scores)
+    strangers = scores[~np.asarray(has_truth)]
     best = decide(top1_score, top1_correct, has_truth, float(candidates[-1]) + 1e-6 if len(candidates) else 1.0)
     for cut in candidates[::-1]:
+        if max_negatives is not None and len(strangers) and float((strangers >= cut).mean()) > max_negatives:
+            continue
         decision = decide(top1_score, top1_correct, has_truth, float(cut))
         if decision.precision >= target and decision.recall > best.recall:
             best = decision

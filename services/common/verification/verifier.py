@@ -41,6 +41,14 @@ class Verifier:
         reach = threshold - band - self.settings.weight
         return [n for n in neighbours[: self.settings.top_k] if n.score >= reach]
 
+    def score(self, cosine: float, inliers: int, query_keypoints: int, reference_keypoints: int) -> float:
+        """The fused score of one verified pair; a miss counts against it only when both sides had keypoints
+        enough for the check to mean something."""
+        cfg = self.settings
+        informative = min(query_keypoints, reference_keypoints) >= cfg.miss_min_keypoints
+        penalty = cfg.miss_penalty if informative else 0.0
+        return fuse(cosine, inliers, cfg.weight, cfg.inlier_floor, cfg.inlier_cap, penalty)
+
     def verify(
         self, query: QueryFeatures, neighbours: Sequence[Neighbour], references: Mapping[str, LocalFeatures]
     ) -> list[Verification]:
@@ -59,7 +67,7 @@ class Verifier:
                     flipped_inliers = count_inliers(flipped, reference, cfg.ratio, cfg.ransac_px)
                     if flipped_inliers > inliers:
                         inliers, mirrored = flipped_inliers, True
-            score = fuse(neighbour.score, inliers, cfg.weight, cfg.inlier_floor, cfg.inlier_cap)
+            score = self.score(neighbour.score, inliers, len(query.features), len(reference))
             out.append(Verification(neighbour.upload_id, neighbour.score, inliers, mirrored, round(score, 6)))
         return out
 

@@ -80,6 +80,26 @@ def test_fuse_adds_a_bonus_only_above_the_floor_and_saturates_at_the_cap() -> No
         fuse(0.4, 10, weight=0.5, floor=50, cap=50)
 
 
+def test_a_miss_costs_the_penalty_only_between_keypoint_rich_images() -> None:
+    assert fuse(0.8, 3, weight=0.5, floor=12, cap=50, miss_penalty=0.1) == pytest.approx(0.7)
+    assert fuse(0.8, 31, weight=0.5, floor=12, cap=50, miss_penalty=0.1) == pytest.approx(0.8 + 0.25)
+    verifier = Verifier(VerificationSettings(miss_penalty=0.1, miss_min_keypoints=300))
+    assert verifier.score(0.8, 0, 500, 450) == pytest.approx(0.7)  # the check had every chance and found nothing
+    assert verifier.score(0.8, 0, 500, 40) == pytest.approx(0.8)  # a flat reference: no evidence either way
+    assert verifier.score(0.8, 0, 120, 500) == pytest.approx(0.8)
+
+
+def test_a_stranger_rich_in_keypoints_loses_score_and_a_copy_gains(extractor: FeatureExtractor) -> None:
+    verifier = Verifier(VerificationSettings())
+    query = QueryFeatures(_features(extractor, _photo("astronaut").crop((60, 40, 480, 420))))
+    references = {"copy": _features(extractor, _photo("astronaut")), "stranger": _features(extractor, _photo("coffee"))}
+    assert min(len(query.features), len(references["stranger"])) >= 300  # both rich: the miss is informative
+    out = {
+        v.upload_id: v for v in verifier.verify(query, [Neighbour("copy", 0.6), Neighbour("stranger", 0.6)], references)
+    }
+    assert out["copy"].score > 0.6 + 0.4 and out["stranger"].score == pytest.approx(0.5)
+
+
 def test_candidates_are_the_nearest_unless_the_best_is_already_sure() -> None:
     verifier = Verifier(VerificationSettings(top_k=2, sure_margin=0.1))
     near = [Neighbour("a", 0.6), Neighbour("b", 0.5), Neighbour("c", 0.4)]

@@ -88,6 +88,18 @@ def test_threshold_for_precision_takes_the_most_recall_that_keeps_the_target() -
     assert loose.threshold == pytest.approx(0.5) and loose.recall == pytest.approx(1.0)
 
 
+def test_threshold_for_precision_can_also_cap_the_strangers_flagged() -> None:
+    # Three strangers (no original) among eight queries; precision alone would cut at .5 and flag two of them.
+    top1 = np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5, 0.3])
+    correct = np.array([True, True, True, False, True, False, True, False])
+    has_truth = np.array([True, True, True, False, True, False, True, False])
+    assert threshold_for_precision(top1, correct, has_truth, 0.7).threshold == pytest.approx(0.5)
+    capped = threshold_for_precision(top1, correct, has_truth, 0.7, max_negatives=0.34)  # at most 1 of 3
+    assert capped.threshold == pytest.approx(0.6) and capped.fp == 1
+    none = threshold_for_precision(top1, correct, has_truth, 0.7, max_negatives=0.0)
+    assert none.threshold == pytest.approx(0.7) and none.fp == 0
+
+
 def test_evaluate_on_a_small_similarity_matrix() -> None:
     # Two references; three queries: copy of ref 0, copy of ref 1 (but closer to ref 0), a distractor.
     sim = np.array([[0.95, 0.10], [0.70, 0.60], [0.40, 0.30]])
