@@ -18,19 +18,33 @@ from services.common.errors import TransientError
 RDKAFKA_LOG = logging.getLogger("rdkafka")
 
 
+def replication_for(brokers: int) -> tuple[int, int]:
+    """Replication factor and min.insync.replicas for topics on a cluster of this many brokers.
+
+    Three copies, two of which must acknowledge (producers use acks=all), once there are three brokers: a
+    write survives losing any one broker, and losing one never stops writes. A smaller cluster gets what fits.
+    """
+    factor = max(1, min(brokers, 3))
+    return factor, 2 if factor >= 3 else 1
+
+
 def ensure_topics(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
     conf: dict[str, Any] = {**settings.client_config(), "logger": RDKAFKA_LOG}
     admin = AdminClient(conf)
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    meta = admin.list_topics(timeout=timeout_s)
+    existing = set(meta.topics)
+    factor, min_isr = replication_for(len(meta.brokers))
+    durable = {"min.insync.replicas": str(min_isr)}
+    compacted = {**durable, "cleanup.policy": "compact,delete"}
     wanted = [
-        (settings.topic_uploads, settings.partitions, {}),
-        (settings.topic_verdicts, settings.partitions, {"cleanup.policy": "compact,delete"}),
-        (settings.topic_review, settings.partitions, {"cleanup.policy": "compact,delete"}),
-        (settings.topic_feedback, settings.partitions, {}),
-        (settings.topic_dlq, 1, {}),
+        (settings.topic_uploads, settings.partitions, durable),
+        (settings.topic_verdicts, settings.partitions, compacted),
+        (settings.topic_review, settings.partitions, compacted),
+        (settings.topic_feedback, settings.partitions, durable),
+        (settings.topic_dlq, 1, durable),
     ]
     new = [
-        NewTopic(name, num_partitions=n, replication_factor=1, config=cfg)
+        NewTopic(name, num_partitions=n, replication_factor=factor, config=cfg)
         for name, n, cfg in wanted
         if name not in existing
     ]
@@ -53,7 +67,9 @@ def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dic
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": 15000,
+        # A replica that dies is replaced within 10 s; the session outlives a broker failover (2.5 s to fence
+        # the dead broker plus a coordinator move), so a failover alone does not cost a rebalance.
+        "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 600000,
         "fetch.max.bytes": 16 * 1024 * 1024,
@@ -84,6 +100,7 @@ class AckedProducer:
             "logger": RDKAFKA_LOG,
         }
         conf.update(extra or {})
+        self.config = conf
         self.producer = Producer(conf)
         self._acks = _Acks()
 
