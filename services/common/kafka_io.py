@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,20 @@ def ensure_topics(settings: KafkaSettings, timeout_s: float = 30.0) -> None:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise RuntimeError(f"cannot create topic {topic}: {exc}") from exc
+    _wait_visible(admin, [t.topic for t in new], timeout_s)
+
+
+def _wait_visible(admin: AdminClient, topics: list[str], timeout_s: float) -> None:
+    """On a cluster the broker answering next may not know a topic created a moment ago: wait until it does,
+    with a leader for every partition, so that callers can produce and describe at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = admin.list_topics(timeout=timeout_s)
+        known = {t: meta.topics[t] for t in topics if t in meta.topics and not meta.topics[t].error}
+        led = [all(p.leader >= 0 for p in known[t].partitions.values()) for t in known]
+        if (len(known) == len(topics) and all(led)) or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dict[str, Any]:
