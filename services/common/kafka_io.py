@@ -87,6 +87,10 @@ def consumer_config(settings: KafkaSettings, group_id: str | None = None) -> dic
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
         "max.poll.interval.ms": 600000,
+        # After a leader moves, fetching resumes 100 ms after the error instead of 500 ms; an idle partition is
+        # answered within 100 ms (uploads arrive one by one, and each waits for this at most).
+        "fetch.error.backoff.ms": 100,
+        "fetch.wait.max.ms": 100,
         "fetch.max.bytes": 16 * 1024 * 1024,
         # Bounds the prefetch buffer: a slow Triton backs up into Kafka, not into this process's memory.
         "queued.max.messages.kbytes": 8192,

@@ -147,11 +147,12 @@ class KafkaBroker:
             "num.io.threads": "2",
             "log.retention.hours": "24",
             # A killed node is fenced (its partitions get new leaders) after this much silence, not the 9 s
-            # default: most of what a leader failover costs. The quorum settings do the same for the controller.
-            "broker.heartbeat.interval.ms": "500",
-            "broker.session.timeout.ms": "2500",
-            "controller.quorum.fetch.timeout.ms": "1500",
-            "controller.quorum.election.timeout.ms": "500",
+            # default: most of what a leader failover costs. The quorum settings do the same when the killed
+            # node was the active controller (a new one is elected first, then it fences the dead node).
+            "broker.heartbeat.interval.ms": "300",
+            "broker.session.timeout.ms": "1500",
+            "controller.quorum.fetch.timeout.ms": "1000",
+            "controller.quorum.election.timeout.ms": "300",
             "replica.lag.time.max.ms": "5000",
         }
         path = self.home / "server.properties"
