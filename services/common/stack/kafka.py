@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
@@ -278,5 +279,6 @@ class KafkaCluster:
             node.wait_ready(timeout_s)
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        """All nodes at once: one by one, the last would wait out its shutdown for a quorum already gone."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda node: node.stop(), self.nodes))
