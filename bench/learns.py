@@ -95,13 +95,16 @@ def _classifier_scores(pixels: NDArray[np.uint8], use: bool, notes: list[str]) -
     return [{} for _ in range(len(pixels))]
 
 
-def _redis(workdir: Path, notes: list[str]) -> tuple[redis.Redis, Any]:
+def _redis(workdir: Path, notes: list[str], required: bool = False) -> tuple[redis.Redis, Any]:
     """A real redis-server for ReviewSelector's budget and diversity state; without one the selector degrades
-    as it does in production when Redis is down (no budget, diversity within a batch only)."""
-    from services.common.stack.process import free_port
+    as it does in production when Redis is down (no budget, diversity within a batch only). ``required``
+    (tests) refuses to degrade, so a run without Redis cannot pass for one with it."""
+    from services.common.stack.process import StackError, free_port
     from services.common.stack.redis import RedisServer
 
     if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
+        if required:
+            raise StackError("redis-server not installed and --require-redis given: run scripts/setup.sh")
         notes.append("redis-server not installed: ReviewSelector ran without its Redis budget/diversity state")
         return redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2), None
     server = RedisServer(workdir / "redis")
@@ -221,6 +224,7 @@ def run(
     threads: int,
     use_classifier: bool,
     review_margin: float | None = None,
+    require_redis: bool = False,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     result = StageResult("learns", "Active learning vs a random sample: labels, retrain, gate, replay", quick).begin()
@@ -253,7 +257,7 @@ def run(
     nsfw_a = _classifier_scores(stream_a.pixels, use_classifier, notes)
     nsfw_b = _classifier_scores(stream_b.pixels, use_classifier, notes)
 
-    client, server = _redis(workdir, notes)
+    client, server = _redis(workdir, notes, require_redis)
     try:
         repo_root = workdir / "model_repo"
         shutil.copytree(SERVED, repo_root / "sieve_embedder" / "2", ignore=shutil.ignore_patterns("*.onnx"))
@@ -438,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the moderator's uncertainty band around the threshold (SIEVE_DECISION_REVIEW_MARGIN; default: as "
         "configured). Wider sends more items to review, so active learning can spend a larger budget",
     )
+    parser.add_argument(
+        "--require-redis", action="store_true", help="fail instead of running without redis-server (tests)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
@@ -450,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.threads,
         not args.no_classifier,
         args.review_margin,
+        args.require_redis,
     )
     path = write_result("learns.quick" if args.quick else "learns", result, args.out)
     print(markdown_table(result["rows"], TABLE_COLUMNS))

@@ -17,7 +17,7 @@ from services.common.config import Settings
 def _cmd_stack(args: argparse.Namespace) -> int:
     from services.common.stack import LocalStack
 
-    stack = LocalStack(with_triton=not args.no_triton)
+    stack = LocalStack(with_triton=not args.no_triton, brokers=args.brokers)
     stopped = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="start Kafka, Redis and Triton locally and wait")
     p.add_argument("--no-triton", action="store_true")
+    p.add_argument(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="Kafka nodes: 1, or 3 for a KRaft cluster with replication factor 3 and min.insync.replicas 2",
+    )
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser("moderator", help="run the moderator service (configured by SIEVE_* variables)")

@@ -72,10 +72,22 @@ def settings(stack_env: dict[str, str]) -> Settings:
     return Settings()
 
 
+def _layer(item: pytest.Item) -> str:
+    return Path(str(item.fspath)).relative_to(Path(__file__).parent).parts[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `pytest -m integration` / `-m e2e` select the layers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _layer(item) in LAYER_MARKERS:
+            item.add_marker(LAYER_MARKERS[_layer(item)])
     # Fast unit tests first, so a broken build fails before the servers start.
     order = {"unit": 0, "integration": 1, "e2e": 2}
-    items.sort(key=lambda it: order.get(Path(str(it.fspath)).relative_to(Path(__file__).parent).parts[0], 3))
+    items.sort(key=lambda it: order.get(_layer(it), 3))
+
+
+# Every test under tests/integration needs the real local stack; every test under tests/e2e runs the pipeline.
+LAYER_MARKERS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
 
 
 # This process keeps spans and metrics in memory so tests can assert on them; replicas started as

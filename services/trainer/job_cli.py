@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from services.common.config import Settings
 
@@ -33,7 +34,11 @@ def _cmd(args: argparse.Namespace) -> int:
         print(json.dumps([r.model_dump(mode="json") for r in done], indent=2))
     elif args.action == "rollback":
         repo = ModelRepository(settings.stack.model_repo)
-        version = rollback(settings, repo, settings.trainer.workdir / "promotions.jsonl", args.reason)
+        try:
+            version = rollback(settings, repo, settings.trainer.workdir / "promotions.jsonl", args.reason)
+        except RuntimeError as exc:  # nothing to roll back to: say so, not with a traceback
+            print(f"sieve trainer rollback: {exc}", file=sys.stderr)
+            return 1
         print(f"serving version {version}")
     return 0
 

@@ -21,6 +21,7 @@ from services.common.imaging import decode_image
 from services.common.photos.build import load_photo_set
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import ServedEmbedder
+from tests.thresholds import expected_threshold
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,7 @@ def test_dedup_over_triton_groups_a_planted_copy(settings: Settings, photo_paths
     (root / "p1_copy.jpg").write_bytes(encode_jpeg(NEAR_DUPLICATES["jpeg30"](img)))
     embedder = ServedEmbedder.connect(settings)
     near, _ = default_near(embedder.model_version)
+    assert near == pytest.approx(expected_threshold(embedder.model_version))
     out = tmp_path / "out"
     summary = run_dedup(root, out, DedupOptions(near=near, similar=near, progress=False), embedder=embedder)
     body = json.loads((out / "clusters.json").read_text())

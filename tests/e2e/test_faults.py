@@ -1,18 +1,24 @@
-"""Fault cases on the real servers: afterwards every upload has exactly one effective verdict and none is missing."""
+"""Fault cases on the real servers: afterwards every upload has exactly one effective verdict and none is missing.
+
+The servers these tests stop, kill and freeze are this module's own (``stack`` below), never the session's
+shared ones; after each case every one of them is restarted if needed and checked before the next case runs.
+What a stalled Triton costs in memory is measured in bench/faults.py, not asserted here.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import redis
 
 from services.common.config import Settings
 from services.common.kafka_io import ensure_topics
 from services.common.photos.build import Manifest
-from services.common.stack import LocalStack
+from services.common.stack import LocalStack, StackEndpoints
 from services.common.uploads import UploadPublisher, event_for_file
 from tests.e2e.conftest import (
     ModeratorProcess,
@@ -22,6 +28,29 @@ from tests.e2e.conftest import (
     start_moderator,
     write_photo,
 )
+from tests.promotion_support import wait_for
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[LocalStack]:
+    """This module's own Kafka, Redis and Triton: one failed restart here cannot fail the rest of the session."""
+    local = LocalStack(name="faults")
+    local.start(progress=False)
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def endpoints(stack: LocalStack) -> StackEndpoints:
+    return stack.endpoints()
+
+
+@pytest.fixture(autouse=True)
+def _restored(stack: LocalStack) -> Iterator[None]:
+    """After each case: anything it stopped or froze is restarted, then every server must answer again."""
+    yield
+    stack.restore(timeout_s=180)
+    assert stack.restore() == [], "a server did not come back after its fault test"
 
 
 def _uploads(photo_set: Manifest, folder: Path, prefix: str, n: int, seed: int) -> list[tuple[str, Path]]:
@@ -35,13 +64,6 @@ def _publish(settings: Settings, uploads: list[tuple[str, Path]]) -> None:
 
 def _verdict_ids(settings: Settings, expected: int, timeout_s: float = 180) -> set[str]:
     return {str(r["upload_id"]) for r in read_topic(settings, settings.kafka.topic_verdicts, expected, timeout_s)}
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def _assert_no_dead_letters(settings: Settings) -> None:
@@ -65,9 +87,8 @@ def test_triton_outage_pauses_consumption_and_resumes(
     stack.triton.stop()
     try:
         _publish(settings, uploads[8:])
-        time.sleep(8)
-        assert len(_verdict_ids(settings, 16, timeout_s=3)) == 8  # nothing decided without the model
-        assert "pausing consumption" in replica.log()
+        wait_for(lambda: "pausing consumption" in replica.log(), 120, "the replica to pause consumption")
+        assert len(_verdict_ids(settings, 16, timeout_s=5)) == 8  # nothing decided without the model
     finally:
         stack.triton.restart(stack.log_dir, 120)
     assert _verdict_ids(settings, 16) == {uid for uid, _ in uploads}, replica.log()[-3000:]
@@ -97,10 +118,8 @@ def test_redis_stopped_and_restarted_loses_nothing(
         stack.redis.restart(stack.log_dir, 30)
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
     stream = f"{settings.redis.key_prefix}:index:{served_version()}:stream"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and client.xlen(stream) < 16:
-        time.sleep(1)
-    assert client.xlen(stream) == 16, "additions made during the outage were not flushed to Redis"
+    wait_for(lambda: client.xlen(stream) >= 16, 60, "additions made during the outage to be flushed to Redis")
+    assert client.xlen(stream) == 16
     _assert_no_dead_letters(settings)
 
 
@@ -129,7 +148,7 @@ def test_broker_restart_loses_nothing(
     assert all(len(v) == 1 for v in by_id.values())
 
 
-def test_stalled_triton_applies_backpressure_with_bounded_memory(
+def test_stalled_triton_applies_backpressure(
     stack: LocalStack,
     settings: Settings,
     stack_env: dict[str, str],
@@ -146,15 +165,13 @@ def test_stalled_triton_applies_backpressure_with_bounded_memory(
     assert replica.proc is not None and stack.triton is not None and stack.triton.process is not None
     triton_pid = stack.triton.process.pid
     assert triton_pid is not None
-    before = _rss_kb(replica.proc.pid)
     os.killpg(triton_pid, signal.SIGSTOP)  # Triton hangs: requests neither answer nor fail
     try:
         _publish(settings, many[4:])
-        time.sleep(10)
-        after = _rss_kb(replica.proc.pid)
-        decided = len(_verdict_ids(settings, len(many), timeout_s=3))
+        # Waits for every verdict, and must time out: with Triton frozen at most the batch in flight gets through.
+        decided = len(_verdict_ids(settings, len(many), timeout_s=10))
+        assert replica.proc.poll() is None, "the replica died while Triton was stalled"
     finally:
         os.killpg(triton_pid, signal.SIGCONT)
     assert decided < 4 + 2 * settings.moderator.batch_size  # at most the batch in flight got through
-    assert after - before < 100_000, f"RSS grew by {(after - before) // 1024} MiB while Triton was stalled"
     assert len(_verdict_ids(settings, len(many), timeout_s=400)) == len(many)

@@ -23,6 +23,7 @@ from services.cli import main as sieve
 from services.common.photos.build import PhotoRecord, load_photo_set
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import ServedEmbedder
+from tests.thresholds import expected_threshold
 
 
 def _kind(record: PhotoRecord) -> str:
@@ -51,7 +52,9 @@ def embedder() -> ServedEmbedder:
 @pytest.fixture(scope="module")
 def near(embedder: ServedEmbedder) -> float:
     """The served version's threshold, as ``sieve dedup`` picks it by default (thresholds are per version)."""
-    return default_near(embedder.model_version)[0]
+    chosen = default_near(embedder.model_version)[0]
+    assert chosen == pytest.approx(expected_threshold(embedder.model_version))  # from the model card, not the code
+    return chosen
 
 
 @pytest.fixture()

@@ -10,8 +10,11 @@ from services.common.photos.build import Manifest
 
 
 def test_quick_run_compares_equal_label_counts_and_writes_results(photo_set: Manifest, tmp_path: Path) -> None:
-    assert learns.main(["--quick", "--budgets", "3,50", "--random-seeds", "1", "--out", str(tmp_path)]) == 0
+    # --require-redis: without redis-server the run fails instead of quietly using an unreachable Redis.
+    argv = ["--quick", "--budgets", "3,50", "--random-seeds", "1", "--require-redis", "--out", str(tmp_path)]
+    assert learns.main(argv) == 0
     result = json.loads((tmp_path / "learns.quick.json").read_text())
+    assert not any("redis" in note.lower() and "not installed" in note for note in result["notes"])
     sets = result["label_sets"]
     queue = result["queue_a"]["queued"]
     for budget in (3, 50):

@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import pytest
@@ -25,7 +25,7 @@ from services.common.kafka_io import AckedProducer, ensure_topics
 from services.common.schemas import DuplicateMatch, FeedbackLabel, ReviewReason, ReviewRequest
 from services.reviewer.app import build_services, create_app
 from services.reviewer.labels import AuditLog, FeedbackPublisher, LabelBody, Labeller, NotClaimed
-from services.reviewer.queue import QueueKeys, ReviewIngestor, ReviewQueue
+from services.reviewer.queue import Claim, QueueKeys, ReviewIngestor, ReviewQueue
 from services.reviewer.settings import ReviewerSettings
 
 REVIEWER = "reviewer-token-0123456789"
@@ -109,6 +109,16 @@ def _queue(client: redis.Redis, settings: Settings, ttl_s: int = 30) -> ReviewQu
     return ReviewQueue(client, settings.redis.key_prefix, ttl_s)
 
 
+class _CountingQueue(ReviewQueue):
+    """The real queue, counting write attempts so a test can wait for a retry instead of sleeping."""
+
+    attempts = 0
+
+    def ingest(self, requests: Sequence[ReviewRequest]) -> int:
+        self.attempts += 1
+        return super().ingest(requests)
+
+
 def test_requests_from_the_topic_are_queued_once_in_priority_order(client: redis.Redis, settings: Settings) -> None:
     queue = _queue(client, settings)
     group = f"reviewer-{settings.redis.key_prefix}"
@@ -135,11 +145,14 @@ def test_ingestion_commits_only_after_the_redis_write(client: redis.Redis, setti
         dead_port = s.getsockname()[1]
     dead = redis.Redis(host="127.0.0.1", port=dead_port, socket_connect_timeout=0.2, socket_timeout=0.2)
     group = f"reviewer-{settings.redis.key_prefix}"
-    broken = ReviewIngestor(settings.kafka, ReviewQueue(dead, settings.redis.key_prefix, 30), group)
+    dead_queue = _CountingQueue(dead, settings.redis.key_prefix, 30)
+    broken = ReviewIngestor(settings.kafka, dead_queue, group)
     broken.start()
     _publish(settings, [_request(1, 0.5), _request(2, 0.6)])
     _wait(lambda: broken.last_error is not None and "redis" in broken.last_error, what="the failed Redis write")
-    time.sleep(1.0)
+    # A second failed attempt means the ingestor went round its retry loop: had it committed, it would be now.
+    _wait(lambda: dead_queue.attempts >= 2, what="a retry of the failed write")
+    assert _committed(settings, group) == 0
     broken.stop()
     assert _committed(settings, group) == 0  # nothing was lost: the next owner reads both again
 
@@ -187,8 +200,14 @@ def test_an_expired_claim_goes_back_to_the_queue(client: redis.Redis, settings: 
     assert queue.claim("bob") is None  # held by alice
     again = queue.claim("alice")  # alice's own live claim is returned (and extended), not a second item
     assert again is not None and not again.new and again.request.upload_id == first.request.upload_id
-    time.sleep(1.3)
-    taken = queue.claim("bob")
+    claims: list[Claim | None] = []
+
+    def bob_claims() -> bool:
+        claims.append(queue.claim("bob"))
+        return claims[-1] is not None
+
+    _wait(bob_claims, 10, "the claim to expire")
+    taken = claims[-1]
     assert taken is not None and taken.request.upload_id == "up-001"
     with pytest.raises(NotClaimed):
         labeller.label("alice", first.request, LabelBody(not_duplicate=True))
@@ -236,7 +255,8 @@ def test_labels_reach_the_feedback_topic_once_per_reviewer(client: redis.Redis, 
 
         # A redelivered request for an item already labelled is not queued again.
         _publish(settings, [_request(7, 0.8)])
-        time.sleep(2.0)
+        # The ingestor commits after handling a message, so a second commit means the redelivery was handled.
+        _wait(lambda: _committed(settings, rsettings.consumer_group) == 2, what="the redelivered request handled")
         assert api.get("/api/queue/stats", headers=h).json()["pending"] == 0
 
         audit = api.get("/api/admin/audit", headers={"Authorization": f"Bearer {ADMIN}"}).json()["entries"]

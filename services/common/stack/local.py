@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 
 from services.common.config import StackSettings
-from services.common.stack.kafka import KafkaBroker
+from services.common.stack.kafka import KafkaBroker, KafkaCluster
 from services.common.stack.redis import RedisServer
 from services.common.stack.triton import TritonServer
 
@@ -43,18 +43,29 @@ class LocalStack:
         settings: StackSettings | None = None,
         models: tuple[str, ...] = ("sieve_embedder", "sieve_classifier"),
         with_triton: bool = True,
+        brokers: int = 1,
+        name: str = "",
     ) -> None:
+        """``brokers``: 1 (the default stack) or 3 and up, a KRaft cluster with replication factor 3 and
+        min.insync.replicas 2. ``name`` tells apart several stacks of one process (a fault test's own)."""
         self.settings = settings or StackSettings()
-        self.home = self.settings.home / f"stack-{os.getpid()}"
-        self.log_dir = self.settings.home / "logs" / f"stack-{os.getpid()}"
-        self.kafka = KafkaBroker(
-            self.home / "kafka", self.settings.cache_dir, self.settings.kafka_version, self.settings.kafka_heap
+        suffix = f"{os.getpid()}-{name}" if name else str(os.getpid())
+        self.home = self.settings.home / f"stack-{suffix}"
+        self.log_dir = self.settings.home / "logs" / f"stack-{suffix}"
+        if brokers == 2 or brokers < 1:
+            raise ValueError("brokers: 1, or 3 and up (a replicated cluster needs a majority of three)")
+        self.kafka: KafkaBroker | KafkaCluster = (
+            KafkaBroker(
+                self.home / "kafka", self.settings.cache_dir, self.settings.kafka_version, self.settings.kafka_heap
+            )
+            if brokers == 1
+            else KafkaCluster(self.home / "kafka", self.settings.cache_dir, self.settings.kafka_version, brokers)
         )
         self.redis = RedisServer(self.home / "redis")
         self.triton = (
             TritonServer(self.home / "triton", self.settings.model_repo, list(models)) if with_triton else None
         )
-        self._started: list[KafkaBroker | RedisServer | TritonServer] = []
+        self._started: list[KafkaBroker | KafkaCluster | RedisServer | TritonServer] = []
 
     def start(self, progress: bool = True) -> StackEndpoints:
         atexit.register(self.stop)
@@ -65,7 +76,7 @@ class LocalStack:
             # SIGTERM unwinds like Ctrl-C, so finally blocks and atexit stop the servers.
             signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
         timeout = self.settings.start_timeout_s
-        parts: list[tuple[str, KafkaBroker | RedisServer | TritonServer]] = [
+        parts: list[tuple[str, KafkaBroker | KafkaCluster | RedisServer | TritonServer]] = [
             ("redis", self.redis),
             ("kafka", self.kafka),
         ]
@@ -97,11 +108,22 @@ class LocalStack:
         )
 
     def pids(self) -> list[int]:
-        out = []
-        for part in (self.kafka, self.redis, self.triton):
-            if part is not None and part.process is not None and part.process.pid and part.process.alive():
-                out.append(part.process.pid)
-        return out
+        processes = [*(self.kafka.processes() if isinstance(self.kafka, KafkaCluster) else [self.kafka.process])]
+        processes += [self.redis.process, self.triton.process if self.triton else None]
+        return [p.pid for p in processes if p is not None and p.pid and p.alive()]
+
+    def restore(self, timeout_s: float | None = None) -> list[str]:
+        """Restarts every started server that is dead or not answering; returns their names.
+
+        Fault tests call it after each case, so a server one test killed is back and checked before the next.
+        """
+        timeout = timeout_s or self.settings.start_timeout_s
+        restarted = []
+        for part in self._started:
+            if not _answers(part):
+                part.restart(self.log_dir, timeout)
+                restarted.append(type(part).__name__)
+        return restarted
 
     def stop(self) -> None:
         for part in reversed(self._started):
@@ -117,3 +139,13 @@ class LocalStack:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _answers(part: KafkaBroker | KafkaCluster | RedisServer | TritonServer) -> bool:
+    """Alive and ready: a stopped (SIGSTOP) or half-started server counts as not answering."""
+    try:
+        if isinstance(part, KafkaCluster):
+            return all(n.process is not None and n.process.alive() and n.ready() for n in part.nodes)
+        return part.process is not None and part.process.alive() and part.ready()
+    except Exception:
+        return False

@@ -52,7 +52,10 @@ class RedisServer:
         ]
         self.process = ManagedProcess("redis", argv, log_dir / "redis.log", cwd=self.workdir)
         self.process.start()
-        self.process.wait_ready(lambda: bool(redis_lib.Redis.from_url(self.url, socket_timeout=1).ping()), timeout_s)
+        self.process.wait_ready(self.ready, timeout_s)
+
+    def ready(self) -> bool:
+        return bool(redis_lib.Redis.from_url(self.url, socket_timeout=1).ping())
 
     def restart(self, log_dir: Path, timeout_s: float) -> None:
         self.stop()

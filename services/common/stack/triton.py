@@ -89,14 +89,15 @@ class TritonServer:
         ]
         self.process = ManagedProcess("triton", argv, log_dir / "triton.log", env=triton_env(), cwd=self.workdir)
         self.process.start()
-        self.process.wait_ready(self._ready, timeout_s)
+        self.process.wait_ready(self.ready, timeout_s)
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
         import tritonclient.grpc as grpcclient
 
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
-            return bool(client.is_server_ready()) and all(client.is_model_ready(m) for m in self.models)
+            ready = client.is_server_ready(client_timeout=2)
+            return bool(ready) and all(client.is_model_ready(m, client_timeout=2) for m in self.models)
         finally:
             client.close()
 

@@ -143,3 +143,18 @@ def test_cached_embedder_is_the_torchscript_model_and_finetunes_it_in_place(smal
         after = candidate_ts(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(candidate.embed(images), after, atol=1e-5)
     assert cache.computed == 6  # the trunk ran once per image, however often the heads did
+
+
+def test_required_redis_refuses_to_degrade_when_redis_server_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bench.learns as learns
+    from services.common.stack.process import StackError
+
+    monkeypatch.setattr(learns.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(learns.Path, "exists", lambda _self: False)
+    notes: list[str] = []
+    with pytest.raises(StackError, match="redis-server not installed"):
+        learns._redis(tmp_path, notes, required=True)
+    _client, server = learns._redis(tmp_path, notes, required=False)  # the benchmark's documented fallback
+    assert server is None and "not installed" in notes[0]

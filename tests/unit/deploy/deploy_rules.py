@@ -20,11 +20,6 @@ from services.common.config import SETTINGS_GROUPS
 ROOT = Path(__file__).resolve().parents[3]
 SERVICES = ROOT / "services"
 
-# Subcommands the deployment artifacts run before their service has landed in services/. Each is checked for
-# real (parsed by `sieve`'s own argument parser) as soon as its top-level subcommand exists; until then it
-# must be one of these. Remove an entry once the service ships: PLANNED must only shrink.
-PLANNED_SUBCOMMANDS: frozenset[tuple[str, ...]] = frozenset({("reviewer", "serve"), ("trainer", "run")})
-
 # SIEVE_* variables read straight from os.environ (not through a settings class), found in the code by this.
 _ENV_READ = re.compile(r"""(?:environ\.get|getenv|environ\[|environ\.setdefault)\(?\s*["'](SIEVE_[A-Z0-9_]+)["']""")
 
@@ -86,7 +81,7 @@ def _subcommand_names(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def check_sieve_command(argv: Sequence[str]) -> str:
-    """'parsed' when `sieve` accepts argv; 'planned' when argv is an expected not-yet-shipped subcommand.
+    """'parsed' when `sieve`'s own argument parser accepts argv; every subcommand the artifacts run has shipped.
 
     Raises AssertionError otherwise, with what went wrong.
     """
@@ -94,12 +89,9 @@ def check_sieve_command(argv: Sequence[str]) -> str:
     args = list(argv[1:])
     assert args, "`sieve` needs a subcommand"
     parser = build_parser()
-    if args[0] not in _subcommand_names(parser):
-        assert tuple(args) in PLANNED_SUBCOMMANDS, (
-            f"`sieve {' '.join(args)}`: {args[0]!r} is not a sieve subcommand "
-            f"(have {sorted(_subcommand_names(parser))}) and not in PLANNED_SUBCOMMANDS"
-        )
-        return "planned"
+    assert args[0] in _subcommand_names(parser), (
+        f"`sieve {' '.join(args)}`: {args[0]!r} is not a sieve subcommand (have {sorted(_subcommand_names(parser))})"
+    )
     try:
         parser.parse_args(args)
     except SystemExit as exc:

@@ -17,9 +17,6 @@ _INSTRUMENT = re.compile(
     r"create_(counter|up_down_counter|histogram|gauge|observable_gauge|observable_counter|observable_up_down_counter)"
     r"\(\s*\"(sieve_[a-z0-9_]+)\""
 )
-# Reviewer metrics the dashboard may show before the reviewer service's code emits them (it is built alongside).
-# Once services/reviewer/metrics.py defines them they are checked like any other; then this can be emptied.
-PLANNED_METRICS = frozenset({"sieve_review_queue_depth", "sieve_labels_total"})
 # Files whose every instrument needs a panel: the names there are kept in step with the dashboard.
 METRICS_MODULES = ("services/moderator/metrics.py", "services/reviewer/metrics.py")
 # Triton's own metrics (served on :8002), and Prometheus' `up`.
@@ -89,7 +86,7 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
     assert "sieve_uploads_processed_total" in emitted, "the moderator's instruments were not found"
     unknown: dict[str, set[str]] = {}
     for expr in exprs(_dashboard()):
-        bad = {m for m in metric_names(expr) if m not in emitted | PLANNED_METRICS and not EXTERNAL_METRIC.match(m)}
+        bad = {m for m in metric_names(expr) if m not in emitted and not EXTERNAL_METRIC.match(m)}
         if bad:
             unknown[expr] = bad
     assert not unknown, f"queries on metrics no code emits: {unknown}"
@@ -102,8 +99,7 @@ def test_dashboard_shows_every_service_metric() -> None:
     missing = []
     for module in METRICS_MODULES:
         path = ROOT / module
-        if not path.exists():
-            continue  # the reviewer's metrics module may not have landed yet (see PLANNED_METRICS)
+        assert path.exists(), f"{module} is gone: the dashboard's metrics must come from somewhere"
         for kind, name in _INSTRUMENT.findall(path.read_text()):
             if not prometheus_names(name, kind) & shown:
                 missing.append(f"{module}: {name}")
