@@ -17,16 +17,17 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
-from services.common.banks import HashBankStore
+from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
 from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
-from services.common.hashing import informative_phash, phash_hex, sha256_hex
+from services.common.hashing import informative_phash, md5_hex, phash_hex, sha256_hex
 from services.common.imaging import DecodedImage, decode_image
 from services.common.index import IndexEntry, Neighbour, SharedRecentIndex
 from services.common.inference import ImageModels, InferenceResult
 from services.common.schemas import (
     Action,
+    BankMatchEvidence,
     DeadLetter,
     DuplicateMatch,
     ErrorKind,
@@ -71,6 +72,8 @@ class Item:
     failure: BadInput | None = None
     sha256: str = ""
     phash: str = ""
+    md5: str = ""
+    pdq: str = ""  # "" when the image is too flat for PDQ to mean anything (quality below the setting)
     bank_check_failed: bool = False
     features: LocalFeatures | None = None  # local features for verification, computed while preparing
     prepared: bool = False  # parsed, fetched and decoded (possibly ahead of time, while the last batch infers)
@@ -95,6 +98,23 @@ class BatchOutput:
     features: dict[str, LocalFeatures] = field(default_factory=dict)  # kept for later uploads' verification
 
 
+def _upload_signals(item: Item) -> UploadSignals:
+    """What the banks are matched on: every hash of the upload that carries information."""
+    return UploadSignals(
+        sha256=item.sha256,
+        md5=item.md5 or None,
+        phash=item.phash if informative_phash(item.phash) else None,
+        pdq=item.pdq or None,
+    )
+
+
+def _bank_evidence(matches: list[BankMatch]) -> list[BankMatchEvidence]:
+    return [
+        BankMatchEvidence(bank=m.bank, signal_type=m.signal_type, distance=m.distance, item_id=m.item_id)
+        for m in matches
+    ]
+
+
 def _now_ns() -> int:
     return time.time_ns()
 
@@ -116,7 +136,12 @@ class Pipeline:
         self.metrics = metrics or ModeratorMetrics()
         self.processed = ProcessedEvents(redis_client, settings.redis.key_prefix, settings.moderator.dedup_ttl_s)
         self.exact = ExactMatchStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
-        self.banks = HashBankStore(redis_client, settings.redis.key_prefix)
+        self.banks = HashBankStore(
+            redis_client,
+            settings.redis.key_prefix,
+            pdq_threshold=settings.banks.pdq_threshold,
+            sync_interval_s=settings.banks.sync_interval_s,
+        )
         self.indexes: dict[str, SharedRecentIndex] = {}
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
@@ -169,6 +194,7 @@ class Pipeline:
                     data = self.fetcher.fetch(item.event.image_uri)
                     item.timings["fetch_ms"] = _ms(began)
                     item.sha256 = sha256_hex(data)
+                    item.md5 = md5_hex(data)
                     span.set_attribute("sieve.bytes", len(data))
                 with _tracer.start_as_current_span("decode", context=ctx) as span:
                     began = time.perf_counter()
@@ -176,6 +202,8 @@ class Pipeline:
                     detail_side = verify.detail_side if verify.enabled else 0
                     item.image = decode_image(data, self.settings.decode, self.settings.triton.input_size, detail_side)
                     item.phash = phash_hex(item.image.pixels)
+                    pdq, quality = pdq_hex(item.image.pixels)
+                    item.pdq = pdq if quality >= self.settings.banks.pdq_min_quality else ""
                     item.timings["decode_ms"] = _ms(began)
                     span.set_attribute("sieve.format", item.image.format)
                 if item.image.detail is not None:
@@ -280,13 +308,14 @@ class Pipeline:
             assert item.event is not None
             began = time.perf_counter()
             try:
-                banks = self.banks.match(item.sha256, item.phash if informative_phash(item.phash) else None)
+                banks = self.banks.match(_upload_signals(item))
             except redis.RedisError:
                 banks, item.bank_check_failed = [], True
             if banks:
                 item.timings["hash_ms"] = _ms(began)
-                reasons = [f"bank_match:{name}" for name in banks]
-                out.verdicts.append((self._fast_verdict(item, Action.BLOCK, [], {}, "", reasons), item.span))
+                reasons = [f"bank_match:{m.bank}" for m in banks]
+                verdict = self._fast_verdict(item, Action.BLOCK, [], {}, "", reasons, _bank_evidence(banks))
+                out.verdicts.append((verdict, item.span))
                 continue
             known = self._exact_lookup(item)
             item.timings["hash_ms"] = _ms(began)
@@ -324,6 +353,7 @@ class Pipeline:
         flags: dict[str, float],
         model_version: str,
         reasons: list[str],
+        bank_matches: list[BankMatchEvidence] | None = None,
     ) -> Verdict:
         assert item.event is not None
         item.span.set_attribute("sieve.action", action.value)
@@ -337,6 +367,7 @@ class Pipeline:
             flags=flags,
             reasons=reasons,
             timings=item.timings,
+            bank_matches=bank_matches or [],
         )
 
     def infer_ahead(self, items: list[Item]) -> None:
@@ -365,9 +396,8 @@ class Pipeline:
     def _fast_path_likely(self, item: Item) -> bool:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""
         assert item.event is not None
-        phash = item.phash if informative_phash(item.phash) else None
         try:
-            return bool(self.banks.match(item.sha256, phash)) or self._exact_lookup(item) is not None
+            return bool(self.banks.match(_upload_signals(item))) or self._exact_lookup(item) is not None
         except redis.RedisError:
             return False
 

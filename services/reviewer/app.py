@@ -22,10 +22,21 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
+from services.common.banks import MalformedSignal
+from services.common.banks.exchange import ListFormat
+from services.common.banks.signals import SignalType
 from services.common.config import Settings
-from services.common.errors import TransientError
+from services.common.errors import BadInput, TransientError
 from services.common.schemas import FeedbackLabel, ReviewRequest
-from services.reviewer.admin import BANK_NAME_PATTERN, BankHashes, BankSpec, PromotionRequest, ThresholdOverrides
+from services.reviewer.admin import (
+    BANK_NAME_PATTERN,
+    BankHashes,
+    BankImport,
+    BankSignals,
+    BankSpec,
+    PromotionRequest,
+    ThresholdOverrides,
+)
 from services.reviewer.auth import Admin, Reviewer, TokenAuthenticator
 from services.reviewer.images import ImageRefused
 from services.reviewer.labels import InvalidLabel, LabelBody, LabelOutcome, NotClaimed, label_kind
@@ -68,6 +79,10 @@ class AdminAPI(Protocol):
     def bank(self, name: str) -> dict[str, Any] | None: ...
     def put_bank(self, name: str, spec: BankSpec, actor: str) -> bool: ...
     def add_bank_hashes(self, name: str, body: BankHashes, actor: str) -> int: ...
+    def add_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]: ...
+    def remove_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]: ...
+    def import_bank(self, name: str, body: BankImport, actor: str) -> dict[str, Any]: ...
+    def export_bank(self, name: str, fmt: ListFormat, kind: SignalType | None, actor: str) -> str: ...
     def delete_bank(self, name: str, actor: str) -> bool: ...
     def request_promotion(self, request: PromotionRequest, actor: str) -> str: ...
     def promotions(self, count: int) -> list[dict[str, Any]]: ...
@@ -332,6 +347,51 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
         except KeyError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
 
+    @app.post("/api/admin/banks/{name}/signals")
+    def add_bank_signals(name: BankName, body: BankSignals, admin: Admin) -> dict[str, Any]:
+        """Adds HMA-style signals (type, value, optional content id and metadata); idempotent."""
+        try:
+            return {"name": name, **services.admin.add_bank_signals(name, body, admin.reviewer_id)}
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except MalformedSignal as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    @app.post("/api/admin/banks/{name}/signals/remove")
+    def remove_bank_signals(name: BankName, body: BankSignals, admin: Admin) -> dict[str, Any]:
+        try:
+            return {"name": name, **services.admin.remove_bank_signals(name, body, admin.reviewer_id)}
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except MalformedSignal as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    @app.post("/api/admin/banks/{name}/import")
+    def import_bank(name: BankName, body: BankImport, admin: Admin) -> dict[str, Any]:
+        """Imports a ThreatExchange (te) or HMA CSV list; the report lists every malformed row."""
+        try:
+            return services.admin.import_bank(name, body, admin.reviewer_id)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except BadInput as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot fetch the list: {exc}") from exc
+        except (TransientError, UnicodeDecodeError) as exc:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"cannot fetch the list: {exc}") from exc
+
+    @app.get("/api/admin/banks/{name}/export")
+    def export_bank(
+        name: BankName,
+        admin: Admin,
+        format: Annotated[ListFormat, Query()] = "te",
+        signal_type: Annotated[SignalType | None, Query()] = None,
+    ) -> Response:
+        try:
+            text = services.admin.export_bank(name, format, signal_type, admin.reviewer_id)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        media = "text/csv" if format == "csv" else "text/plain"
+        return Response(text, media_type=f"{media}; charset=utf-8")
+
     @app.delete("/api/admin/banks/{name}", status_code=status.HTTP_204_NO_CONTENT)
     def delete_bank(name: BankName, admin: Admin) -> Response:
         if not services.admin.delete_bank(name, admin.reviewer_id):
@@ -407,7 +467,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
     return ReviewerServices(
         queue=queue,
         labeller=labeller,
-        admin=AdminStore(client, prefix, settings.decision, audit),
+        admin=AdminStore(client, prefix, settings.decision, audit, settings.banks, settings.fetch),
         images=ImageSource(
             settings.fetch,
             settings.decode,
