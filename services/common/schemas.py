@@ -71,8 +71,8 @@ class BankMatchEvidence(_Strict):
     """A hash bank that holds this upload, or a near copy of it: which bank, by which signal, how near."""
 
     bank: str
-    signal_type: str  # sha256, md5, phash (exact) or pdq (Hamming distance)
-    distance: int  # bits apart for pdq; 0 for exact signals
+    signal_type: str  # sha256, md5, phash (exact), pdq (Hamming distance) or embedding (cosine)
+    distance: float  # bits apart for pdq, 1 - cosine for embedding, 0 for exact signals
     item_id: str  # the banked item the signal belongs to
 
 

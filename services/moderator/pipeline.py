@@ -13,11 +13,13 @@ from typing import cast
 import numpy as np
 import redis
 from confluent_kafka import Message
+from numpy.typing import NDArray
 from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
+from services.common.banks.embeddings import EmbeddingBanks
 from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
@@ -142,6 +144,7 @@ class Pipeline:
             pdq_threshold=settings.banks.pdq_threshold,
             sync_interval_s=settings.banks.sync_interval_s,
         )
+        self.embedding_banks = EmbeddingBanks(redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s)
         self.indexes: dict[str, SharedRecentIndex] = {}
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
@@ -393,6 +396,23 @@ class Pipeline:
         except TransientError as exc:
             log.info("inference ahead failed (%s); the batch will be inferred in line", exc)
 
+    def _embedding_bank_matches(self, model_version: str, embedding: NDArray[np.float32]) -> list[BankMatch]:
+        """Enabled banks holding an image this embedding is near (at the bank's or the version's threshold)."""
+        cfg = self.settings.banks
+        default = cfg.embedding_thresholds.get(model_version, cfg.embedding_threshold)
+        try:
+            hits = self.embedding_banks.search(model_version, embedding)
+            enabled = self.banks.enabled_thresholds(sorted({h.bank for h in hits}))
+        except redis.RedisError:
+            return []  # the hash banks were checked already; a banked embedding is a second chance
+        matches = []
+        for hit in hits:
+            if hit.bank in enabled:
+                own = enabled[hit.bank]
+                if hit.cosine >= (default if own is None else own):
+                    matches.append(BankMatch(hit.bank, "embedding", round(1.0 - hit.cosine, 4), hit.item_id, ""))
+        return matches
+
     def _fast_path_likely(self, item: Item) -> bool:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""
         assert item.event is not None
@@ -431,6 +451,7 @@ class Pipeline:
         search_total = 0.0
         decided: list[tuple[Item, Decision, list[str]]] = []
         item_evidence: dict[str, list[MatchEvidence]] = {}
+        item_banks: dict[str, list[BankMatch]] = {}
         batch_actions: dict[str, str] = {}
         for item in ready:
             assert item.event is not None and item.inferred is not None
@@ -469,6 +490,7 @@ class Pipeline:
             extra = ["bank_check_unavailable"] if item.bank_check_failed else []
             decided.append((item, decision, extra + evidence.reasons))
             item_evidence[item.event.upload_id] = evidence.matches
+            item_banks[item.event.upload_id] = self._embedding_bank_matches(model_version, result.embeddings[row])
 
         selected = self._select_reviews(decided)
         for item, decision, extra in decided:
@@ -476,7 +498,11 @@ class Pipeline:
             action = decision.action
             reasons = decision.reasons + extra
             skip = selected.get(item.event.upload_id)
-            if decision.review_reason is not None and skip:
+            banked = item_banks.get(item.event.upload_id, [])
+            if banked:  # a near copy of a banked image: blocked, and no reviewer needs to see it
+                action = Action.BLOCK
+                reasons = [f"bank_match:{m.bank}" for m in banked] + reasons
+            if decision.review_reason is not None and skip and not banked:
                 reasons.append(skip)
                 if action is Action.REVIEW:
                     action = Action.ALLOW  # REVIEW always means a reviewer will see it; this one will not
@@ -490,13 +516,14 @@ class Pipeline:
                 reasons=reasons,
                 timings=item.timings,
                 evidence=item_evidence.get(item.event.upload_id, []),
+                bank_matches=_bank_evidence(banked),
             )
             out.hashes[verdict.upload_id] = (item.sha256, item.phash)
             out.uris[verdict.upload_id] = item.event.image_uri
             item.span.set_attribute("sieve.action", action.value)
             out.verdicts.append((verdict, item.span))
             out.fresh_verdicts.append(verdict)
-            if decision.review_reason is not None and not skip:
+            if decision.review_reason is not None and not skip and not banked:
                 request = ReviewRequest(
                     upload_id=item.event.upload_id,
                     image_uri=item.event.image_uri,

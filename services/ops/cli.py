@@ -8,14 +8,18 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import redis
 
 from services.common.banks import HashBankStore, HashKind, MalformedSignal, Signal, parse_signal
 from services.common.banks import audit as bank_audit
+from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import FORMATS, ListFormat, export_list, guess_format, import_list, read_source
 from services.common.banks.images import image_signals
 from services.common.banks.signals import SIGNAL_TYPES
 from services.common.config import Settings
+from services.common.hashing import sha256_hex
+from services.common.imaging import decode_image
 
 
 def _store(settings: Settings) -> HashBankStore:
@@ -63,11 +67,26 @@ def _cmd_banks(args: argparse.Namespace) -> int:
         print(json.dumps(store.create(name, args.description or "").__dict__))
         _audit(store, "bank_created", args, {"description": args.description or ""})
     elif action == "add":
-        signals = [s for f in args.files for s in image_signals(Path(f).read_bytes(), settings)]
+        images = [Path(f).read_bytes() for f in args.files]
+        signals = [s for data in images for s in image_signals(data, settings)]
         signals += _signal_args(args.signal)
         result = store.add_signals(name, signals)
-        print(json.dumps({"bank": name, "added": result.added, "duplicate": result.duplicate}))
-        _audit(store, "bank_signals_added", args, {"added": result.added, "duplicate": result.duplicate})
+        embedded = _embed(store, settings, name, images) if images and args.embed else ""
+        report = {"bank": name, "added": result.added, "duplicate": result.duplicate, "embedded_with": embedded}
+        print(json.dumps(report))
+        _audit(store, "bank_signals_added", args, report)
+    elif action == "reembed":
+        from services.common.inference import TritonModels
+
+        version, count = EmbeddingBanks(store.client, store.prefix).reembed(
+            TritonModels(settings.triton), [b.name for b in store.all_banks()] if name == "all" else [name]
+        )
+        print(json.dumps({"model_version": version, "images": count}))
+        _audit(store, "bank_reembedded", args, {"model_version": version, "images": count})
+    elif action == "threshold":
+        value = None if args.threshold is None else float(args.threshold)
+        print(json.dumps(store.set_embedding_threshold(name, value).__dict__))
+        _audit(store, "bank_threshold", args, {"embedding_threshold": value})
     elif action in ("enable", "disable"):
         print(json.dumps(store.set_enabled(name, action == "enable").__dict__))
         _audit(store, f"bank_{action}d", args, {})
@@ -90,6 +109,22 @@ def _cmd_banks(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
         _audit(store, "bank_exported", args, {"format": args.format or "te", "rows": text.count("\n")})
     return 0
+
+
+def _embed(store: HashBankStore, settings: Settings, name: str, images: list[bytes]) -> str:
+    """Banks the served model's embedding of each image; "" (and a warning) when Triton cannot be reached."""
+    from services.common.errors import TransientError
+    from services.common.inference import TritonModels
+
+    pixels = np.stack([decode_image(d, settings.decode, settings.triton.input_size).pixels for d in images])
+    ids = [sha256_hex(d)[:16] for d in images]
+    try:
+        return EmbeddingBanks(store.client, store.prefix).embed_and_add(
+            name, TritonModels(settings.triton), ids, pixels
+        )
+    except TransientError as exc:
+        print(f"warning: embeddings not banked ({exc}); hashes were", file=sys.stderr)
+        return ""
 
 
 def _import(store: HashBankStore, settings: Settings, args: argparse.Namespace, name: str) -> int:
@@ -122,7 +157,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("banks", help="manage hash banks of known violating content")
-    p.add_argument("action", choices=["list", "create", "add", "enable", "disable", "remove", "import", "export"])
+    p.add_argument(
+        "action",
+        choices=["list", "create", "add", "enable", "disable", "remove", "import", "export", "reembed", "threshold"],
+    )
     p.add_argument("name", nargs="?")
     p.add_argument("files", nargs="*", help="images to bank (add), or the list's file or URL (import)")
     p.add_argument("--description", default=None)
@@ -131,6 +169,8 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--signal-type", choices=SIGNAL_TYPES, default=None, help="export only this signal type")
     p.add_argument("--output", default=None, help="export to this file instead of stdout")
     p.add_argument("--create", action="store_true", help="import: create the bank when it does not exist")
+    p.add_argument("--no-embed", dest="embed", action="store_false", help="add: bank hashes only, no embedding")
+    p.add_argument("--threshold", default=None, help="threshold: the bank's own embedding cosine (none: default)")
     p.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who the audit log records")
     p.set_defaults(func=_cmd_banks)
 

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 from services.cli import main as sieve
 from services.common.banks import HashBankStore, Signal, UploadSignals
 from services.common.banks.audit import audit_key
+from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import export_list, import_list
 from services.common.config import Settings
 from services.reviewer.app import build_services, create_app
@@ -208,3 +209,23 @@ def test_admin_api_imports_exports_and_edits_banks(settings: Settings) -> None:
             "bank_imported",
             "bank_created",
         ]
+
+
+def test_banked_embeddings_per_bank_and_model_version(settings: Settings, banks: HashBankStore) -> None:
+    rng = np.random.default_rng(9)
+    vectors = rng.normal(size=(3, 8)).astype(np.float32)
+    pixels = np.zeros((3, 256, 256, 3), dtype=np.uint8)
+    writer = EmbeddingBanks(banks.client, banks.prefix)
+    replica = EmbeddingBanks(_client(settings), settings.redis.key_prefix, sync_interval_s=0.0)
+    banks.create("emb")
+    writer.add("emb", "model:1", ["i0", "i1", "i2"], vectors, pixels)
+    [hit] = replica.search("model:1", vectors[1] + 0.01)
+    assert (hit.bank, hit.item_id) == ("emb", "i1") and hit.cosine > 0.99
+    assert replica.search("model:2", vectors[1]) == []  # another version's space is empty
+    assert banks.enabled_thresholds(["emb"]) == {"emb": None}
+    banks.set_embedding_threshold("emb", 0.9)
+    assert banks.enabled_thresholds(["emb"]) == {"emb": 0.9}
+    banks.set_enabled("emb", False)
+    assert banks.enabled_thresholds(["emb"]) == {}
+    banks.remove("emb")
+    assert replica.search("model:1", vectors[1]) == []

@@ -19,10 +19,11 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import redis
 
+from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal, SignalType
 
@@ -40,6 +41,7 @@ class Bank:
     description: str
     created_at: float
     size: int
+    embedding_threshold: float | None = None  # cosine for banked embeddings; None: SIEVE_BANKS_EMBEDDING_THRESHOLDS
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,8 @@ class BankMatch:
     """One bank's closest signal for an upload: what the verdict's evidence records."""
 
     bank: str
-    signal_type: SignalType
-    distance: int  # Hamming bits for PDQ, 0 for exact signals
+    signal_type: SignalType | Literal["embedding"]
+    distance: float  # Hamming bits for PDQ, 1 - cosine for a banked embedding, 0 for exact signals
     item_id: str
     value: str
 
@@ -111,7 +113,15 @@ class HashBankStore:
             raise KeyError(f"no bank named {name!r}")
         meta = json.loads(raw)
         size = int(self.client.hlen(self._signals_key(name)))
-        return Bank(name, bool(meta["enabled"]), str(meta["description"]), float(meta["created_at"]), size)
+        threshold = meta.get("embedding_threshold")
+        return Bank(
+            name,
+            bool(meta["enabled"]),
+            str(meta["description"]),
+            float(meta["created_at"]),
+            size,
+            None if threshold is None else float(threshold),
+        )
 
     def all_banks(self) -> list[Bank]:
         names = sorted(n.decode() for n in cast(dict[bytes, bytes], self.client.hgetall(self.meta_key)))
@@ -123,9 +133,33 @@ class HashBankStore:
             "enabled": enabled,
             "description": bank.description if description is None else description,
             "created_at": bank.created_at,
+            "embedding_threshold": bank.embedding_threshold,
         }
         self.client.hset(self.meta_key, name, json.dumps(meta))
         return self.get(name)
+
+    def set_embedding_threshold(self, name: str, threshold: float | None) -> Bank:
+        bank = self.get(name)
+        meta = {
+            "enabled": bank.enabled,
+            "description": bank.description,
+            "created_at": bank.created_at,
+            "embedding_threshold": threshold,
+        }
+        self.client.hset(self.meta_key, name, json.dumps(meta))
+        return self.get(name)
+
+    def enabled_thresholds(self, names: list[str]) -> dict[str, float | None]:
+        """Enabled banks among ``names`` with their own embedding threshold (None: the version's default)."""
+        if not names:
+            return {}
+        raw = cast(list[bytes | None], self.client.hmget(self.meta_key, names))
+        out: dict[str, float | None] = {}
+        for name, meta in zip(names, raw, strict=True):
+            if meta and json.loads(meta)["enabled"]:
+                threshold = json.loads(meta).get("embedding_threshold")
+                out[name] = None if threshold is None else float(threshold)
+        return out
 
     def remove(self, name: str) -> None:
         """Deletes the bank and every signal in it."""
@@ -136,6 +170,7 @@ class HashBankStore:
         pipe.hdel(self.meta_key, name)
         pipe.xadd(self.log_key, {"op": "drop", "bank": name}, maxlen=LOG_MAXLEN, approximate=True)
         pipe.execute()
+        EmbeddingBanks(self.client, self.prefix).remove_bank(name)
 
     # -- contents ---------------------------------------------------------------------------------------
 
