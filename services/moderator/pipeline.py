@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
 from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.retro import remember_pdq
 from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
@@ -96,6 +97,7 @@ class BatchOutput:
     index_entries: list[IndexEntry] = field(default_factory=list)
     fresh_verdicts: list[Verdict] = field(default_factory=list)  # decided by the model in this batch
     hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload_id -> (sha256, phash)
+    pdqs: dict[str, str] = field(default_factory=dict)  # upload_id -> PDQ, for retroactive bank searches
     uris: dict[str, str] = field(default_factory=dict)  # upload_id -> image_uri, for reviewers' neighbour views
     features: dict[str, LocalFeatures] = field(default_factory=dict)  # kept for later uploads' verification
 
@@ -519,6 +521,8 @@ class Pipeline:
                 bank_matches=_bank_evidence(banked),
             )
             out.hashes[verdict.upload_id] = (item.sha256, item.phash)
+            if item.pdq:
+                out.pdqs[verdict.upload_id] = item.pdq
             out.uris[verdict.upload_id] = item.event.image_uri
             item.span.set_attribute("sieve.action", action.value)
             out.verdicts.append((verdict, item.span))
@@ -635,6 +639,8 @@ class Pipeline:
                 pipe.set(upload_uri_key(prefix, upload_id), uri, ex=ttl)
             for verdict in out.fresh_verdicts:
                 pipe.set(upload_action_key(prefix, verdict.upload_id), verdict.action.value, ex=ttl)
+                if verdict.upload_id in out.pdqs:
+                    remember_pdq(pipe, prefix, ttl, verdict.upload_id, out.pdqs[verdict.upload_id], verdict)
             pipe.execute()
         except redis.RedisError:
             pass  # only reviewers' neighbour thumbnails and the disagreement check lose this batch

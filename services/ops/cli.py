@@ -83,6 +83,16 @@ def _cmd_banks(args: argparse.Namespace) -> int:
         )
         print(json.dumps({"model_version": version, "images": count}))
         _audit(store, "bank_reembedded", args, {"model_version": version, "images": count})
+    elif action == "rejudge":
+        from services.common.banks.retro import RetroJudge, kafka_publisher
+
+        judge = RetroJudge(store.client, settings, kafka_publisher(settings))
+        while True:
+            progress = judge.run(name, max_signals=args.max_signals)
+            print(json.dumps(progress.__dict__), flush=True)
+            if progress.done or not args.until_done:
+                break
+        _audit(store, "bank_rejudged", args, progress.__dict__)
     elif action == "threshold":
         value = None if args.threshold is None else float(args.threshold)
         print(json.dumps(store.set_embedding_threshold(name, value).__dict__))
@@ -159,7 +169,19 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("banks", help="manage hash banks of known violating content")
     p.add_argument(
         "action",
-        choices=["list", "create", "add", "enable", "disable", "remove", "import", "export", "reembed", "threshold"],
+        choices=[
+            "list",
+            "create",
+            "add",
+            "enable",
+            "disable",
+            "remove",
+            "import",
+            "export",
+            "reembed",
+            "threshold",
+            "rejudge",
+        ],
     )
     p.add_argument("name", nargs="?")
     p.add_argument("files", nargs="*", help="images to bank (add), or the list's file or URL (import)")
@@ -169,6 +191,8 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--signal-type", choices=SIGNAL_TYPES, default=None, help="export only this signal type")
     p.add_argument("--output", default=None, help="export to this file instead of stdout")
     p.add_argument("--create", action="store_true", help="import: create the bank when it does not exist")
+    p.add_argument("--max-signals", type=int, default=100_000, help="rejudge: banked signals searched per step")
+    p.add_argument("--until-done", action="store_true", help="rejudge: keep stepping until the bank is done")
     p.add_argument("--no-embed", dest="embed", action="store_false", help="add: bank hashes only, no embedding")
     p.add_argument("--threshold", default=None, help="threshold: the bank's own embedding cosine (none: default)")
     p.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who the audit log records")

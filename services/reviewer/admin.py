@@ -17,10 +17,11 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.common.banks import Bank, HashBankStore, Signal, parse_signal
+from services.common.banks import Bank, BankMatch, HashBankStore, Signal, UploadSignals, parse_signal
 from services.common.banks.exchange import ImportReport, ListFormat, export_list, guess_format, import_list, read_source
+from services.common.banks.images import image_signals
 from services.common.banks.signals import SignalType
-from services.common.config import BankSettings, DecisionSettings, FetchSettings
+from services.common.config import BankSettings, DecisionSettings, FetchSettings, Settings
 from services.common.promotions import PromotionLedger
 from services.reviewer.labels import AuditLog
 
@@ -125,11 +126,13 @@ class AdminStore:
         audit: AuditLog,
         banks: BankSettings | None = None,
         fetch: FetchSettings | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.client = client
         self.decision = decision
         self.audit = audit
         self.thresholds_key = f"{key_prefix}:config:thresholds"
+        self.settings = settings or Settings()
         self.bank_settings = banks or BankSettings()
         self.fetch_settings = fetch or FetchSettings()
         self.bank_store = HashBankStore(client, key_prefix, self.bank_settings.pdq_threshold)
@@ -214,6 +217,16 @@ class AdminStore:
         self.audit.record("bank_exported", actor, name, {"format": fmt, "rows": text.count("\n")})
         return text
 
+    def lookup_signal(self, signal_type: str, value: str) -> list[dict[str, Any]]:
+        """Raises MalformedSignal."""
+        return [_match_json(m) for m in self.bank_store.lookup(parse_signal(signal_type, value))]
+
+    def lookup_image(self, data: bytes) -> dict[str, Any]:
+        """Hashes the image as the moderator does; raises BadInput for something that is not an allowed image."""
+        signals = image_signals(data, self.settings)
+        found = self.bank_store.match(UploadSignals(**{s.kind: s.value for s in signals}))
+        return {"signals": {s.kind: s.value for s in signals}, "matches": [_match_json(m) for m in found]}
+
     def delete_bank(self, name: str, actor: str) -> bool:
         if self.bank(name) is None:
             return False
@@ -237,6 +250,16 @@ class AdminStore:
 
     def audit_log(self, count: int) -> list[dict[str, Any]]:
         return self.audit.recent(count)
+
+
+def _match_json(match: BankMatch) -> dict[str, Any]:
+    return {
+        "bank": match.bank,
+        "signal_type": match.signal_type,
+        "distance": match.distance,
+        "content_id": match.item_id,
+        "signal": match.value,
+    }
 
 
 def _bank_json(bank: Bank) -> dict[str, Any]:

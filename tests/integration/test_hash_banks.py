@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import SecretStr
 
 from services.cli import main as sieve
@@ -16,7 +17,9 @@ from services.common.banks import HashBankStore, Signal, UploadSignals
 from services.common.banks.audit import audit_key
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import export_list, import_list
+from services.common.banks.images import image_signals
 from services.common.config import Settings
+from services.common.transforms import encode_jpeg
 from services.reviewer.app import build_services, create_app
 from services.reviewer.queue import QueueKeys
 from services.reviewer.settings import ReviewerSettings
@@ -176,6 +179,16 @@ def test_a_malformed_list_is_reported_row_by_row(
     assert audit_key(banks.prefix) == QueueKeys(banks.prefix).audit  # the reviewer's audit log
 
 
+def _photo_jpeg() -> bytes:
+    rng = np.random.default_rng(4)
+    img = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((320, 240), Image.Resampling.BICUBIC)
+    return encode_jpeg(img, 90)
+
+
+def _image_hashes(data: bytes, settings: Settings) -> list[tuple[str, str]]:
+    return [(s.kind, s.value) for s in image_signals(data, settings)]
+
+
 def test_admin_api_imports_exports_and_edits_banks(settings: Settings) -> None:
     rsettings = ReviewerSettings(admin_tokens=[SecretStr(f"root:{ADMIN}")])
     services = build_services(settings, rsettings)
@@ -201,8 +214,27 @@ def test_admin_api_imports_exports_and_edits_banks(settings: Settings) -> None:
         res = api.post("/api/admin/banks/shared/signals/remove", headers=h, json={"signals": [signal]})
         assert res.json()["removed"] == 1
         assert api.get("/api/admin/banks/missing/export", headers=h).status_code == 404
+
+        # The match API: one hash, or an image hashed as the moderator hashes uploads.
+        near = PDQ_LIST[0][:-2] + ("00" if PDQ_LIST[0][-2:] != "00" else "ff")
+        res = api.get("/api/match/lookup", headers=h, params={"signal_type": "pdq", "signal": near})
+        [found] = res.json()["matches"]
+        assert (found["bank"], found["signal"]) == ("shared", PDQ_LIST[0]) and 0 < found["distance"] <= 8
+        res = api.get("/api/match/lookup", headers=h, params={"signal_type": "md5", "signal": "b" * 32})
+        assert [m["distance"] for m in res.json()["matches"]] == [0]
+        assert api.get("/api/match/lookup", headers=h, params={"signal_type": "pdq", "signal": "x"}).status_code == 422
+        image = _photo_jpeg()
+        signals = [{"signal_type": k, "signal_value": v} for k, v in _image_hashes(image, settings) if k == "pdq"]
+        api.post("/api/admin/banks/shared/signals", headers=h, json={"signals": signals})
+        res = api.post("/api/match/image", headers=h, content=image, params={})
+        assert [m["signal_type"] for m in res.json()["matches"]] == ["pdq"]
+        assert api.post("/api/match/image", headers=h, content=b"not an image").status_code == 422
+        spec = api.get("/api/match/openapi.json", headers=h).json()
+        assert set(spec["paths"]) == {"/api/match/lookup", "/api/match/image", "/api/match/openapi.json"}
+        assert api.get("/api/match/lookup", params={"signal_type": "md5", "signal": "b" * 32}).status_code == 401
         events = [e["event"] for e in api.get("/api/admin/audit", headers=h).json()["entries"]]
         assert events == [
+            "bank_signals_added",
             "bank_signals_removed",
             "bank_exported",
             "bank_signals_added",

@@ -103,6 +103,18 @@ class EmbeddingBanks:
             pipe.execute()
         self.client.delete(self._pixels_key(bank))
 
+    def vectors(self, bank: str) -> list[tuple[str, list[str], NDArray[np.float32]]]:
+        """(model version, item ids, embeddings) of one bank, for every version it has embeddings in."""
+        out = []
+        for key in self._version_keys():
+            ids, rows = [], []
+            for field_name, raw in self.client.hscan_iter(key, match=f"{bank}{SEP}*", count=1000):
+                ids.append(field_name.decode().partition(SEP)[2])
+                rows.append(np.frombuffer(raw, dtype=np.float32))
+            if ids:
+                out.append((key.removeprefix(f"{self.prefix}:bankemb:"), ids, np.stack(rows)))
+        return out
+
     def _version_keys(self) -> list[str]:
         keys = [k.decode() for k in self.client.scan_iter(match=f"{self.prefix}:bankemb:*", count=1000)]
         return [k for k in keys if not k.endswith(":rev")]

@@ -59,7 +59,7 @@ class BankMatch:
 class UploadSignals:
     """The hashes the moderator computed for one upload; None where a hash is missing or uninformative."""
 
-    sha256: str
+    sha256: str | None = None
     md5: str | None = None
     phash: str | None = None
     pdq: str | None = None
@@ -210,6 +210,7 @@ class HashBankStore:
             entry = {"op": "add", "bank": name, "signals": json.dumps(pdq[i : i + LOG_CHUNK])}
             pipe.xadd(self.log_key, entry, maxlen=LOG_MAXLEN, approximate=True)  # type: ignore[arg-type]
         pipe.execute()
+        self._synced_at = 0.0  # read your own writes: the next match applies the log first
         return len(fresh), len(batch) - len(fresh)
 
     def remove_signals(self, name: str, signals: Iterable[Signal]) -> int:
@@ -232,6 +233,7 @@ class HashBankStore:
                 entry = {"op": "remove", "bank": name, "signals": json.dumps(pdq[j : j + LOG_CHUNK])}
                 pipe.xadd(self.log_key, entry, maxlen=LOG_MAXLEN, approximate=True)  # type: ignore[arg-type]
             pipe.execute()
+        self._synced_at = 0.0
         return removed
 
     def signals(self, name: str, kind: SignalType | None = None) -> Iterator[Signal]:
@@ -317,7 +319,9 @@ class HashBankStore:
 
     def match(self, upload: UploadSignals) -> list[BankMatch]:
         """Each enabled bank's closest signal (exact before PDQ), sorted by distance then bank name."""
-        exact: list[tuple[SignalType, str]] = [("sha256", upload.sha256)]
+        exact: list[tuple[SignalType, str]] = []
+        if upload.sha256:
+            exact.append(("sha256", upload.sha256))
         if upload.md5:
             exact.append(("md5", upload.md5))
         if upload.phash:
@@ -359,6 +363,10 @@ class HashBankStore:
             m if m.item_id else BankMatch(m.bank, m.signal_type, m.distance, ids[(m.bank, m.signal_type)], m.value)
             for m in matches
         ]
+
+    def lookup(self, signal: Signal) -> list[BankMatch]:
+        """One signal, as another service asks (HMA's lookup): the banks holding it or, for PDQ, a near one."""
+        return self.match(UploadSignals(**{signal.kind: signal.value}))
 
     def match_names(self, sha256: str, phash: str | None) -> list[str]:
         """Enabled banks holding either exact hash (the pre-PDQ interface)."""
