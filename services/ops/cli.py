@@ -75,6 +75,8 @@ def _cmd_banks(args: argparse.Namespace) -> int:
         report = {"bank": name, "added": result.added, "duplicate": result.duplicate, "embedded_with": embedded}
         print(json.dumps(report))
         _audit(store, "bank_signals_added", args, report)
+        if args.rejudge:
+            _rejudge(store, settings, args, name, until_done=True)
     elif action == "reembed":
         from services.common.inference import TritonModels
 
@@ -84,15 +86,7 @@ def _cmd_banks(args: argparse.Namespace) -> int:
         print(json.dumps({"model_version": version, "images": count}))
         _audit(store, "bank_reembedded", args, {"model_version": version, "images": count})
     elif action == "rejudge":
-        from services.common.banks.retro import RetroJudge, kafka_publisher
-
-        judge = RetroJudge(store.client, settings, kafka_publisher(settings))
-        while True:
-            progress = judge.run(name, max_signals=args.max_signals)
-            print(json.dumps(progress.__dict__), flush=True)
-            if progress.done or not args.until_done:
-                break
-        _audit(store, "bank_rejudged", args, progress.__dict__)
+        _rejudge(store, settings, args, name, args.until_done)
     elif action == "threshold":
         value = None if args.threshold is None else float(args.threshold)
         print(json.dumps(store.set_embedding_threshold(name, value).__dict__))
@@ -119,6 +113,19 @@ def _cmd_banks(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
         _audit(store, "bank_exported", args, {"format": args.format or "te", "rows": text.count("\n")})
     return 0
+
+
+def _rejudge(store: HashBankStore, settings: Settings, args: argparse.Namespace, name: str, until_done: bool) -> None:
+    """Re-verdicts recent uploads matching what the bank gained since the last run, printing progress per step."""
+    from services.common.banks.retro import RetroJudge, kafka_publisher
+
+    judge = RetroJudge(store.client, settings, kafka_publisher(settings))
+    while True:
+        progress = judge.run(name, max_signals=args.max_signals)
+        print(json.dumps({"rejudge": progress.__dict__}), flush=True)
+        _audit(store, "bank_rejudged", args, progress.__dict__)
+        if progress.done or not until_done:
+            return
 
 
 def _embed(store: HashBankStore, settings: Settings, name: str, images: list[bytes]) -> str:
@@ -149,6 +156,8 @@ def _import(store: HashBankStore, settings: Settings, args: argparse.Namespace, 
     report = import_list(store, name, text, fmt, source)
     print(json.dumps(report.as_dict(), indent=1))
     _audit(store, "bank_imported", args, report.summary())
+    if args.rejudge:
+        _rejudge(store, settings, args, name, until_done=True)
     return 2 if report.malformed else 0
 
 
@@ -192,6 +201,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--output", default=None, help="export to this file instead of stdout")
     p.add_argument("--create", action="store_true", help="import: create the bank when it does not exist")
     p.add_argument("--max-signals", type=int, default=100_000, help="rejudge: banked signals searched per step")
+    p.add_argument("--rejudge", action="store_true", help="add/import: then re-judge recent uploads (rejudge)")
     p.add_argument("--until-done", action="store_true", help="rejudge: keep stepping until the bank is done")
     p.add_argument("--no-embed", dest="embed", action="store_false", help="add: bank hashes only, no embedding")
     p.add_argument("--threshold", default=None, help="threshold: the bank's own embedding cosine (none: default)")

@@ -70,7 +70,7 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     assert first.published == 2  # the embedding (searched on the first step) and the bytes
     second = judge.run("late", max_signals=10)
     assert (second.cursor, second.done, second.published) == (3, True, 1)
-    client.hdel(f"{prefix}:bank:late:retro", "cursor")  # even from scratch, nothing is published twice
+    client.delete(f"{prefix}:bank:late:retro", f"{prefix}:bank:late:retro:embedded")  # from scratch: nothing twice
     again = judge.run("late")
     assert again.done and again.found == 3 and again.published == 0
 

@@ -75,6 +75,9 @@ class RetroJudge:
     def _state_key(self, bank: str) -> str:
         return f"{self.prefix}:bank:{bank}:retro"
 
+    def _embedded_key(self, bank: str) -> str:
+        return f"{self.prefix}:bank:{bank}:retro:embedded"
+
     def _done_key(self, bank: str) -> str:
         return f"{self.prefix}:bank:{bank}:rejudged"
 
@@ -85,8 +88,10 @@ class RetroJudge:
         total = int(self.client.hlen(f"{self.prefix}:bank:{bank}:signals"))
         recent = self._recent_pdq()
         progress = RetroProgress(bank, cursor, total, 0, 0, 0, False)
-        if cursor == 0:
-            self._settle(bank, self._embedding_matches(bank), progress)
+        searched = self._embedding_matches(bank)  # banked images not searched yet (few: every run looks)
+        self._settle(bank, searched[0], progress)
+        if searched[1]:
+            self.client.sadd(self._embedded_key(bank), *searched[1])
         todo = ordered[:max_signals]
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
@@ -139,13 +144,21 @@ class RetroJudge:
                     found.setdefault(upload_id, (_Recent(upload_id, version, flags), match))
         return found
 
-    def _embedding_matches(self, bank: str) -> dict[str, tuple[_Recent, BankMatch]]:
+    def _embedding_matches(self, bank: str) -> tuple[dict[str, tuple[_Recent, BankMatch]], list[str]]:
+        """Matches of banked images not searched before, and their ``<version>/<item id>`` to mark searched."""
         from services.common.index import SharedRecentIndex
 
         cfg = self.settings.banks
         own = self.store.get(bank).embedding_threshold
         found: dict[str, tuple[_Recent, BankMatch]] = {}
-        for version, item_ids, vectors in EmbeddingBanks(self.client, self.prefix).vectors(bank):
+        done = {m.decode() for m in cast(set[bytes], self.client.smembers(self._embedded_key(bank)))}
+        searched: list[str] = []
+        for version, all_ids, all_vectors in EmbeddingBanks(self.client, self.prefix).vectors(bank):
+            keep = [i for i, item in enumerate(all_ids) if f"{version}/{item}" not in done]
+            if not keep:
+                continue
+            item_ids, vectors = [all_ids[i] for i in keep], all_vectors[keep]
+            searched += [f"{version}/{item}" for item in item_ids]
             threshold = own if own is not None else cfg.embedding_thresholds.get(version, cfg.embedding_threshold)
             index = SharedRecentIndex(
                 self.client, self.prefix, version, vectors.shape[1], self.settings.index.retention_s
@@ -156,7 +169,7 @@ class RetroJudge:
                     if n.score >= threshold:
                         match = BankMatch(bank, "embedding", round(1.0 - n.score, 4), item_id, "")
                         found.setdefault(n.upload_id, (_Recent(n.upload_id, version, {}), match))
-        return found
+        return found, searched
 
     def _settle(self, bank: str, found: dict[str, tuple[_Recent, BankMatch]], progress: RetroProgress) -> None:
         """Publishes for uploads not yet re-judged for this bank; marks them only once the broker has them."""

@@ -16,6 +16,7 @@ metadata (enabled) is read live, so disabling a bank takes effect on the next up
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class HashBankStore:
         self._pdq: PdqIndex | None = None
         self._cursor = "0-0"
         self._synced_at = 0.0
+        self._lock = threading.RLock()  # the moderator matches from its infer-ahead thread too
 
     # -- keys -------------------------------------------------------------------------------------------
 
@@ -258,6 +260,10 @@ class HashBankStore:
 
     def sync(self, force: bool = False) -> None:
         """Applies the log since the last call (at most every sync_interval_s); reloads when it was trimmed."""
+        with self._lock:
+            self._sync(force)
+
+    def _sync(self, force: bool) -> None:
         now = time.monotonic()
         if not force and self._pdq is not None and now - self._synced_at < self.sync_interval_s:
             return
@@ -334,9 +340,11 @@ class HashBankStore:
             for name in sorted(m.decode() for m in members):
                 candidates.setdefault(name, BankMatch(name, kind, 0, "", value))
         if upload.pdq:
-            self.sync()
-            assert self._pdq is not None
-            for hit in self._pdq.search(upload.pdq, self.pdq_threshold):
+            with self._lock:
+                self._sync(force=False)
+                assert self._pdq is not None
+                hits = self._pdq.search(upload.pdq, self.pdq_threshold)
+            for hit in hits:
                 for bank, item_id in sorted(hit.owners):
                     if bank not in candidates:
                         candidates[bank] = BankMatch(bank, "pdq", hit.distance, item_id, hit.value)
