@@ -43,6 +43,7 @@ from services.common.config import FetchSettings, Settings, TritonSettings, Veri
 from services.common.imaging import decode_image
 from services.common.inference import TritonModels
 from services.common.photos.build import Manifest, PhotoRecord, load_photo_set
+from services.common.schemas import BankMatchEvidence
 from services.common.stack.redis import RedisServer
 from services.common.stack.triton import TritonServer
 from services.common.transforms import Transform, chain, colour, crop, encode_jpeg, jpeg, resize
@@ -133,9 +134,9 @@ def _event(upload_id: str, path: Path) -> bytes:
     ).encode()
 
 
-def _decisions(pipeline: Pipeline, uploads: list[tuple[str, Path]]) -> dict[str, list[str]]:
-    """upload id -> the signal types of the bank matches its verdict blocked it for (empty: none)."""
-    out: dict[str, list[str]] = {}
+def _decisions(pipeline: Pipeline, uploads: list[tuple[str, Path]]) -> dict[str, list[BankMatchEvidence]]:
+    """upload id -> the bank matches its verdict blocked it for (empty: none)."""
+    out: dict[str, list[BankMatchEvidence]] = {}
     for start in range(0, len(uploads), 16):
         chunk = uploads[start : start + 16]
         msgs = [_Message(_event(uid, path), start + i) for i, (uid, path) in enumerate(chunk)]
@@ -144,7 +145,7 @@ def _decisions(pipeline: Pipeline, uploads: list[tuple[str, Path]]) -> dict[str,
         for verdict, span in result.verdicts:
             span.end()
             blocked = verdict.action == "block"
-            out[verdict.upload_id] = [m.signal_type for m in verdict.bank_matches] if blocked else []
+            out[verdict.upload_id] = list(verdict.bank_matches) if blocked else []
         if result.dead_letters:
             raise RuntimeError(f"dead letters: {[d.detail for d, _ in result.dead_letters]}")
         pipeline.commit_index(result)  # what the moderator does once the verdicts are acknowledged
@@ -188,6 +189,7 @@ def _catch_rates(
     folder.mkdir(parents=True, exist_ok=True)
     uploads: list[tuple[str, Path]] = []
     truth: dict[str, str] = {}  # upload id -> edit family ("unrelated" for the others)
+    photo_of: dict[str, str] = {}  # unrelated upload id -> its photo
     originals: list[Path] = []
     for i, record in enumerate(banked):
         with Image.open(manifest.path_of(record)) as img:
@@ -202,6 +204,7 @@ def _catch_rates(
             uid = f"u{i}"
             uploads.append((uid, _write(img.convert("RGB"), folder / f"{uid}.jpg")))
             truth[uid] = "unrelated"
+            photo_of[uid] = f"{record.package}:{record.original_path}"
     random.Random(5).shuffle(uploads)  # arrival order mixes photos and edits
     progress(f"{len(banked)} banked photos (held-out split), {len(uploads)} uploads written")
     result.params["bank_photos"] = {"n": len(banked), "split": "heldout", "distinct_groups": True}
@@ -218,6 +221,7 @@ def _catch_rates(
         [decode_image(p.read_bytes(), base.decode, base.triton.input_size).pixels for p in originals]
     )
     item_ids = [next(s.item_id for s in sig) for sig in signals_per_photo]
+    photo_of_item = {item: f"{r.package}:{r.original_path}" for item, r in zip(item_ids, banked, strict=True)}
     for name, (keep, with_embeddings) in CONTENTS.items():
         prefix = f"bench-{name}"
         settings = base.model_copy(update={"redis": base.redis.model_copy(update={"key_prefix": prefix})})
@@ -235,7 +239,8 @@ def _catch_rates(
         for uid, family in truth.items():
             per_family.setdefault(family, []).append(bool(decided[uid]))
             if decided[uid] and family != "unrelated":
-                by_signal[decided[uid][0]] = by_signal.get(decided[uid][0], 0) + 1
+                kind = decided[uid][0].signal_type
+                by_signal[kind] = by_signal.get(kind, 0) + 1
         edited = [v for f, vs in per_family.items() if f != "unrelated" for v in vs]
         row = result.add_row(
             name,
@@ -244,6 +249,17 @@ def _catch_rates(
             unrelated_blocked=int(np.sum(per_family["unrelated"])),
             per_edit_catch_rate={f: round(float(np.mean(v)), 4) for f, v in per_family.items() if f != "unrelated"},
             caught_by_signal=by_signal,
+            unrelated_blocked_detail=[
+                {
+                    "upload_photo": photo_of[uid],
+                    "banked_photo": photo_of_item.get(m.item_id, m.item_id),
+                    "signal_type": m.signal_type,
+                    "distance": m.distance,
+                }
+                for uid, family in truth.items()
+                if family == "unrelated"
+                for m in decided[uid][:1]
+            ],
             uploads=len(uploads),
             edited_uploads=len(edited),
             unrelated_uploads=len(per_family["unrelated"]),
