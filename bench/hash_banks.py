@@ -281,7 +281,9 @@ def _catch_rates(
         queries.append(
             (family, UploadSignals(signals["sha256"], signals["md5"], signals.get("phash"), signals.get("pdq")))
         )
-        value, _ = pdq_hex(decode_image(data, base.decode, base.triton.input_size).pixels)
+        view = decode_image(data, base.decode, base.triton.input_size, pdq=True).pdq_view
+        assert view is not None
+        value, _ = pdq_hex(view)
         if family == "unrelated":
             near = min(_hamming(value, b) for b in bank_pdq)
         else:

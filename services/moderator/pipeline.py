@@ -205,9 +205,13 @@ class Pipeline:
                     began = time.perf_counter()
                     verify = self.settings.verify
                     detail_side = verify.detail_side if verify.enabled else 0
-                    item.image = decode_image(data, self.settings.decode, self.settings.triton.input_size, detail_side)
+                    item.image = decode_image(
+                        data, self.settings.decode, self.settings.triton.input_size, detail_side, pdq=True
+                    )
                     item.phash = phash_hex(item.image.pixels)
-                    pdq, quality = pdq_hex(item.image.pixels)
+                    pdq, quality = pdq_hex(
+                        item.image.pdq_view if item.image.pdq_view is not None else item.image.pixels
+                    )
                     item.pdq = pdq if quality >= self.settings.banks.pdq_min_quality else ""
                     item.timings["decode_ms"] = _ms(began)
                     span.set_attribute("sieve.format", item.image.format)

@@ -16,11 +16,12 @@ def image_signals(data: bytes, settings: Settings, item_id: str = "") -> list[Si
     sha = sha256_hex(data)
     item = item_id or sha[:16]
     signals = [Signal("sha256", sha, item), Signal("md5", md5_hex(data), item)]
-    pixels = decode_image(data, settings.decode, settings.triton.input_size).pixels
-    phash = phash_hex(pixels)
+    decoded = decode_image(data, settings.decode, settings.triton.input_size, pdq=True)
+    phash = phash_hex(decoded.pixels)
     if informative_phash(phash):
         signals.append(Signal("phash", phash, item))
-    pdq, quality = pdq_hex(pixels)
+    assert decoded.pdq_view is not None
+    pdq, quality = pdq_hex(decoded.pdq_view)
     if quality >= settings.banks.pdq_min_quality:
         signals.append(Signal("pdq", pdq, item))
     return signals

@@ -84,8 +84,11 @@ def parse_signal(kind: str, value: str, item_id: str = "", metadata: dict[str, A
 
 
 def pdq_hex(pixels: NDArray[Any]) -> tuple[str, int]:
-    """PDQ of RGB pixels as reference hex, and its quality (0-100; below ~50 the hash is mostly noise)."""
-    bits, quality = pdqhash.compute(np.ascontiguousarray(pixels, dtype=np.uint8))
+    """PDQ of RGB or grayscale pixels as reference hex, and its quality (0-100; below ~50 mostly noise)."""
+    image = np.asarray(pixels, dtype=np.uint8)
+    if image.ndim == 2:  # pdqhash takes RGB and weighs it to luminance; equal channels give the gray back
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    bits, quality = pdqhash.compute(np.ascontiguousarray(image))
     # pdqhash returns the 256 bits most significant first, which is the order of the reference hex.
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes().hex(), int(quality)
 
