@@ -4,6 +4,9 @@ The 256 bits are cut into 16 tables of 16 bits. Two hashes within distance r dif
 some table (pigeonhole), so probing each table with ``nflip = r // 16`` flipped bits finds every banked hash
 within r, and only a few thousand candidates are compared even with a million hashes banked (a flat scan reads
 all 32 MB per upload). Removals leave tombstones until a rebuild.
+
+Memory matters at a million hashes per replica: owners are tuples, and an item id that an import derived from the
+hash itself (``default_item_id``) is not stored but derived again for the few hashes a search returns.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from services.common.banks.signals import pdq_bytes
+from services.common.banks.signals import default_item_id, pdq_bytes
 
 TABLES = 16
 BITS_PER_TABLE = 256 // TABLES
@@ -32,7 +35,7 @@ class PdqIndex:
         self._index = self._empty()
         self._values: list[str] = []  # row -> hex
         self._rows: dict[str, int] = {}  # hex -> row
-        self._owners: dict[int, set[tuple[str, str]]] = {}  # live rows only
+        self._owners: dict[int, tuple[tuple[str, str], ...]] = {}  # live rows only; "" item id: derived
         self._pending: list[str] = []  # added but not yet in the FAISS index (added in bulk on the next search)
 
     def _empty(self) -> faiss.IndexBinaryMultiHash:
@@ -50,7 +53,10 @@ class PdqIndex:
             self._values.append(value)
             self._rows[value] = row
             self._pending.append(value)
-        self._owners.setdefault(row, set()).add((bank, item_id))
+        owner = (bank, "" if item_id == default_item_id("pdq", value) else item_id)
+        current = self._owners.get(row, ())
+        if owner not in current:
+            self._owners[row] = (*current, owner)
 
     def remove(self, value: str, bank: str, item_id: str | None = None) -> None:
         """Drops the bank's claim (for one item, or all of the bank's items with this hash)."""
@@ -58,16 +64,23 @@ class PdqIndex:
         owners = self._owners.get(row) if row is not None else None
         if row is None or owners is None:
             return
-        owners -= {o for o in owners if o[0] == bank and (item_id is None or o[1] == item_id)}
-        if not owners:
+        kept = tuple(
+            o
+            for o in owners
+            if not (o[0] == bank and (item_id is None or (o[1] or default_item_id("pdq", value)) == item_id))
+        )
+        if kept:
+            self._owners[row] = kept
+        else:
             del self._owners[row]
         self._maybe_rebuild()
 
     def drop_bank(self, bank: str) -> None:
-        for row in list(self._owners):
-            owners = self._owners[row]
-            owners -= {o for o in owners if o[0] == bank}
-            if not owners:
+        for row, owners in list(self._owners.items()):
+            kept = tuple(o for o in owners if o[0] != bank)
+            if kept:
+                self._owners[row] = kept
+            else:
                 del self._owners[row]
         self._maybe_rebuild()
 
@@ -101,7 +114,9 @@ class PdqIndex:
         for d, row in zip(dist[lims[0] : lims[1]], ids[lims[0] : lims[1]], strict=True):
             owners = self._owners.get(int(row))
             if owners:
-                hits.append(PdqHit(self._values[int(row)], int(d), frozenset(owners)))
+                banked = self._values[int(row)]
+                full = frozenset((bank, item or default_item_id("pdq", banked)) for bank, item in owners)
+                hits.append(PdqHit(banked, int(d), full))
         hits.sort(key=lambda h: (h.distance, h.value))
         return hits
 

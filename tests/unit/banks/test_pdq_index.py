@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 
 from services.common.banks.pdq_index import PdqIndex
-from services.common.banks.signals import pdq_bytes
+from services.common.banks.signals import default_item_id, pdq_bytes
 
 
 def _flip(value: str, bits: int, rng: np.random.Generator) -> str:
@@ -60,3 +60,13 @@ def test_rebuild_drops_tombstones_and_keeps_live_rows() -> None:
     assert len(index) == 1000
     assert index.search(values[2500])[0].value == values[2500]
     assert index.search(values[10]) == []
+
+
+def test_derived_item_ids_come_back() -> None:
+    value = "ab" * 32
+    index = PdqIndex(31)
+    index.add(value, "a", default_item_id("pdq", value))
+    index.add(value, "b", "case-7")
+    assert index.search(value)[0].owners == frozenset({("a", default_item_id("pdq", value)), ("b", "case-7")})
+    index.remove(value, "a", default_item_id("pdq", value))
+    assert index.search(value)[0].owners == frozenset({("b", "case-7")})
