@@ -1,9 +1,11 @@
-"""In-memory PDQ index: multi-index hashing (FAISS ``IndexBinaryMultiHash``), exact within the match radius.
+"""In-memory PDQ index, exact within the match radius: a FAISS binary flat scan, then multi-index hashing.
 
-The 256 bits are cut into 16 tables of 16 bits. Two hashes within distance r differ in at most r // 16 bits of
-some table (pigeonhole), so probing each table with ``nflip = r // 16`` flipped bits finds every banked hash
-within r, and only a few thousand candidates are compared even with a million hashes banked (a flat scan reads
-all 32 MB per upload). Removals leave tombstones until a rebuild.
+Up to ``FLAT_MAX`` hashes a flat scan (``IndexBinaryFlat``, SIMD popcount over 32 bytes a hash) is the cheaper:
+at 1M hashes it costs 1.3 ms of CPU per upload where multi-index hashing costs about 2.3 ms
+(bench/results/hash_banks.json), but it grows linearly. Past that, ``IndexBinaryMultiHash``: the 256 bits are cut
+into 16 tables of 16 bits; two hashes within distance r differ in at most r // 16 bits of some table
+(pigeonhole), so probing each table with ``nflip = r // 16`` flipped bits finds every banked hash within r while
+comparing only the few candidates in those buckets. Removals leave tombstones until a rebuild.
 
 Memory matters at a million hashes per replica: owners are tuples, and an item id that an import derived from the
 hash itself (``default_item_id``) is not stored but derived again for the few hashes a search returns.
@@ -20,6 +22,7 @@ from services.common.banks.signals import default_item_id, pdq_bytes
 
 TABLES = 16
 BITS_PER_TABLE = 256 // TABLES
+FLAT_MAX = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -30,18 +33,25 @@ class PdqHit:
 
 
 class PdqIndex:
-    def __init__(self, radius: int = 31) -> None:
+    def __init__(self, radius: int = 31, flat_max: int = FLAT_MAX) -> None:
         self.radius = radius
-        self._index = self._empty()
+        self.flat_max = flat_max
+        self._index = self._empty(0)
         self._values: list[str] = []  # row -> hex
         self._rows: dict[str, int] = {}  # hex -> row
         self._owners: dict[int, tuple[tuple[str, str], ...]] = {}  # live rows only; "" item id: derived
         self._pending: list[str] = []  # added but not yet in the FAISS index (added in bulk on the next search)
 
-    def _empty(self) -> faiss.IndexBinaryMultiHash:
+    def _empty(self, size: int) -> faiss.IndexBinary:
+        if size <= self.flat_max:
+            return faiss.IndexBinaryFlat(256)
         index = faiss.IndexBinaryMultiHash(256, TABLES, BITS_PER_TABLE)
         index.nflip = self.radius // BITS_PER_TABLE
         return index
+
+    @property
+    def kind(self) -> str:
+        return "flat" if isinstance(self._index, faiss.IndexBinaryFlat) else "multi-index hashing"
 
     def __len__(self) -> int:
         return len(self._owners)
@@ -92,13 +102,15 @@ class PdqIndex:
     def rebuild(self) -> None:
         """Re-creates the index from the live rows: tombstones gone, row numbers compacted."""
         live = [(self._values[row], owners) for row, owners in sorted(self._owners.items())]
-        self._index = self._empty()
+        self._index = self._empty(len(live))
         self._values = [v for v, _ in live]
         self._rows = {v: i for i, v in enumerate(self._values)}
         self._owners = {i: owners for i, (_, owners) in enumerate(live)}
         self._pending = list(self._values)
 
     def _flush(self) -> None:
+        if self.kind == "flat" and len(self._values) > self.flat_max:
+            self._index, self._pending = self._empty(len(self._values)), list(self._values)  # rows keep their ids
         if self._pending:
             self._index.add(pdq_bytes(self._pending))
             self._pending = []
