@@ -1,7 +1,7 @@
 """In-memory PDQ index, exact within the match radius: a FAISS binary flat scan, then multi-index hashing.
 
 Up to ``FLAT_MAX`` hashes a flat scan (``IndexBinaryFlat``, SIMD popcount over 32 bytes a hash) is the cheaper:
-at 1M hashes it costs 1.3 ms of CPU per upload where multi-index hashing costs about 2.3 ms
+at 1M hashes a search costs 1.2 ms of CPU (median) where multi-index hashing costs 1.75 ms
 (bench/results/hash_banks.json), but it grows linearly. Past that, ``IndexBinaryMultiHash``: the 256 bits are cut
 into 16 tables of 16 bits; two hashes within distance r differ in at most r // 16 bits of some table
 (pigeonhole), so probing each table with ``nflip = r // 16`` flipped bits finds every banked hash within r while
