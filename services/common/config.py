@@ -179,6 +179,20 @@ class IndexSettings(BaseSettings):
     ivf_nprobe: int = 16  # IVF lists probed per query (1M x 256-d: recall@1 0.993, p99 1.07 ms)
 
 
+class BankSettings(BaseSettings):
+    """Hash banks: how near a PDQ hash must be to a banked one, and limits on imported lists."""
+
+    model_config = _cfg("SIEVE_BANKS_")
+
+    pdq_threshold: int = Field(default=31, ge=0, le=128)  # Hamming bits; 31 is the industry (HMA) default
+    pdq_min_quality: int = Field(default=50, ge=0, le=100)  # PDQ quality below this is noise: not matched
+    sync_interval_s: float = 1.0  # how often a replica applies other replicas' bank changes to its PDQ index
+    import_max_bytes: int = 256 * 1024 * 1024  # a list fetched from a URL (allow-listed like images) or a file
+    # Cosine at which an upload's embedding matches a banked image's, per model version (a bank may set its own).
+    embedding_thresholds: dict[str, float] = Field(default_factory=lambda: {"sieve_embedder:2": 0.80})
+    embedding_threshold: float = 0.95  # for a model version not listed above
+
+
 class ModeratorSettings(BaseSettings):
     model_config = _cfg("SIEVE_MODERATOR_")
 
@@ -237,6 +251,7 @@ class Settings(BaseSettings):
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
     decision: DecisionSettings = Field(default_factory=DecisionSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
+    banks: BankSettings = Field(default_factory=BankSettings)
     review: ReviewSelectionSettings = Field(default_factory=ReviewSelectionSettings)
     verify: VerificationSettings = Field(default_factory=VerificationSettings)
     trainer: TrainerJobSettings = Field(default_factory=TrainerJobSettings)
@@ -253,6 +268,7 @@ SETTINGS_GROUPS: dict[str, type[BaseSettings]] = {
     "decode": DecodeSettings,
     "decision": DecisionSettings,
     "index": IndexSettings,
+    "banks": BankSettings,
     "review": ReviewSelectionSettings,
     "verify": VerificationSettings,
     "trainer": TrainerJobSettings,

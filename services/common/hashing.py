@@ -15,6 +15,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def md5_hex(data: bytes) -> str:
+    """For hash lists that carry MD5 (many industry lists do); never used for anything but matching them."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
 @lru_cache(maxsize=1)
 def _dct_matrix(n: int = 32) -> NDArray[np.float64]:
     k = np.arange(n)

@@ -67,6 +67,15 @@ class MatchEvidence(_Strict):
     score: float  # fused score, compared with the version's threshold
 
 
+class BankMatchEvidence(_Strict):
+    """A hash bank that holds this upload, or a near copy of it: which bank, by which signal, how near."""
+
+    bank: str
+    signal_type: str  # sha256, md5, phash (exact), pdq (Hamming distance) or embedding (cosine)
+    distance: float  # bits apart for pdq, 1 - cosine for embedding, 0 for exact signals
+    item_id: str  # the banked item the signal belongs to
+
+
 class Verdict(_Strict):
     upload_id: str
     event_id: str
@@ -77,6 +86,7 @@ class Verdict(_Strict):
     reasons: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)  # milliseconds per stage
     evidence: list[MatchEvidence] = Field(default_factory=list)  # verified neighbours
+    bank_matches: list[BankMatchEvidence] = Field(default_factory=list)
     decided_at: datetime = Field(default_factory=utcnow)
 
 

@@ -13,20 +13,24 @@ from typing import cast
 import numpy as np
 import redis
 from confluent_kafka import Message
+from numpy.typing import NDArray
 from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
-from services.common.banks import HashBankStore
+from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
+from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.retro import remember_pdq
 from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
-from services.common.hashing import informative_phash, phash_hex, sha256_hex
+from services.common.hashing import informative_phash, md5_hex, phash_hex, sha256_hex
 from services.common.imaging import DecodedImage, decode_image
 from services.common.index import IndexEntry, Neighbour, SharedRecentIndex
 from services.common.inference import ImageModels, InferenceResult
 from services.common.schemas import (
     Action,
+    BankMatchEvidence,
     DeadLetter,
     DuplicateMatch,
     ErrorKind,
@@ -71,6 +75,8 @@ class Item:
     failure: BadInput | None = None
     sha256: str = ""
     phash: str = ""
+    md5: str = ""
+    pdq: str = ""  # "" when the image is too flat for PDQ to mean anything (quality below the setting)
     bank_check_failed: bool = False
     features: LocalFeatures | None = None  # local features for verification, computed while preparing
     prepared: bool = False  # parsed, fetched and decoded (possibly ahead of time, while the last batch infers)
@@ -91,8 +97,26 @@ class BatchOutput:
     index_entries: list[IndexEntry] = field(default_factory=list)
     fresh_verdicts: list[Verdict] = field(default_factory=list)  # decided by the model in this batch
     hashes: dict[str, tuple[str, str]] = field(default_factory=dict)  # upload_id -> (sha256, phash)
+    pdqs: dict[str, str] = field(default_factory=dict)  # upload_id -> PDQ, for retroactive bank searches
     uris: dict[str, str] = field(default_factory=dict)  # upload_id -> image_uri, for reviewers' neighbour views
     features: dict[str, LocalFeatures] = field(default_factory=dict)  # kept for later uploads' verification
+
+
+def _upload_signals(item: Item) -> UploadSignals:
+    """What the banks are matched on: every hash of the upload that carries information."""
+    return UploadSignals(
+        sha256=item.sha256,
+        md5=item.md5 or None,
+        phash=item.phash if informative_phash(item.phash) else None,
+        pdq=item.pdq or None,
+    )
+
+
+def _bank_evidence(matches: list[BankMatch]) -> list[BankMatchEvidence]:
+    return [
+        BankMatchEvidence(bank=m.bank, signal_type=m.signal_type, distance=m.distance, item_id=m.item_id)
+        for m in matches
+    ]
 
 
 def _now_ns() -> int:
@@ -116,7 +140,13 @@ class Pipeline:
         self.metrics = metrics or ModeratorMetrics()
         self.processed = ProcessedEvents(redis_client, settings.redis.key_prefix, settings.moderator.dedup_ttl_s)
         self.exact = ExactMatchStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
-        self.banks = HashBankStore(redis_client, settings.redis.key_prefix)
+        self.banks = HashBankStore(
+            redis_client,
+            settings.redis.key_prefix,
+            pdq_threshold=settings.banks.pdq_threshold,
+            sync_interval_s=settings.banks.sync_interval_s,
+        )
+        self.embedding_banks = EmbeddingBanks(redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s)
         self.indexes: dict[str, SharedRecentIndex] = {}
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
@@ -169,13 +199,20 @@ class Pipeline:
                     data = self.fetcher.fetch(item.event.image_uri)
                     item.timings["fetch_ms"] = _ms(began)
                     item.sha256 = sha256_hex(data)
+                    item.md5 = md5_hex(data)
                     span.set_attribute("sieve.bytes", len(data))
                 with _tracer.start_as_current_span("decode", context=ctx) as span:
                     began = time.perf_counter()
                     verify = self.settings.verify
                     detail_side = verify.detail_side if verify.enabled else 0
-                    item.image = decode_image(data, self.settings.decode, self.settings.triton.input_size, detail_side)
+                    item.image = decode_image(
+                        data, self.settings.decode, self.settings.triton.input_size, detail_side, pdq=True
+                    )
                     item.phash = phash_hex(item.image.pixels)
+                    pdq, quality = pdq_hex(
+                        item.image.pdq_view if item.image.pdq_view is not None else item.image.pixels
+                    )
+                    item.pdq = pdq if quality >= self.settings.banks.pdq_min_quality else ""
                     item.timings["decode_ms"] = _ms(began)
                     span.set_attribute("sieve.format", item.image.format)
                 if item.image.detail is not None:
@@ -280,13 +317,14 @@ class Pipeline:
             assert item.event is not None
             began = time.perf_counter()
             try:
-                banks = self.banks.match(item.sha256, item.phash if informative_phash(item.phash) else None)
+                banks = self.banks.match(_upload_signals(item))
             except redis.RedisError:
                 banks, item.bank_check_failed = [], True
             if banks:
                 item.timings["hash_ms"] = _ms(began)
-                reasons = [f"bank_match:{name}" for name in banks]
-                out.verdicts.append((self._fast_verdict(item, Action.BLOCK, [], {}, "", reasons), item.span))
+                reasons = [f"bank_match:{m.bank}" for m in banks]
+                verdict = self._fast_verdict(item, Action.BLOCK, [], {}, "", reasons, _bank_evidence(banks))
+                out.verdicts.append((verdict, item.span))
                 continue
             known = self._exact_lookup(item)
             item.timings["hash_ms"] = _ms(began)
@@ -324,6 +362,7 @@ class Pipeline:
         flags: dict[str, float],
         model_version: str,
         reasons: list[str],
+        bank_matches: list[BankMatchEvidence] | None = None,
     ) -> Verdict:
         assert item.event is not None
         item.span.set_attribute("sieve.action", action.value)
@@ -337,6 +376,7 @@ class Pipeline:
             flags=flags,
             reasons=reasons,
             timings=item.timings,
+            bank_matches=bank_matches or [],
         )
 
     def infer_ahead(self, items: list[Item]) -> None:
@@ -362,12 +402,28 @@ class Pipeline:
         except TransientError as exc:
             log.info("inference ahead failed (%s); the batch will be inferred in line", exc)
 
+    def _embedding_bank_matches(self, model_version: str, embedding: NDArray[np.float32]) -> list[BankMatch]:
+        """Enabled banks holding an image this embedding is near (at the bank's or the version's threshold)."""
+        cfg = self.settings.banks
+        default = cfg.embedding_thresholds.get(model_version, cfg.embedding_threshold)
+        try:
+            hits = self.embedding_banks.search(model_version, embedding)
+            enabled = self.banks.enabled_thresholds(sorted({h.bank for h in hits}))
+        except redis.RedisError:
+            return []  # the hash banks were checked already; a banked embedding is a second chance
+        matches = []
+        for hit in hits:
+            if hit.bank in enabled:
+                own = enabled[hit.bank]
+                if hit.cosine >= (default if own is None else own):
+                    matches.append(BankMatch(hit.bank, "embedding", round(1.0 - hit.cosine, 4), hit.item_id, ""))
+        return matches
+
     def _fast_path_likely(self, item: Item) -> bool:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""
         assert item.event is not None
-        phash = item.phash if informative_phash(item.phash) else None
         try:
-            return bool(self.banks.match(item.sha256, phash)) or self._exact_lookup(item) is not None
+            return bool(self.banks.match(_upload_signals(item))) or self._exact_lookup(item) is not None
         except redis.RedisError:
             return False
 
@@ -401,6 +457,7 @@ class Pipeline:
         search_total = 0.0
         decided: list[tuple[Item, Decision, list[str]]] = []
         item_evidence: dict[str, list[MatchEvidence]] = {}
+        item_banks: dict[str, list[BankMatch]] = {}
         batch_actions: dict[str, str] = {}
         for item in ready:
             assert item.event is not None and item.inferred is not None
@@ -439,6 +496,7 @@ class Pipeline:
             extra = ["bank_check_unavailable"] if item.bank_check_failed else []
             decided.append((item, decision, extra + evidence.reasons))
             item_evidence[item.event.upload_id] = evidence.matches
+            item_banks[item.event.upload_id] = self._embedding_bank_matches(model_version, result.embeddings[row])
 
         selected = self._select_reviews(decided)
         for item, decision, extra in decided:
@@ -446,7 +504,11 @@ class Pipeline:
             action = decision.action
             reasons = decision.reasons + extra
             skip = selected.get(item.event.upload_id)
-            if decision.review_reason is not None and skip:
+            banked = item_banks.get(item.event.upload_id, [])
+            if banked:  # a near copy of a banked image: blocked, and no reviewer needs to see it
+                action = Action.BLOCK
+                reasons = [f"bank_match:{m.bank}" for m in banked] + reasons
+            if decision.review_reason is not None and skip and not banked:
                 reasons.append(skip)
                 if action is Action.REVIEW:
                     action = Action.ALLOW  # REVIEW always means a reviewer will see it; this one will not
@@ -460,13 +522,16 @@ class Pipeline:
                 reasons=reasons,
                 timings=item.timings,
                 evidence=item_evidence.get(item.event.upload_id, []),
+                bank_matches=_bank_evidence(banked),
             )
             out.hashes[verdict.upload_id] = (item.sha256, item.phash)
+            if item.pdq:
+                out.pdqs[verdict.upload_id] = item.pdq
             out.uris[verdict.upload_id] = item.event.image_uri
             item.span.set_attribute("sieve.action", action.value)
             out.verdicts.append((verdict, item.span))
             out.fresh_verdicts.append(verdict)
-            if decision.review_reason is not None and not skip:
+            if decision.review_reason is not None and not skip and not banked:
                 request = ReviewRequest(
                     upload_id=item.event.upload_id,
                     image_uri=item.event.image_uri,
@@ -578,6 +643,8 @@ class Pipeline:
                 pipe.set(upload_uri_key(prefix, upload_id), uri, ex=ttl)
             for verdict in out.fresh_verdicts:
                 pipe.set(upload_action_key(prefix, verdict.upload_id), verdict.action.value, ex=ttl)
+                if verdict.upload_id in out.pdqs:
+                    remember_pdq(pipe, prefix, ttl, verdict.upload_id, out.pdqs[verdict.upload_id], verdict)
             pipe.execute()
         except redis.RedisError:
             pass  # only reviewers' neighbour thumbnails and the disagreement check lose this batch

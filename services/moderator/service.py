@@ -103,6 +103,10 @@ class Moderator:
     def run(self, idle_exit_s: float | None = None) -> None:
         cfg = self.settings
         ensure_topics(cfg.kafka)
+        try:
+            self.pipeline.banks.sync(force=True)  # the banks' PDQ index, before the first upload waits on it
+        except redis.RedisError:
+            log.warning("hash banks not loaded yet (Redis unavailable); the first match will load them")
         health = None
         if cfg.moderator.health_port:
             health = HealthServer(cfg.moderator.health_port, self._live, self._ready)

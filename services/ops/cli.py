@@ -4,48 +4,161 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import redis
 
-from services.common.banks import HashBankStore, HashKind
+from services.common.banks import HashBankStore, HashKind, MalformedSignal, Signal, parse_signal
+from services.common.banks import audit as bank_audit
+from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.exchange import FORMATS, ListFormat, export_list, guess_format, import_list, read_source
+from services.common.banks.images import image_signals
+from services.common.banks.signals import SIGNAL_TYPES
 from services.common.config import Settings
-from services.common.hashing import informative_phash, phash_hex, sha256_hex
+from services.common.hashing import sha256_hex
 from services.common.imaging import decode_image
 
 
 def _store(settings: Settings) -> HashBankStore:
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
-    return HashBankStore(client, settings.redis.key_prefix)
+    return HashBankStore(client, settings.redis.key_prefix, settings.banks.pdq_threshold)
 
 
 def image_hashes(path: Path, settings: Settings) -> list[tuple[HashKind, str]]:
     """The same hashes the moderator computes for an upload, so a banked file matches its re-uploads."""
-    data = path.read_bytes()
-    hashes: list[tuple[HashKind, str]] = [("sha256", sha256_hex(data))]
-    phash = phash_hex(decode_image(data, settings.decode, settings.triton.input_size).pixels)
-    if informative_phash(phash):
-        hashes.append(("phash", phash))
-    return hashes
+    return [(s.kind, s.value) for s in image_signals(path.read_bytes(), settings)]
+
+
+def _signal_args(values: list[str]) -> list[Signal]:
+    """``--signal pdq:<hex>`` (or ``pdq <hex>``) arguments; raises MalformedSignal."""
+    out = []
+    for text in values:
+        kind, sep, value = text.replace(" ", ":", 1).partition(":")
+        if not sep:
+            raise MalformedSignal(f"expected <signal_type>:<value>, got {text!r}")
+        out.append(parse_signal(kind, value))
+    return out
+
+
+def _audit(store: HashBankStore, event: str, args: argparse.Namespace, detail: dict[str, object]) -> None:
+    bank_audit.record(store.client, store.prefix, event, f"cli:{args.actor}", args.name or "", detail)
+
+
+def _need_name(args: argparse.Namespace) -> str:
+    if not args.name:
+        raise SystemExit(f"sieve banks {args.action}: a bank name is needed")
+    return str(args.name)
 
 
 def _cmd_banks(args: argparse.Namespace) -> int:
     settings = Settings()
     store = _store(settings)
-    if args.action == "list":
-        for bank in store.all_banks():
+    action = args.action
+    if action == "list":
+        banks = [store.get(args.name)] if args.name else store.all_banks()
+        for bank in banks:
             print(json.dumps(bank.__dict__))
-    elif args.action == "create":
-        print(json.dumps(store.create(args.name, args.description or "").__dict__))
-    elif args.action == "add":
-        hashes = [h for f in args.files for h in image_hashes(Path(f), settings)]
-        print(f"added {store.add_hashes(args.name, hashes)} hashes to {args.name}")
-    elif args.action in ("enable", "disable"):
-        print(json.dumps(store.set_enabled(args.name, args.action == "enable").__dict__))
-    elif args.action == "remove":
-        store.remove(args.name)
-        print(f"removed {args.name}")
+        return 0
+    name = _need_name(args)
+    if action == "create":
+        print(json.dumps(store.create(name, args.description or "").__dict__))
+        _audit(store, "bank_created", args, {"description": args.description or ""})
+    elif action == "add":
+        images = [Path(f).read_bytes() for f in args.files]
+        signals = [s for data in images for s in image_signals(data, settings)]
+        signals += _signal_args(args.signal)
+        result = store.add_signals(name, signals)
+        embedded = _embed(store, settings, name, images) if images and args.embed else ""
+        report = {"bank": name, "added": result.added, "duplicate": result.duplicate, "embedded_with": embedded}
+        print(json.dumps(report))
+        _audit(store, "bank_signals_added", args, report)
+        if args.rejudge:
+            _rejudge(store, settings, args, name, until_done=True)
+    elif action == "reembed":
+        from services.common.inference import TritonModels
+
+        version, count = EmbeddingBanks(store.client, store.prefix).reembed(
+            TritonModels(settings.triton), [b.name for b in store.all_banks()] if name == "all" else [name]
+        )
+        print(json.dumps({"model_version": version, "images": count}))
+        _audit(store, "bank_reembedded", args, {"model_version": version, "images": count})
+    elif action == "rejudge":
+        _rejudge(store, settings, args, name, args.until_done)
+    elif action == "threshold":
+        value = None if args.threshold is None else float(args.threshold)
+        print(json.dumps(store.set_embedding_threshold(name, value).__dict__))
+        _audit(store, "bank_threshold", args, {"embedding_threshold": value})
+    elif action in ("enable", "disable"):
+        print(json.dumps(store.set_enabled(name, action == "enable").__dict__))
+        _audit(store, f"bank_{action}d", args, {})
+    elif action == "remove":
+        if args.signal:
+            removed = store.remove_signals(name, _signal_args(args.signal))
+            print(json.dumps({"bank": name, "removed": removed}))
+            _audit(store, "bank_signals_removed", args, {"removed": removed})
+        else:
+            store.remove(name)
+            print(f"removed {name}")
+            _audit(store, "bank_deleted", args, {})
+    elif action == "import":
+        return _import(store, settings, args, name)
+    elif action == "export":
+        text = export_list(store, name, args.format or "te", args.signal_type)
+        if args.output:
+            Path(args.output).write_text(text)
+        else:
+            sys.stdout.write(text)
+        _audit(store, "bank_exported", args, {"format": args.format or "te", "rows": text.count("\n")})
     return 0
+
+
+def _rejudge(store: HashBankStore, settings: Settings, args: argparse.Namespace, name: str, until_done: bool) -> None:
+    """Re-verdicts recent uploads matching what the bank gained since the last run, printing progress per step."""
+    from services.common.banks.retro import RetroJudge, kafka_publisher
+
+    judge = RetroJudge(store.client, settings, kafka_publisher(settings))
+    while True:
+        progress = judge.run(name, max_signals=args.max_signals)
+        print(json.dumps({"rejudge": progress.__dict__}), flush=True)
+        _audit(store, "bank_rejudged", args, progress.__dict__)
+        if progress.done or not until_done:
+            return
+
+
+def _embed(store: HashBankStore, settings: Settings, name: str, images: list[bytes]) -> str:
+    """Banks the served model's embedding of each image; "" (and a warning) when Triton cannot be reached."""
+    from services.common.errors import TransientError
+    from services.common.inference import TritonModels
+
+    pixels = np.stack([decode_image(d, settings.decode, settings.triton.input_size).pixels for d in images])
+    ids = [sha256_hex(d)[:16] for d in images]
+    try:
+        return EmbeddingBanks(store.client, store.prefix).embed_and_add(
+            name, TritonModels(settings.triton), ids, pixels
+        )
+    except TransientError as exc:
+        print(f"warning: embeddings not banked ({exc}); hashes were", file=sys.stderr)
+        return ""
+
+
+def _import(store: HashBankStore, settings: Settings, args: argparse.Namespace, name: str) -> int:
+    """Prints the report (counts, and every malformed row) as JSON; exit status 2 when any row was malformed."""
+    if len(args.files) != 1:
+        raise SystemExit("sieve banks import NAME FILE_OR_URL")
+    source = args.files[0]
+    text = read_source(source, settings.fetch, settings.banks.import_max_bytes)
+    fmt: ListFormat = args.format or guess_format(text, source)
+    if args.create:
+        store.create(name, args.description or f"imported from {source}")
+    report = import_list(store, name, text, fmt, source)
+    print(json.dumps(report.as_dict(), indent=1))
+    _audit(store, "bank_imported", args, report.summary())
+    if args.rejudge:
+        _rejudge(store, settings, args, name, until_done=True)
+    return 2 if report.malformed else 0
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -63,10 +176,36 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("banks", help="manage hash banks of known violating content")
-    p.add_argument("action", choices=["list", "create", "add", "enable", "disable", "remove"])
+    p.add_argument(
+        "action",
+        choices=[
+            "list",
+            "create",
+            "add",
+            "enable",
+            "disable",
+            "remove",
+            "import",
+            "export",
+            "reembed",
+            "threshold",
+            "rejudge",
+        ],
+    )
     p.add_argument("name", nargs="?")
-    p.add_argument("files", nargs="*", help="images to bank (for add)")
+    p.add_argument("files", nargs="*", help="images to bank (add), or the list's file or URL (import)")
     p.add_argument("--description", default=None)
+    p.add_argument("--signal", action="append", default=[], help="add/remove one signal, e.g. pdq:<64 hex>")
+    p.add_argument("--format", choices=FORMATS, default=None, help="te or csv (import guesses when left out)")
+    p.add_argument("--signal-type", choices=SIGNAL_TYPES, default=None, help="export only this signal type")
+    p.add_argument("--output", default=None, help="export to this file instead of stdout")
+    p.add_argument("--create", action="store_true", help="import: create the bank when it does not exist")
+    p.add_argument("--max-signals", type=int, default=100_000, help="rejudge: banked signals searched per step")
+    p.add_argument("--rejudge", action="store_true", help="add/import: then re-judge recent uploads (rejudge)")
+    p.add_argument("--until-done", action="store_true", help="rejudge: keep stepping until the bank is done")
+    p.add_argument("--no-embed", dest="embed", action="store_false", help="add: bank hashes only, no embedding")
+    p.add_argument("--threshold", default=None, help="threshold: the bank's own embedding cosine (none: default)")
+    p.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who the audit log records")
     p.set_defaults(func=_cmd_banks)
 
     p = sub.add_parser("index", help="shared index maintenance")

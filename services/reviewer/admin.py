@@ -17,8 +17,11 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.common.banks import Bank, HashBankStore
-from services.common.config import DecisionSettings
+from services.common.banks import Bank, BankMatch, HashBankStore, Signal, UploadSignals, parse_signal
+from services.common.banks.exchange import ImportReport, ListFormat, export_list, guess_format, import_list, read_source
+from services.common.banks.images import image_signals
+from services.common.banks.signals import SignalType
+from services.common.config import BankSettings, DecisionSettings, FetchSettings, Settings
 from services.common.promotions import PromotionLedger
 from services.reviewer.labels import AuditLog
 
@@ -59,7 +62,7 @@ class BankSpec(BaseModel):
 class BankHash(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["sha256", "phash"]
+    kind: Literal["sha256", "md5", "pdq", "phash"]
     value: str = Field(pattern=r"^[0-9a-f]{16,64}$")
 
 
@@ -67,6 +70,43 @@ class BankHashes(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hashes: list[BankHash] = Field(min_length=1, max_length=10_000)
+
+
+class BankSignal(BaseModel):
+    """One signal in HMA's terms: type, value, and optionally the banked item's id and metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signal_type: str = Field(max_length=40)
+    signal_value: str = Field(max_length=200)
+    content_id: str = Field(default="", max_length=200)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    def parsed(self) -> Signal:
+        """Raises MalformedSignal."""
+        return parse_signal(self.signal_type, self.signal_value, self.content_id, self.metadata)
+
+
+class BankSignals(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    signals: list[BankSignal] = Field(min_length=1, max_length=10_000)
+
+
+class BankImport(BaseModel):
+    """A hash list given inline (``text``) or fetched from an allow-listed ``url``; ``format`` guessed if absent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(default=None, max_length=64 * 1024 * 1024)
+    url: str | None = Field(default=None, max_length=4096)
+    format: Literal["te", "csv"] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BankImport:
+        if (self.text is None) == (self.url is None):
+            raise ValueError("give exactly one of text and url")
+        return self
 
 
 class PromotionRequest(BaseModel):
@@ -78,12 +118,24 @@ class PromotionRequest(BaseModel):
 
 
 class AdminStore:
-    def __init__(self, client: redis.Redis, key_prefix: str, decision: DecisionSettings, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        key_prefix: str,
+        decision: DecisionSettings,
+        audit: AuditLog,
+        banks: BankSettings | None = None,
+        fetch: FetchSettings | None = None,
+        settings: Settings | None = None,
+    ) -> None:
         self.client = client
         self.decision = decision
         self.audit = audit
         self.thresholds_key = f"{key_prefix}:config:thresholds"
-        self.bank_store = HashBankStore(client, key_prefix)
+        self.settings = settings or Settings()
+        self.bank_settings = banks or BankSettings()
+        self.fetch_settings = fetch or FetchSettings()
+        self.bank_store = HashBankStore(client, key_prefix, self.bank_settings.pdq_threshold)
         self.ledger = PromotionLedger(client, key_prefix)
 
     def _overrides(self) -> ThresholdOverrides:
@@ -129,6 +181,52 @@ class AdminStore:
         self.audit.record("bank_hashes_added", actor, name, {"count": added})
         return added
 
+    def add_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank and MalformedSignal (nothing added) for a bad signal."""
+        signals = [s.parsed() for s in body.signals]
+        result = self.bank_store.add_signals(name, signals)
+        detail = {"added": result.added, "duplicate": result.duplicate}
+        self.audit.record("bank_signals_added", actor, name, detail)
+        return detail
+
+    def remove_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank and MalformedSignal for a bad signal."""
+        self.bank_store.get(name)
+        removed = self.bank_store.remove_signals(name, [s.parsed() for s in body.signals])
+        self.audit.record("bank_signals_removed", actor, name, {"removed": removed})
+        return {"removed": removed}
+
+    def import_bank(self, name: str, body: BankImport, actor: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank; BadInput/TransientError when the URL cannot be fetched."""
+        self.bank_store.get(name)
+        source = body.url or "request body"
+        text = (
+            body.text
+            if body.text is not None
+            else read_source(source, self.fetch_settings, self.bank_settings.import_max_bytes)
+        )
+        fmt: ListFormat = body.format or guess_format(text, body.url or "")
+        report: ImportReport = import_list(self.bank_store, name, text, fmt, source)
+        self.audit.record("bank_imported", actor, name, report.summary())
+        return report.as_dict(max_malformed=10_000)
+
+    def export_bank(self, name: str, fmt: ListFormat, kind: SignalType | None, actor: str) -> str:
+        """Raises KeyError for an unknown bank."""
+        self.bank_store.get(name)
+        text = export_list(self.bank_store, name, fmt, kind)
+        self.audit.record("bank_exported", actor, name, {"format": fmt, "rows": text.count("\n")})
+        return text
+
+    def lookup_signal(self, signal_type: str, value: str) -> list[dict[str, Any]]:
+        """Raises MalformedSignal."""
+        return [_match_json(m) for m in self.bank_store.lookup(parse_signal(signal_type, value))]
+
+    def lookup_image(self, data: bytes) -> dict[str, Any]:
+        """Hashes the image as the moderator does; raises BadInput for something that is not an allowed image."""
+        signals = image_signals(data, self.settings)
+        found = self.bank_store.match(UploadSignals(**{s.kind: s.value for s in signals}))
+        return {"signals": {s.kind: s.value for s in signals}, "matches": [_match_json(m) for m in found]}
+
     def delete_bank(self, name: str, actor: str) -> bool:
         if self.bank(name) is None:
             return False
@@ -152,6 +250,16 @@ class AdminStore:
 
     def audit_log(self, count: int) -> list[dict[str, Any]]:
         return self.audit.recent(count)
+
+
+def _match_json(match: BankMatch) -> dict[str, Any]:
+    return {
+        "bank": match.bank,
+        "signal_type": match.signal_type,
+        "distance": match.distance,
+        "content_id": match.item_id,
+        "signal": match.value,
+    }
 
 
 def _bank_json(bank: Bank) -> dict[str, Any]:

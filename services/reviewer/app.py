@@ -16,16 +16,29 @@ from pathlib import Path
 from typing import Annotated, Any, Protocol
 from urllib.parse import quote
 
-from fastapi import FastAPI, HTTPException, Query, Response, status
+from fastapi import FastAPI, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
+from services.common.banks import MalformedSignal
+from services.common.banks.exchange import ListFormat
+from services.common.banks.signals import SignalType
 from services.common.config import Settings
-from services.common.errors import TransientError
+from services.common.errors import BadInput, TransientError
 from services.common.schemas import FeedbackLabel, ReviewRequest
-from services.reviewer.admin import BANK_NAME_PATTERN, BankHashes, BankSpec, PromotionRequest, ThresholdOverrides
+from services.reviewer.admin import (
+    BANK_NAME_PATTERN,
+    BankHashes,
+    BankImport,
+    BankSignals,
+    BankSpec,
+    PromotionRequest,
+    ThresholdOverrides,
+)
 from services.reviewer.auth import Admin, Reviewer, TokenAuthenticator
 from services.reviewer.images import ImageRefused
 from services.reviewer.labels import InvalidLabel, LabelBody, LabelOutcome, NotClaimed, label_kind
@@ -35,6 +48,7 @@ from services.reviewer.settings import ReviewerSettings
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 UploadId = Annotated[str, PathParam(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@/-]+$")]
+MATCH_IMAGE_MAX_BYTES = 20 * 1024 * 1024
 BankName = Annotated[str, PathParam(pattern=BANK_NAME_PATTERN)]
 PromotionId = Annotated[str, PathParam(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$")]  # a stream entry id
 
@@ -68,7 +82,13 @@ class AdminAPI(Protocol):
     def bank(self, name: str) -> dict[str, Any] | None: ...
     def put_bank(self, name: str, spec: BankSpec, actor: str) -> bool: ...
     def add_bank_hashes(self, name: str, body: BankHashes, actor: str) -> int: ...
+    def add_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]: ...
+    def remove_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]: ...
+    def import_bank(self, name: str, body: BankImport, actor: str) -> dict[str, Any]: ...
+    def export_bank(self, name: str, fmt: ListFormat, kind: SignalType | None, actor: str) -> str: ...
     def delete_bank(self, name: str, actor: str) -> bool: ...
+    def lookup_signal(self, signal_type: str, value: str) -> list[dict[str, Any]]: ...
+    def lookup_image(self, data: bytes) -> dict[str, Any]: ...
     def request_promotion(self, request: PromotionRequest, actor: str) -> str: ...
     def promotions(self, count: int) -> list[dict[str, Any]]: ...
     def promotion(self, request_id: str) -> dict[str, Any] | None: ...
@@ -332,6 +352,51 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
         except KeyError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
 
+    @app.post("/api/admin/banks/{name}/signals")
+    def add_bank_signals(name: BankName, body: BankSignals, admin: Admin) -> dict[str, Any]:
+        """Adds HMA-style signals (type, value, optional content id and metadata); idempotent."""
+        try:
+            return {"name": name, **services.admin.add_bank_signals(name, body, admin.reviewer_id)}
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except MalformedSignal as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    @app.post("/api/admin/banks/{name}/signals/remove")
+    def remove_bank_signals(name: BankName, body: BankSignals, admin: Admin) -> dict[str, Any]:
+        try:
+            return {"name": name, **services.admin.remove_bank_signals(name, body, admin.reviewer_id)}
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except MalformedSignal as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    @app.post("/api/admin/banks/{name}/import")
+    def import_bank(name: BankName, body: BankImport, admin: Admin) -> dict[str, Any]:
+        """Imports a ThreatExchange (te) or HMA CSV list; the report lists every malformed row."""
+        try:
+            return services.admin.import_bank(name, body, admin.reviewer_id)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except BadInput as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cannot fetch the list: {exc}") from exc
+        except (TransientError, UnicodeDecodeError) as exc:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"cannot fetch the list: {exc}") from exc
+
+    @app.get("/api/admin/banks/{name}/export")
+    def export_bank(
+        name: BankName,
+        admin: Admin,
+        format: Annotated[ListFormat, Query()] = "te",
+        signal_type: Annotated[SignalType | None, Query()] = None,
+    ) -> Response:
+        try:
+            text = services.admin.export_bank(name, format, signal_type, admin.reviewer_id)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        media = "text/csv" if format == "csv" else "text/plain"
+        return Response(text, media_type=f"{media}; charset=utf-8")
+
     @app.delete("/api/admin/banks/{name}", status_code=status.HTTP_204_NO_CONTENT)
     def delete_bank(name: BankName, admin: Admin) -> Response:
         if not services.admin.delete_bank(name, admin.reviewer_id):
@@ -359,6 +424,38 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
         if found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such promotion request")
         return found
+
+    # ---- match API (HMA's lookup, for other services; admin tokens) ----
+
+    @app.get("/api/match/lookup", tags=["match"])
+    def match_lookup(
+        _admin: Admin,
+        signal_type: Annotated[str, Query(max_length=40, description="pdq, md5, sha256 or phash")],
+        signal: Annotated[str, Query(max_length=200, description="the hash, hex")],
+    ) -> dict[str, Any]:
+        """Banks holding this signal, or for PDQ one within SIEVE_BANKS_PDQ_THRESHOLD bits, closest first."""
+        try:
+            return {"matches": services.admin.lookup_signal(signal_type, signal)}
+        except MalformedSignal as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    @app.post("/api/match/image", tags=["match"])
+    async def match_image(request: Request, _admin: Admin) -> dict[str, Any]:
+        """The image in the body (any allowed format), hashed as the moderator hashes uploads, then looked up."""
+        data = await request.body()
+        if len(data) > MATCH_IMAGE_MAX_BYTES:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "image too large")
+        try:
+            return await run_in_threadpool(services.admin.lookup_image, data)
+        except BadInput as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    @app.get("/api/match/openapi.json", tags=["match"])
+    def match_openapi(_admin: Admin) -> dict[str, Any]:
+        """The OpenAPI description of the match API (the page's own routes are not published)."""
+        spec = get_openapi(title="Sieve match API", version="1", routes=app.routes)
+        spec["paths"] = {p: v for p, v in spec["paths"].items() if p.startswith("/api/match/")}
+        return spec
 
     @app.get("/api/admin/audit")
     def audit(_admin: Admin, count: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
@@ -407,7 +504,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
     return ReviewerServices(
         queue=queue,
         labeller=labeller,
-        admin=AdminStore(client, prefix, settings.decision, audit),
+        admin=AdminStore(client, prefix, settings.decision, audit, settings.banks, settings.fetch, settings),
         images=ImageSource(
             settings.fetch,
             settings.decode,

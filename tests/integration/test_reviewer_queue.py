@@ -325,9 +325,9 @@ def test_admin_settings_land_in_redis_for_the_moderator(client: redis.Redis, set
         hashes = {"hashes": [{"kind": "sha256", "value": "b" * 64}]}
         assert api.post("/api/admin/banks/known-bad/hashes", headers=h, json=hashes).status_code == 200
         store = HashBankStore(client, prefix)
-        assert store.match("b" * 64, None) == ["known-bad"]
+        assert store.match_names("b" * 64, None) == ["known-bad"]
         assert api.put("/api/admin/banks/known-bad", headers=h, json={"enabled": False}).status_code == 200
-        assert store.match("b" * 64, None) == []
+        assert store.match_names("b" * 64, None) == []
         assert api.delete("/api/admin/banks/known-bad", headers=h).status_code == 204
         assert store.all_banks() == []
 

@@ -1,0 +1,165 @@
+"""Banked images' served embeddings: matched by cosine, one FAISS index per bank and model version.
+
+PDQ misses what changes the frame (crops, caption bars); the served embedding was trained for exactly those
+edits. Layout in Redis (``<prefix>`` is SIEVE_REDIS_KEY_PREFIX, ``<mv>`` a model version such as
+``sieve_embedder:2``):
+
+- ``<prefix>:bankemb:<mv>``          hash    ``<bank>/<item id>`` -> float32 embedding bytes (L2-normalised)
+- ``<prefix>:bankemb:<mv>:rev``      string  bumped on every change; replicas reload that version when it moves
+- ``<prefix>:bankpix:<bank>``        hash    item id -> the decoded model input (uint8, 256x256x3), kept so a
+                                             new model version can re-embed the bank (``reembed``)
+
+Embedding banks hold banked images, not exchanged hash lists, so they stay small (thousands): a replica
+reloads a version's vectors whole when its revision moves rather than following a log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import faiss
+import numpy as np
+import redis
+from numpy.typing import NDArray
+
+from services.common.inference import ImageModels
+
+SEP = "/"
+
+
+@dataclass(frozen=True)
+class EmbeddingHit:
+    bank: str
+    item_id: str
+    cosine: float
+
+
+@dataclass
+class _VersionIndex:
+    rev: int
+    banks: dict[str, tuple[faiss.IndexFlatIP, list[str]]] = field(default_factory=dict)
+    checked_at: float = 0.0
+
+
+class EmbeddingBanks:
+    def __init__(self, client: redis.Redis, prefix: str, sync_interval_s: float = 1.0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.sync_interval_s = sync_interval_s
+        self._versions: dict[str, _VersionIndex] = {}
+
+    def _key(self, model_version: str) -> str:
+        return f"{self.prefix}:bankemb:{model_version}"
+
+    def _pixels_key(self, bank: str) -> str:
+        return f"{self.prefix}:bankpix:{bank}"
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def add(
+        self, bank: str, model_version: str, item_ids: list[str], embeddings: NDArray[Any], pixels: NDArray[Any]
+    ) -> None:
+        """Banks images' embeddings (and their model inputs, for re-embedding under a later version)."""
+        vectors = _normalised(embeddings)
+        pipe = self.client.pipeline(transaction=True)
+        for item_id, vector, image in zip(item_ids, vectors, pixels, strict=True):
+            pipe.hset(self._key(model_version), f"{bank}{SEP}{item_id}", vector.tobytes())
+            pipe.hset(self._pixels_key(bank), item_id, np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+        pipe.incr(f"{self._key(model_version)}:rev")
+        pipe.execute()
+
+    def embed_and_add(self, bank: str, models: ImageModels, item_ids: list[str], pixels: NDArray[Any]) -> str:
+        """Embeds with the served model; returns the model version that answered."""
+        version = ""
+        for i in range(0, len(item_ids), 32):
+            result = models.infer(pixels[i : i + 32])
+            self.add(bank, result.model_version, item_ids[i : i + 32], result.embeddings, pixels[i : i + 32])
+            version = result.model_version
+        return version
+
+    def reembed(self, models: ImageModels, banks: list[str], batch: int = 32) -> tuple[str, int]:
+        """After a promotion: every banked image embedded again by the served version. (version, images)."""
+        version, count = "", 0
+        for bank in banks:
+            rows = cast(dict[bytes, bytes], self.client.hgetall(self._pixels_key(bank)))
+            ids = [k.decode() for k in rows]
+            for i in range(0, len(ids), batch):
+                chunk = ids[i : i + batch]
+                pixels = np.stack([np.frombuffer(rows[c.encode()], dtype=np.uint8).reshape(256, 256, 3) for c in chunk])
+                result = models.infer(pixels)
+                self.add(bank, result.model_version, chunk, result.embeddings, pixels)
+                version, count = result.model_version, count + len(chunk)
+        return version, count
+
+    def remove_bank(self, bank: str) -> None:
+        for key in self._version_keys():
+            fields = [f for f, _ in self.client.hscan_iter(key, match=f"{bank}{SEP}*", count=1000)]
+            pipe = self.client.pipeline(transaction=True)
+            if fields:
+                pipe.hdel(key, *fields)
+            pipe.incr(f"{key}:rev")
+            pipe.execute()
+        self.client.delete(self._pixels_key(bank))
+
+    def vectors(self, bank: str) -> list[tuple[str, list[str], NDArray[np.float32]]]:
+        """(model version, item ids, embeddings) of one bank, for every version it has embeddings in."""
+        out = []
+        for key in self._version_keys():
+            ids, rows = [], []
+            for field_name, raw in self.client.hscan_iter(key, match=f"{bank}{SEP}*", count=1000):
+                ids.append(field_name.decode().partition(SEP)[2])
+                rows.append(np.frombuffer(raw, dtype=np.float32))
+            if ids:
+                out.append((key.removeprefix(f"{self.prefix}:bankemb:"), ids, np.stack(rows)))
+        return out
+
+    def _version_keys(self) -> list[str]:
+        keys = [k.decode() for k in self.client.scan_iter(match=f"{self.prefix}:bankemb:*", count=1000)]
+        return [k for k in keys if not k.endswith(":rev")]
+
+    # -- matching -------------------------------------------------------------------------------------
+
+    def _index(self, model_version: str) -> _VersionIndex:
+        now = time.monotonic()
+        current = self._versions.get(model_version)
+        if current is not None and now - current.checked_at < self.sync_interval_s:
+            return current
+        rev = int(cast(bytes | None, self.client.get(f"{self._key(model_version)}:rev")) or 0)
+        if current is None or current.rev != rev:
+            current = self._load(model_version, rev)
+            self._versions[model_version] = current
+        current.checked_at = now
+        return current
+
+    def _load(self, model_version: str, rev: int) -> _VersionIndex:
+        per_bank: dict[str, tuple[list[str], list[NDArray[np.float32]]]] = {}
+        for key, raw in self.client.hscan_iter(self._key(model_version), count=1000):
+            bank, _, item_id = key.decode().partition(SEP)
+            ids, vectors = per_bank.setdefault(bank, ([], []))
+            ids.append(item_id)
+            vectors.append(np.frombuffer(raw, dtype=np.float32))
+        loaded = _VersionIndex(rev)
+        for bank, (ids, vectors) in per_bank.items():
+            index = faiss.IndexFlatIP(len(vectors[0]))
+            index.add(np.stack(vectors))
+            loaded.banks[bank] = (index, ids)
+        return loaded
+
+    def search(self, model_version: str, embedding: NDArray[Any]) -> list[EmbeddingHit]:
+        """Each bank's nearest banked image for one embedding, most similar first."""
+        query = _normalised(embedding.reshape(1, -1))
+        hits = []
+        for bank, (index, ids) in self._index(model_version).banks.items():
+            if index.d != query.shape[1]:
+                continue
+            scores, rows = index.search(query, 1)
+            if rows[0, 0] >= 0:
+                hits.append(EmbeddingHit(bank, ids[int(rows[0, 0])], float(scores[0, 0])))
+        return sorted(hits, key=lambda h: -h.cosine)
+
+
+def _normalised(vectors: NDArray[Any]) -> NDArray[np.float32]:
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    return cast(NDArray[np.float32], v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))

@@ -1,0 +1,223 @@
+"""Retroactive actioning: when a bank gains items, uploads already judged that match them get a new verdict.
+
+Recent uploads are found three ways, all bounded by the retention window:
+
+- exact: the exact-duplicate store (``<prefix>:exact:<sha256|phash>:<value>``) names the first upload of each hash;
+- PDQ: the moderator appends each decided upload's PDQ to ``<prefix>:recent:pdq`` (trimmed to the window); a run
+  builds a ``PdqIndex`` of those and searches it with each banked PDQ;
+- embeddings: banked images' embeddings are searched in the shared recent-images index of their model version.
+
+A run walks the bank's signals in the order they were banked, from a cursor kept in Redis
+(``<prefix>:bank:<name>:retro``), at most ``max_signals`` per run, so a big list is re-judged in resumable
+steps with visible progress. Each upload is re-judged once per bank (``<prefix>:bank:<name>:rejudged``); the
+updated verdict goes to the verdicts topic keyed by upload id (compacted: the latest wins), blocked, with
+``retroactive_bank_match:<bank>`` and the bank evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+
+from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.pdq_index import PdqIndex
+from services.common.banks.signals import Signal
+from services.common.banks.store import BankMatch, HashBankStore
+from services.common.config import Settings
+from services.common.schemas import Action, BankMatchEvidence, Verdict
+from services.common.upload_keys import upload_action_key
+
+
+def recent_pdq_key(prefix: str) -> str:
+    return f"{prefix}:recent:pdq"
+
+
+def remember_pdq(
+    pipe: redis.client.Pipeline, prefix: str, retention_s: int, upload_id: str, pdq: str, verdict: Verdict
+) -> None:
+    """Called by the moderator for each decided upload with a PDQ: what a later re-judge searches."""
+    fields = {"u": upload_id, "p": pdq, "m": verdict.model_version, "f": json.dumps(verdict.flags)}
+    minid = f"{int((time.time() - retention_s) * 1000)}-0"
+    pipe.xadd(recent_pdq_key(prefix), fields, minid=minid, approximate=True)  # type: ignore[arg-type]
+
+
+@dataclass
+class RetroProgress:
+    bank: str
+    cursor: int  # the last banked signal (insertion sequence) searched
+    signals_total: int
+    signals_searched: int  # in this run
+    found: int  # uploads matching, in this run
+    published: int  # updated verdicts published in this run (each upload once per bank, ever)
+    done: bool
+
+
+@dataclass(frozen=True)
+class _Recent:
+    upload_id: str
+    model_version: str
+    flags: dict[str, float]
+
+
+class RetroJudge:
+    def __init__(self, client: redis.Redis, settings: Settings, publish: Callable[[list[Verdict]], None]) -> None:
+        self.client = client
+        self.settings = settings
+        self.prefix = settings.redis.key_prefix
+        self.publish = publish
+        self.store = HashBankStore(client, self.prefix, settings.banks.pdq_threshold)
+
+    def _state_key(self, bank: str) -> str:
+        return f"{self.prefix}:bank:{bank}:retro"
+
+    def _embedded_key(self, bank: str) -> str:
+        return f"{self.prefix}:bank:{bank}:retro:embedded"
+
+    def _done_key(self, bank: str) -> str:
+        return f"{self.prefix}:bank:{bank}:rejudged"
+
+    def run(self, bank: str, max_signals: int = 100_000, chunk: int = 1000) -> RetroProgress:
+        self.store.get(bank)
+        cursor = int(cast(bytes | None, self.client.hget(self._state_key(bank), "cursor")) or 0)
+        ordered = list(self._signals_after(bank, cursor))
+        total = int(self.client.hlen(f"{self.prefix}:bank:{bank}:signals"))
+        recent = self._recent_pdq()
+        progress = RetroProgress(bank, cursor, total, 0, 0, 0, False)
+        searched = self._embedding_matches(bank)  # banked images not searched yet (few: every run looks)
+        self._settle(bank, searched[0], progress)
+        if searched[1]:
+            self.client.sadd(self._embedded_key(bank), *searched[1])
+        todo = ordered[:max_signals]
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            self._settle(bank, self._exact_matches(bank, [s for _, s in part]), progress)
+            self._settle(bank, self._pdq_matches(bank, recent, [s for _, s in part]), progress)
+            progress.cursor = part[-1][0]
+            progress.signals_searched += len(part)
+            self.client.hset(self._state_key(bank), "cursor", progress.cursor)
+        progress.done = len(todo) == len(ordered)
+        return progress
+
+    def _signals_after(self, bank: str, cursor: int) -> list[tuple[int, Signal]]:
+        out = []
+        for key, raw in self.client.hscan_iter(f"{self.prefix}:bank:{bank}:signals", count=5000):
+            seq = int(json.loads(raw)["seq"])
+            if seq > cursor:
+                kind, _, value = key.decode().partition(":")
+                out.append((seq, Signal(cast(Any, kind), value, json.loads(raw)["id"])))
+        return sorted(out, key=lambda r: r[0])
+
+    def _exact_matches(self, bank: str, signals: list[Signal]) -> dict[str, tuple[_Recent, BankMatch]]:
+        wanted = [s for s in signals if s.kind in ("sha256", "phash")]
+        if not wanted:
+            return {}
+        raw = cast(list[bytes | None], self.client.mget([f"{self.prefix}:exact:{s.kind}:{s.value}" for s in wanted]))
+        found: dict[str, tuple[_Recent, BankMatch]] = {}
+        for s, value in zip(wanted, raw, strict=True):
+            if value:
+                data = json.loads(value)
+                recent = _Recent(data["upload_id"], data["model_version"], data["flags"])
+                found.setdefault(recent.upload_id, (recent, BankMatch(bank, s.kind, 0, s.item_id, s.value)))
+        return found
+
+    def _recent_pdq(self) -> PdqIndex:
+        index = PdqIndex(self.settings.banks.pdq_threshold)
+        for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(recent_pdq_key(self.prefix))):
+            meta = json.dumps([fields[b"m"].decode(), json.loads(fields[b"f"])])
+            index.add(fields[b"p"].decode(), fields[b"u"].decode(), meta)
+        return index
+
+    def _pdq_matches(self, bank: str, recent: PdqIndex, signals: list[Signal]) -> dict[str, tuple[_Recent, BankMatch]]:
+        found: dict[str, tuple[_Recent, BankMatch]] = {}
+        for s in signals:
+            if s.kind != "pdq" or len(recent) == 0:
+                continue
+            for hit in recent.search(s.value):
+                for upload_id, meta in hit.owners:
+                    version, flags = json.loads(meta)
+                    match = BankMatch(bank, "pdq", hit.distance, s.item_id, s.value)
+                    found.setdefault(upload_id, (_Recent(upload_id, version, flags), match))
+        return found
+
+    def _embedding_matches(self, bank: str) -> tuple[dict[str, tuple[_Recent, BankMatch]], list[str]]:
+        """Matches of banked images not searched before, and their ``<version>/<item id>`` to mark searched."""
+        from services.common.index import SharedRecentIndex
+
+        cfg = self.settings.banks
+        own = self.store.get(bank).embedding_threshold
+        found: dict[str, tuple[_Recent, BankMatch]] = {}
+        done = {m.decode() for m in cast(set[bytes], self.client.smembers(self._embedded_key(bank)))}
+        searched: list[str] = []
+        for version, all_ids, all_vectors in EmbeddingBanks(self.client, self.prefix).vectors(bank):
+            keep = [i for i, item in enumerate(all_ids) if f"{version}/{item}" not in done]
+            if not keep:
+                continue
+            item_ids, vectors = [all_ids[i] for i in keep], all_vectors[keep]
+            searched += [f"{version}/{item}" for item in item_ids]
+            threshold = own if own is not None else cfg.embedding_thresholds.get(version, cfg.embedding_threshold)
+            index = SharedRecentIndex(
+                self.client, self.prefix, version, vectors.shape[1], self.settings.index.retention_s
+            )
+            index.sync()
+            for item_id, neighbours in zip(item_ids, index.search(vectors, 50), strict=True):
+                for n in neighbours:
+                    if n.score >= threshold:
+                        match = BankMatch(bank, "embedding", round(1.0 - n.score, 4), item_id, "")
+                        found.setdefault(n.upload_id, (_Recent(n.upload_id, version, {}), match))
+        return found, searched
+
+    def _settle(self, bank: str, found: dict[str, tuple[_Recent, BankMatch]], progress: RetroProgress) -> None:
+        """Publishes for uploads not yet re-judged for this bank; marks them only once the broker has them."""
+        if not found:
+            return
+        progress.found += len(found)
+        ids = sorted(found)
+        pipe = self.client.pipeline(transaction=False)
+        for upload_id in ids:
+            pipe.sismember(self._done_key(bank), upload_id)
+            pipe.get(upload_action_key(self.prefix, upload_id))
+        answers = pipe.execute()
+        fresh = [u for i, u in enumerate(ids) if not answers[2 * i] and answers[2 * i + 1] != b"block"]
+        if not fresh:
+            return
+        self.publish([self._verdict(*found[u]) for u in fresh])
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(self._done_key(bank), *fresh)
+        for upload_id in fresh:
+            pipe.set(upload_action_key(self.prefix, upload_id), Action.BLOCK.value, ex=self.settings.index.retention_s)
+        pipe.execute()
+        progress.published += len(fresh)
+
+    @staticmethod
+    def _verdict(recent: _Recent, match: BankMatch) -> Verdict:
+        evidence = BankMatchEvidence(
+            bank=match.bank, signal_type=match.signal_type, distance=match.distance, item_id=match.item_id
+        )
+        return Verdict(
+            upload_id=recent.upload_id,
+            event_id=f"retro:{match.bank}:{recent.upload_id}",
+            model_version=recent.model_version or "none",
+            action=Action.BLOCK,
+            flags=recent.flags,
+            reasons=[f"retroactive_bank_match:{match.bank}"],
+            bank_matches=[evidence],
+        )
+
+
+def kafka_publisher(settings: Settings) -> Callable[[list[Verdict]], None]:
+    """Verdicts keyed by upload id, waited for until the broker acknowledges every one."""
+    from services.common.kafka_io import AckedProducer
+
+    producer = AckedProducer(settings.kafka)
+
+    def publish(verdicts: list[Verdict]) -> None:
+        for verdict in verdicts:
+            producer.produce(settings.kafka.topic_verdicts, verdict.upload_id, verdict.model_dump_json().encode())
+        producer.flush()
+
+    return publish

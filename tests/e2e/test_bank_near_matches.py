@@ -1,0 +1,81 @@
+"""Banked images come back cropped, re-encoded and captioned: the stream blocks them, with the bank's evidence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from bench.hash_banks import caption
+from services.common.banks import HashBankStore
+from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.exchange import import_list
+from services.common.banks.images import image_signals
+from services.common.config import Settings
+from services.common.imaging import decode_image
+from services.common.inference import TritonModels
+from services.common.kafka_io import ensure_topics
+from services.common.photos.build import Manifest
+from services.common.transforms import crop, encode_jpeg, resize
+from services.common.uploads import UploadPublisher, event_for_file
+from tests.e2e.conftest import ModeratorProcess, pick_photos, read_topic, start_moderator
+
+pytestmark = pytest.mark.e2e
+
+
+def test_edited_copies_of_banked_images_are_blocked_in_the_stream(
+    settings: Settings,
+    stack_env: dict[str, str],
+    tmp_path: Path,
+    photo_set: Manifest,
+    moderators: list[ModeratorProcess],
+) -> None:
+    photos = [Image.open(photo_set.path_of(r)).convert("RGB") for r in pick_photos(photo_set, 5, 23)]
+    originals = [encode_jpeg(p, 92) for p in photos]
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    store = HashBankStore(client, settings.redis.key_prefix)
+    store.create("known-bad", "banked images")
+    banked = [image_signals(data, settings) for data in originals[:3]]  # what `sieve banks add` banks
+    for signals in banked:
+        store.add_signals("known-bad", signals)
+    pixels = np.stack([decode_image(d, settings.decode, settings.triton.input_size).pixels for d in originals[:3]])
+    ids = [s[0].item_id for s in banked]
+    EmbeddingBanks(client, settings.redis.key_prefix).embed_and_add(
+        "known-bad", TritonModels(settings.triton), ids, pixels
+    )
+    # A shared hash list: photo 4 known only by its PDQ, as an HMA / ThreatExchange list carries it.
+    pdq = next(s.value for s in image_signals(originals[4], settings) if s.kind == "pdq")
+    store.create("shared-list", "imported")
+    assert import_list(store, "shared-list", f"pdq {pdq}\n", "te", "test").added == 1
+
+    edits = {
+        "cropped": encode_jpeg(crop(0.85)(photos[0]), 90),
+        "reencoded": encode_jpeg(photos[1], 35),
+        "captioned": encode_jpeg(caption()(photos[2]), 90),
+        "unrelated": originals[3],
+        "listed-copy": encode_jpeg(resize(0.6)(photos[4]), 50),
+    }
+    for name, data in edits.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+    ensure_topics(settings.kafka)
+    UploadPublisher(settings.kafka).publish([event_for_file(tmp_path / f"{n}.jpg") for n in edits])
+    start_moderator(moderators, stack_env, tmp_path)
+    verdicts = {str(r["upload_id"]): r for r in read_topic(settings, settings.kafka.topic_verdicts, len(edits))}
+
+    for name, item in (("cropped", 0), ("reencoded", 1), ("captioned", 2)):
+        verdict = verdicts[name]
+        assert verdict["action"] == "block", (name, verdict["reasons"])
+        assert "bank_match:known-bad" in verdict["reasons"]  # type: ignore[operator]
+        [match] = verdict["bank_matches"]  # type: ignore[misc]
+        assert match["bank"] == "known-bad" and match["item_id"] == ids[item], (name, match)
+    assert verdicts["cropped"]["bank_matches"][0]["signal_type"] == "embedding"  # type: ignore[index]
+    assert verdicts["captioned"]["bank_matches"][0]["signal_type"] == "embedding"  # type: ignore[index]
+    listed = verdicts["listed-copy"]
+    assert listed["action"] == "block" and listed["reasons"] == ["bank_match:shared-list"]
+    [match] = listed["bank_matches"]  # type: ignore[misc]
+    assert match["signal_type"] == "pdq" and match["distance"] <= settings.banks.pdq_threshold
+    assert not any(str(r).startswith("bank_match") for r in verdicts["unrelated"]["reasons"])  # type: ignore[union-attr]
+    assert verdicts["unrelated"]["bank_matches"] == []

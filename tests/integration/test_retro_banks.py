@@ -1,0 +1,87 @@
+"""Retroactive actioning against the real Redis and Kafka: earlier uploads that match a newly banked item get one
+updated verdict each, in resumable steps."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from services.common.banks import HashBankStore, Signal
+from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.retro import RetroJudge, kafka_publisher, remember_pdq
+from services.common.config import Settings
+from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.kafka_io import ensure_topics
+from services.common.schemas import Action, Verdict
+from services.common.upload_keys import upload_action_key
+from services.moderator.exact import ExactMatchStore, KnownUpload
+from tests.e2e.conftest import read_topic
+
+pytestmark = pytest.mark.integration
+VERSION = "sieve_embedder:2"
+
+
+def _flip(value: str, bits: int) -> str:
+    raw = bytearray(bytes.fromhex(value))
+    for bit in range(0, bits * 7, 7):
+        raw[bit // 8] ^= 1 << (bit % 8)
+    return raw.hex()
+
+
+def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    prefix, ttl = settings.redis.key_prefix, settings.index.retention_s
+    rng = np.random.default_rng(3)
+    pdq = rng.integers(0, 256, 32, dtype=np.uint8).tobytes().hex()
+    vector = rng.normal(size=8).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    # Three uploads the moderator allowed earlier: by bytes, by PDQ, by embedding.
+    ExactMatchStore(client, prefix, ttl).remember("a" * 64, None, KnownUpload("up-bytes", "allow", VERSION, {}))
+    pipe = client.pipeline()
+    allowed = Verdict(upload_id="up-pdq", event_id="e", model_version=VERSION, action=Action.ALLOW)
+    remember_pdq(pipe, prefix, ttl, "up-pdq", pdq, allowed)
+    for upload_id in ("up-bytes", "up-pdq", "up-embedding", "up-other"):
+        pipe.set(upload_action_key(prefix, upload_id), "allow")
+    pipe.execute()
+    SharedRecentIndex(client, prefix, VERSION, 8, ttl).add([IndexEntry("up-embedding", vector, time.time())])
+    other = -vector
+    SharedRecentIndex(client, prefix, VERSION, 8, ttl).add([IndexEntry("up-other", other, time.time())])
+
+    store = HashBankStore(client, prefix)
+    store.create("late")
+    store.add_signals(
+        "late",
+        [
+            Signal("sha256", "a" * 64, "item-1"),
+            Signal("pdq", "0" * 64, "item-0"),  # matches nothing
+            Signal("pdq", _flip(pdq, 12), "item-2"),
+        ],
+    )
+    near = vector + rng.normal(scale=0.05, size=8).astype(np.float32)
+    EmbeddingBanks(client, prefix).add("late", VERSION, ["item-3"], near[None], np.zeros((1, 256, 256, 3), np.uint8))
+
+    ensure_topics(settings.kafka)
+    judge = RetroJudge(client, settings, kafka_publisher(settings))
+    first = judge.run("late", max_signals=1)
+    assert (first.cursor, first.done, first.signals_total) == (1, False, 3)
+    assert first.published == 2  # the embedding (searched on the first step) and the bytes
+    second = judge.run("late", max_signals=10)
+    assert (second.cursor, second.done, second.published) == (3, True, 1)
+    client.delete(f"{prefix}:bank:late:retro", f"{prefix}:bank:late:retro:embedded")  # from scratch: nothing twice
+    again = judge.run("late")
+    assert again.done and again.found == 3 and again.published == 0
+
+    records = read_topic(settings, settings.kafka.topic_verdicts, 3, timeout_s=60)
+    assert sorted(str(r["upload_id"]) for r in records) == ["up-bytes", "up-embedding", "up-pdq"]
+    by_id = {str(r["upload_id"]): r for r in records}
+    for upload_id, kind, item in (("up-bytes", "sha256", "item-1"), ("up-pdq", "pdq", "item-2")):
+        verdict = by_id[upload_id]
+        assert verdict["action"] == "block" and verdict["reasons"] == ["retroactive_bank_match:late"]
+        assert verdict["bank_matches"][0]["signal_type"] == kind  # type: ignore[index]
+        assert verdict["bank_matches"][0]["item_id"] == item  # type: ignore[index]
+    assert by_id["up-pdq"]["bank_matches"][0]["distance"] == 12  # type: ignore[index]
+    assert by_id["up-embedding"]["bank_matches"][0]["signal_type"] == "embedding"  # type: ignore[index]
+    assert client.get(upload_action_key(prefix, "up-other")) == b"allow"
