@@ -11,9 +11,9 @@ from services.batch.dedup import default_near, moderator_threshold
 
 
 def test_a_configured_version_uses_its_configured_threshold() -> None:
-    assert default_near("sieve_embedder:2")[0] == pytest.approx(0.69)
+    assert default_near("sieve_embedder:2")[0] == pytest.approx(0.6766)
     assert default_near("sieve_embedder:1")[0] == pytest.approx(0.90)
-    assert moderator_threshold("sieve_embedder:2")[0] == pytest.approx(0.69)
+    assert moderator_threshold("sieve_embedder:2")[0] == pytest.approx(0.6766)
 
 
 def test_an_unconfigured_version_uses_its_model_card(tmp_path: Path) -> None:
