@@ -52,10 +52,22 @@ def private_model(repo_root: Path, triton_url: str, namespace: str) -> Iterator[
         finally:
             try:
                 client.unload_model(name)
+                # Unloading finishes in the background; deleting the folder before it has left the model stuck
+                # and the whole server not ready (is_server_ready False) for every later test.
+                wait_for(lambda: _unloaded(client, name), 120, f"{name} to unload")
             finally:
                 client.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unloaded(client: grpcclient.InferenceServerClient, name: str) -> bool:
+    states = [
+        m.get("state")
+        for m in client.get_model_repository_index(as_json=True).get("models", [])
+        if m.get("name") == name
+    ]
+    return all(state == "UNAVAILABLE" for state in states)
 
 
 def stage_candidate(workdir: Path, model: str, version: int, repo_root: Path, broken: bool = False) -> Path:

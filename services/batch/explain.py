@@ -235,7 +235,7 @@ class Served:
 
 def served_view(pixels: NDArray[np.uint8], settings: Settings, prefer_triton: bool, local_name: str) -> Served:
     """Triton when reachable (embeddings and scores in one call), else the same artifacts in-process."""
-    if prefer_triton and triton_reachable(settings.triton.url):
+    if prefer_triton and triton_reachable(settings.triton.url, settings.triton.embedder_model):
         from services.common.errors import TransientError
         from services.common.inference import TritonModels
 

@@ -87,13 +87,17 @@ def load_serving(version: int, repo: Path = EMBEDDER_REPO) -> Callable[[NDArray[
     return run_torch
 
 
-def triton_reachable(url: str, timeout_s: float = 2.0) -> bool:
+def triton_reachable(url: str, model: str, timeout_s: float = 2.0) -> bool:
+    """Up, with ``model`` ready. Not the server's readiness: Triton reports the whole server not ready while any
+    version of any model is in a failed state (a refused promotion's version stays listed with its error), and
+    the model asked for may be serving fine."""
     import tritonclient.grpc as grpcclient
 
     try:
         client = grpcclient.InferenceServerClient(url)
         try:
-            return bool(client.is_server_ready(client_timeout=timeout_s))
+            live = client.is_server_live(client_timeout=timeout_s)
+            return bool(live and client.is_model_ready(model, client_timeout=timeout_s))
         finally:
             client.close()
     except Exception:  # any failure to connect means "not reachable": fall back to in-process
@@ -120,7 +124,7 @@ class ServedEmbedder:
     @classmethod
     def connect(cls, settings: Settings | None = None, prefer_triton: bool = True) -> ServedEmbedder:
         settings = settings or Settings()
-        if prefer_triton and triton_reachable(settings.triton.url):
+        if prefer_triton and triton_reachable(settings.triton.url, settings.triton.embedder_model):
             from services.common.inference import TritonModels
 
             models = TritonModels(settings.triton)

@@ -197,6 +197,13 @@ def test_moderator_probes_use_the_health_port_from_its_settings() -> None:
     assert moderator["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
 
 
+def test_triton_readiness_follows_the_served_embedder() -> None:
+    # A refused promotion leaves a failed version listed, and Triton's server readiness false with it: the pods
+    # must stay in the Service while the embedder serves.
+    triton_probe = container(render("default"), "triton")["readinessProbe"]["httpGet"]
+    assert triton_probe == {"path": "/v2/models/sieve_embedder/ready", "port": "http"}
+
+
 def test_hpa_scales_the_moderator_on_cpu_and_optionally_on_consumer_lag() -> None:
     default_hpa = of_kind(render("default"), "HorizontalPodAutoscaler")[f"{RELEASE}-sieve-moderator"]["spec"]
     assert default_hpa["scaleTargetRef"]["name"] in of_kind(render("default"), "Deployment")
