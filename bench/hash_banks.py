@@ -100,14 +100,17 @@ EDITS: dict[str, Transform] = {
 }
 
 
-class _Message:
-    """Just enough of a Kafka message for the pipeline's parse stage."""
+class LocalMessage:
+    """Just enough of a Kafka message for the pipeline (the tests of inference ahead use it too)."""
 
     def __init__(self, value: bytes, offset: int) -> None:
         self._value, self._offset = value, offset
 
     def value(self) -> bytes:
         return self._value
+
+    def key(self) -> bytes:
+        return b""
 
     def headers(self) -> list[tuple[str, bytes]]:
         return []
@@ -139,7 +142,7 @@ def _decisions(pipeline: Pipeline, uploads: list[tuple[str, Path]]) -> dict[str,
     out: dict[str, list[BankMatchEvidence]] = {}
     for start in range(0, len(uploads), 16):
         chunk = uploads[start : start + 16]
-        msgs = [_Message(_event(uid, path), start + i) for i, (uid, path) in enumerate(chunk)]
+        msgs = [LocalMessage(_event(uid, path), start + i) for i, (uid, path) in enumerate(chunk)]
         items = pipeline.start_items(cast(list[Any], msgs))
         result = pipeline.run(items)  # hashes, banks, the model, the recent index: all but publishing
         for verdict, span in result.verdicts:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -162,6 +162,17 @@ def _item_view(item: QueueItem, neighbour_uris: dict[str, str], services: Review
         "claim_expires_in_s": remaining,
         "labelled_by": item.labelled_by,
     }
+
+
+@contextmanager
+def _signal_errors() -> Iterator[None]:
+    """A bank's signals are added and removed with the same answers: 404 for a missing bank, 422 for a bad row."""
+    try:
+        yield
+    except KeyError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+    except MalformedSignal as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
 
 def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastAPI:
@@ -355,21 +366,13 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
     @app.post("/api/admin/banks/{name}/signals")
     def add_bank_signals(name: BankName, body: BankSignals, admin: Admin) -> dict[str, Any]:
         """Adds HMA-style signals (type, value, optional content id and metadata); idempotent."""
-        try:
+        with _signal_errors():
             return {"name": name, **services.admin.add_bank_signals(name, body, admin.reviewer_id)}
-        except KeyError as exc:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
-        except MalformedSignal as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
     @app.post("/api/admin/banks/{name}/signals/remove")
     def remove_bank_signals(name: BankName, body: BankSignals, admin: Admin) -> dict[str, Any]:
-        try:
+        with _signal_errors():
             return {"name": name, **services.admin.remove_bank_signals(name, body, admin.reviewer_id)}
-        except KeyError as exc:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
-        except MalformedSignal as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
     @app.post("/api/admin/banks/{name}/import")
     def import_bank(name: BankName, body: BankImport, admin: Admin) -> dict[str, Any]:

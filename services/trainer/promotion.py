@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -209,64 +209,55 @@ def promote(
     (moderators pick recorded thresholds up with the admin overrides). Raises PromotionFailed when the version
     cannot be backfilled or loaded; by then it is out of the repository and the previous version serves.
     """
+    # The retraining job and admin requests may run at once: they take turns, and a plan made before the wait is
+    # refused if another promotion changed what serves.
+    with _promotion_lock(client, settings.redis.key_prefix, repo.model):
+        now_serving = repo.serving()
+        if serving is not None and serving != now_serving:
+            raise PromotionFailed(f"version {now_serving} started serving while this promotion (from {serving}) waited")
+        serving = now_serving
+        if version is not None and version <= serving:
+            raise PromotionFailed(f"version {version} is not newer than the serving version {serving}")
+        version = version if version is not None else max(repo.versions()) + 1
+        tag = f"{repo.model}:{version}"
+        entries = window_entries(settings, client, f"{repo.model}:{serving}", dim_serving) if dim_serving else []
+        if entries and embed is None:
+            raise PromotionFailed(f"no model.pt to re-embed the {len(entries)} images of the window with")
+        report = (
+            backfill(settings, client, entries, tag, embed) if embed is not None else BackfillReport(tag, 0, 0, 0.0)
+        )
+        if threshold is not None:
+            record_threshold(client, settings.redis.key_prefix, tag, threshold)
+        if staged is not None:
+            repo.install(staged, version)
+        try:
+            triton_load(settings.triton.url, repo.model, version)
+        except (InferenceServerException, TransientError) as exc:
+            undo_install(settings, client, repo, version, serving, log_path, str(exc))
+            raise PromotionFailed(f"Triton did not load version {version}: {exc}") from exc
+        record(
+            log_path, {"event": "promoted", "version": version, "from": serving, "backfill": report.__dict__, **reason}
+        )
+        return version
+
+
+@contextlib.contextmanager
+def _promotion_lock(client: redis.Redis, prefix: str, model: str) -> Iterator[None]:
+    """The retraining job and admin requests (``sieve trainer promotions``) may run at once: they take turns."""
     lock = client.lock(
-        f"{settings.redis.key_prefix}:trainer:promotion-lock:{repo.model}",
-        timeout=PROMOTION_LOCK_S,
-        blocking_timeout=PROMOTION_WAIT_S,
+        f"{prefix}:trainer:promotion-lock:{model}", timeout=PROMOTION_LOCK_S, blocking_timeout=PROMOTION_WAIT_S
     )
     try:
         acquired = lock.acquire()
     except redis.RedisError as exc:
         raise TransientError("redis", f"cannot take the promotion lock: {exc}") from exc
     if not acquired:
-        raise PromotionFailed(f"another promotion of {repo.model} has been running for over {PROMOTION_WAIT_S} s")
+        raise PromotionFailed(f"another promotion of {model} has been running for over {PROMOTION_WAIT_S} s")
     try:
-        return _promote_locked(
-            settings, client, repo, staged, embed, dim_serving, log_path, reason, threshold, version, serving
-        )
+        yield
     finally:
         with contextlib.suppress(redis.RedisError):
             lock.release()
-
-
-def _promote_locked(
-    settings: Settings,
-    client: redis.Redis,
-    repo: ModelRepository,
-    staged: Path | None,
-    embed: EmbedFn | None,
-    dim_serving: int | None,
-    log_path: Path,
-    reason: dict[str, Any],
-    threshold: float | None,
-    version: int | None,
-    serving: int | None,
-) -> int:
-    """The retraining job and admin requests (``sieve trainer promotions``) may run at once: the lock makes them
-    take turns, and a plan made before the wait is refused if another promotion changed what serves."""
-    now_serving = repo.serving()
-    if serving is not None and serving != now_serving:
-        raise PromotionFailed(f"version {now_serving} started serving while this promotion (from {serving}) waited")
-    serving = now_serving
-    if version is not None and version <= serving:
-        raise PromotionFailed(f"version {version} is not newer than the serving version {serving}")
-    version = version if version is not None else max(repo.versions()) + 1
-    tag = f"{repo.model}:{version}"
-    entries = window_entries(settings, client, f"{repo.model}:{serving}", dim_serving) if dim_serving else []
-    if entries and embed is None:
-        raise PromotionFailed(f"no model.pt to re-embed the {len(entries)} images of the window with")
-    report = backfill(settings, client, entries, tag, embed) if embed is not None else BackfillReport(tag, 0, 0, 0.0)
-    if threshold is not None:
-        record_threshold(client, settings.redis.key_prefix, tag, threshold)
-    if staged is not None:
-        repo.install(staged, version)
-    try:
-        triton_load(settings.triton.url, repo.model, version)
-    except (InferenceServerException, TransientError) as exc:
-        undo_install(settings, client, repo, version, serving, log_path, str(exc))
-        raise PromotionFailed(f"Triton did not load version {version}: {exc}") from exc
-    record(log_path, {"event": "promoted", "version": version, "from": serving, "backfill": report.__dict__, **reason})
-    return version
 
 
 def undo_install(

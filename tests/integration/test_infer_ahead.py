@@ -17,6 +17,7 @@ import redis
 from numpy.typing import NDArray
 from PIL import Image
 
+from bench.hash_banks import LocalMessage
 from services.common.config import Settings
 from services.common.errors import TransientError
 from services.common.inference import InferenceResult
@@ -46,32 +47,6 @@ class _CountingModels:
         return InferenceResult(emb.astype(np.float32), scores, ["nsfw"], self.version)
 
 
-@dataclass
-class _Message:
-    """The parts of a Kafka message the pipeline reads."""
-
-    payload: bytes
-    at: int
-
-    def value(self) -> bytes:
-        return self.payload
-
-    def key(self) -> bytes:
-        return b""
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        return []
-
-    def topic(self) -> str:
-        return "uploads"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self.at
-
-
 def _photo(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
     rng = np.random.default_rng(seed)
     pixels = np.clip(rng.normal(colour, 40, (96, 128, 3)), 0, 255).astype(np.uint8)
@@ -82,7 +57,7 @@ def _photo(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
 
 
 def _items(pipeline: Pipeline, uploads: list[tuple[str, Path]]) -> list[Item]:
-    messages = [_Message(event_for_file(p, u).model_dump_json().encode(), n) for n, (u, p) in enumerate(uploads)]
+    messages = [LocalMessage(event_for_file(p, u).model_dump_json().encode(), n) for n, (u, p) in enumerate(uploads)]
     return pipeline.start_items(messages)  # type: ignore[arg-type]
 
 
