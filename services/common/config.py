@@ -177,6 +177,27 @@ class IndexSettings(BaseSettings):
     # Measured at 200k x 256-d: a batch of 32 costs 495 ms exact and 7 ms with IVF; training took 34.5 s.
     ivf_from: int = 50_000
     ivf_nprobe: int = 16  # IVF lists probed per query (1M x 256-d: recall@1 0.993, p99 1.07 ms)
+    # faiss: every replica holds the window in memory, in step through Redis (one machine's worth of vectors).
+    # milvus: the window lives in a Milvus server or cluster (SIEVE_MILVUS_*), shared by every replica.
+    backend: Literal["faiss", "milvus"] = "faiss"
+
+
+class MilvusSettings(BaseSettings):
+    """The Milvus index backend: one collection per embedder version, searched with HNSW over inner product."""
+
+    model_config = _cfg("SIEVE_MILVUS_")
+
+    uri: str = "http://127.0.0.1:19530"
+    token: SecretStr = SecretStr("")  # "user:password" where the cluster has authentication on
+    collection_prefix: str = "sieve_recent"
+    # Strong: a search sees every insert acknowledged before it, by any replica (read-your-writes across
+    # replicas). Its latency is bounded below by the server's proxy.timeTickInterval (the stack sets 20 ms).
+    consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    search_ef: int = 128  # HNSW candidates per query; >= top_k
+    timeout_s: float = 10.0  # per call; past it the call counts as Milvus being down
+    retention_sweep_s: float = 60.0  # how often a replica deletes rows older than the retention window
 
 
 class BankSettings(BaseSettings):
@@ -237,6 +258,7 @@ class StackSettings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "sieve"
     kafka_version: str = "4.3.1"
     kafka_heap: str = "512m"
+    milvus_version: str = "2.3.5"  # the `milvus` wheel (embedded standalone server), in its own venv
     model_repo: Path = REPO_ROOT / "model_repo"
     start_timeout_s: float = 180.0
 
@@ -251,6 +273,7 @@ class Settings(BaseSettings):
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
     decision: DecisionSettings = Field(default_factory=DecisionSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     banks: BankSettings = Field(default_factory=BankSettings)
     review: ReviewSelectionSettings = Field(default_factory=ReviewSelectionSettings)
     verify: VerificationSettings = Field(default_factory=VerificationSettings)
@@ -268,6 +291,7 @@ SETTINGS_GROUPS: dict[str, type[BaseSettings]] = {
     "decode": DecodeSettings,
     "decision": DecisionSettings,
     "index": IndexSettings,
+    "milvus": MilvusSettings,
     "banks": BankSettings,
     "review": ReviewSelectionSettings,
     "verify": VerificationSettings,
