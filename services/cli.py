@@ -17,7 +17,7 @@ from services.common.config import Settings
 def _cmd_stack(args: argparse.Namespace) -> int:
     from services.common.stack import LocalStack
 
-    stack = LocalStack(with_triton=not args.no_triton, brokers=args.brokers)
+    stack = LocalStack(with_triton=not args.no_triton, brokers=args.brokers, index=args.index)
     stopped = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -103,8 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stack", help="start Kafka, Redis and Triton locally and wait")
+    p = sub.add_parser("stack", help="start Kafka, Redis and Triton (and Milvus: --index milvus) locally and wait")
     p.add_argument("--no-triton", action="store_true")
+    p.add_argument(
+        "--index",
+        choices=("faiss", "milvus"),
+        default=None,
+        help="the recent-images index backend (default: SIEVE_INDEX_BACKEND); milvus starts a Milvus server too",
+    )
     p.add_argument(
         "--brokers",
         type=int,

@@ -13,6 +13,7 @@ import pytest
 from services.common.config import Settings, TelemetrySettings
 from services.common.photos.build import Manifest, build_photo_set, default_photo_dir, load_photo_set
 from services.common.stack import LocalStack, StackEndpoints
+from services.common.stack.milvus import MilvusServer
 from services.common.telemetry import setup_telemetry
 
 
@@ -23,6 +24,19 @@ def stack() -> Iterator[LocalStack]:
     local.start()
     yield local
     local.stop()
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(stack: LocalStack) -> Iterator[str]:
+    """The real Milvus server: the stack's own when SIEVE_INDEX_BACKEND=milvus, else one started here, once."""
+    if stack.milvus is not None:
+        yield stack.milvus.uri
+        return
+    settings = stack.settings
+    server = MilvusServer(stack.home / "milvus", settings.cache_dir, settings.milvus_version)
+    server.start(stack.log_dir, settings.start_timeout_s)
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")

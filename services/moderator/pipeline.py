@@ -26,7 +26,8 @@ from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.hashing import informative_phash, md5_hex, phash_hex, sha256_hex
 from services.common.imaging import DecodedImage, decode_image
-from services.common.index import IndexEntry, Neighbour, SharedRecentIndex
+from services.common.index import IndexEntry, Neighbour, RecentIndex, open_recent_index
+from services.common.index.batch import with_batch_neighbours
 from services.common.inference import ImageModels, InferenceResult
 from services.common.schemas import (
     Action,
@@ -147,7 +148,7 @@ class Pipeline:
             sync_interval_s=settings.banks.sync_interval_s,
         )
         self.embedding_banks = EmbeddingBanks(redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s)
-        self.indexes: dict[str, SharedRecentIndex] = {}
+        self.indexes: dict[str, RecentIndex] = {}
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
         self.verifier = Verifier(settings.verify)
@@ -157,20 +158,11 @@ class Pipeline:
         self.sleep = sleep
         self._pool = ThreadPoolExecutor(max_workers=settings.moderator.fetch_workers, thread_name_prefix="fetch")
 
-    def index_for(self, model_version: str, dim: int) -> SharedRecentIndex:
+    def index_for(self, model_version: str, dim: int) -> RecentIndex:
         """One index per model version: embeddings of two versions never share an index."""
         index = self.indexes.get(model_version)
         if index is None:
-            cfg = self.settings.index
-            index = SharedRecentIndex(
-                self.redis,
-                self.settings.redis.key_prefix,
-                model_version,
-                dim,
-                cfg.retention_s,
-                ivf_from=cfg.ivf_from,
-                nprobe=cfg.ivf_nprobe,
-            )
+            index = open_recent_index(self.settings, self.redis, model_version, dim)
             self.indexes[model_version] = index
         return index
 
@@ -459,7 +451,17 @@ class Pipeline:
         item_evidence: dict[str, list[MatchEvidence]] = {}
         item_banks: dict[str, list[BankMatch]] = {}
         batch_actions: dict[str, str] = {}
-        for item in ready:
+        # One search for the whole batch (one round trip to a remote index); items earlier in the batch are added
+        # to each later item's neighbours here, as the shared index has not got them yet.
+        began = time.perf_counter()
+        rows: list[tuple[NDArray[np.float32], str]] = []
+        for each in ready:
+            assert each.inferred is not None and each.event is not None
+            rows.append((each.inferred.result.embeddings[each.inferred.row], each.event.upload_id))
+        shared = index.search(np.stack([v for v, _ in rows]), cfg.top_k, exclude=[u for _, u in rows])
+        batch_search_ms = _ms(began) / len(rows)
+        earlier: list[IndexEntry] = []
+        for position, item in enumerate(ready):
             assert item.event is not None and item.inferred is not None
             inferred = item.inferred
             result, row = inferred.result, inferred.row
@@ -473,15 +475,15 @@ class Pipeline:
             item.timings["infer_ms"] = round(inferred.infer_ms, 3)
             s0 = _now_ns()
             began = time.perf_counter()
-            neighbours = index.search(result.embeddings[row : row + 1], cfg.top_k, exclude=[item.event.upload_id])[0]
-            item.timings["search_ms"] = _ms(began)
+            neighbours = with_batch_neighbours(shared[position], result.embeddings[row], earlier, cfg.top_k)
+            item.timings["search_ms"] = round(batch_search_ms + _ms(began), 3)
             neighbours, evidence = self._verify(item, neighbours, cfg, out)
             scores = {c: float(result.scores[row, k]) for k, c in enumerate(result.categories)}
             twins = [n.upload_id for n in neighbours if n.score >= cfg.duplicate_threshold]
             decision = decide(neighbours, scores, cfg, self._actions_of(twins, batch_actions))
             batch_actions[item.event.upload_id] = decision.action.value
             entry = IndexEntry(item.event.upload_id, result.embeddings[row], time.time())
-            index.local.add([entry])  # later items of this batch must see it
+            earlier.append(entry)  # later items of this batch must see it
             if item.features is not None:
                 out.features[item.event.upload_id] = item.features  # and verify against its features
             search_total += item.timings["search_ms"]

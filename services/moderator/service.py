@@ -197,7 +197,8 @@ class Moderator:
         try:
             out = attempt(lambda: self.pipeline.run(items))
             attempt(lambda: self._publish(out))
-            self.pipeline.commit_index(out)
+            # Retried like the rest: with a remote index (Milvus), no offset is committed before it has the rows.
+            attempt(lambda: self.pipeline.commit_index(out))
             self._commit(consumer, messages)
             if self.on_batch:
                 self.on_batch(out)
@@ -306,16 +307,8 @@ class Moderator:
             return
         self._last_maintenance = now + interval * (random.random() - 0.5)  # jitter: replicas never sync in step
         self.pipeline.apply_threshold_overrides()
-        for index in self.pipeline.indexes.values():
-            index.sync()
-            index.local.evict_older_than(time.time() - index.retention_s)
-            if index.local.reindex_in_background():  # past SIEVE_INDEX_IVF_FROM: exact -> IVF, off this loop
-                log.info("index %s: training IVF for %d entries in the background", index.model_version, len(index))
-            try:
-                if self.redis.xlen(index.store.stream_key) >= self.settings.index.snapshot_every:
-                    index.compact()
-            except redis.RedisError:
-                pass
+        for index in list(self.pipeline.indexes.values()):
+            index.maintain()
 
     def _live(self) -> bool:
         return time.monotonic() - self.last_loop < 120.0

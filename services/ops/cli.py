@@ -165,6 +165,9 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from services.common.index import SharedRecentIndex
 
     settings = Settings()
+    if settings.index.backend != "faiss":
+        print(f"the {settings.index.backend} backend keeps no snapshot: nothing to compact")
+        return 0
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
     index = SharedRecentIndex(
         client, settings.redis.key_prefix, args.model_version, args.dim, settings.index.retention_s

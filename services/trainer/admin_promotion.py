@@ -17,12 +17,12 @@ from typing import Any
 import redis
 
 from services.common.config import Settings
+from services.common.index import recent_index_dim
 from services.common.promotions import PromotionRecord, PromotionState
 from services.trainer.promotion import (
     EmbedFn,
     ModelRepository,
     PromotionFailed,
-    index_dim,
     promote,
     triton_serving,
 )
@@ -97,7 +97,7 @@ class AdminPromotion:
                 repo,
                 staged,
                 _embedder(source),
-                index_dim(self.client, self.settings.redis.key_prefix, f"{request.model}:{decided.serving}"),
+                recent_index_dim(self.settings, self.client, f"{request.model}:{decided.serving}"),
                 self.log_path,
                 {"request_id": request.request_id, "requested_by": request.requested_by, "reason": request.reason},
                 threshold=_card_threshold(source),

@@ -29,9 +29,7 @@ from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.imaging import decode_image
-from services.common.index.base import IndexEntry, Snapshot
-from services.common.index.redis_store import RedisIndexStore
-from services.common.index.shared import SharedRecentIndex
+from services.common.index import IndexEntry, open_recent_index
 from services.common.thresholds import forget_threshold, record_threshold
 from services.common.upload_keys import upload_uri_key
 
@@ -81,12 +79,8 @@ class ModelRepository:
 
 
 def window_entries(settings: Settings, client: redis.Redis, from_version: str, dim: int) -> list[IndexEntry]:
-    """Every entry of the serving version's shared index (snapshot + stream), i.e. the retention window."""
-    index = SharedRecentIndex(client, settings.redis.key_prefix, from_version, dim, settings.index.retention_s)
-    if not index.sync():
-        raise TransientError("redis", "cannot read the serving index to backfill from")
-    cutoff = time.time() - settings.index.retention_s
-    return [e for e in index.local.entries() if e.added_at >= cutoff]
+    """Every entry of the serving version's shared index within the retention window."""
+    return open_recent_index(settings, client, from_version, dim).entries()
 
 
 def backfill(
@@ -131,21 +125,9 @@ def backfill(
         if progress:
             progress(n + 1, len(entries))
     flush()
-    store = RedisIndexStore(client, prefix, to_version)
-    store.write_snapshot(Snapshot(entries=fresh, stream_id="0-0"))
+    dim = int(fresh[0].vector.shape[0]) if fresh else 0
+    open_recent_index(settings, client, to_version, dim).replace(fresh)  # complete before the caller switches
     return BackfillReport(to_version, len(fresh), skipped, round(time.monotonic() - began, 2))
-
-
-def index_dim(client: redis.Redis, prefix: str, model_version: str) -> int | None:
-    """The dimension of a version's shared index (None: it has none), read from its stream or snapshot."""
-    store = RedisIndexStore(client, prefix, model_version)
-    tail, _ = store.read_since("0-0", 1)
-    if tail:
-        return int(tail[0].vector.shape[0])
-    snapshot = store.load_snapshot()
-    if snapshot is not None and snapshot.entries:
-        return int(snapshot.entries[0].vector.shape[0])
-    return None
 
 
 def triton_serving(url: str, model: str) -> int | None:

@@ -146,7 +146,7 @@ class RetroJudge:
 
     def _embedding_matches(self, bank: str) -> tuple[dict[str, tuple[_Recent, BankMatch]], list[str]]:
         """Matches of banked images not searched before, and their ``<version>/<item id>`` to mark searched."""
-        from services.common.index import SharedRecentIndex
+        from services.common.index import open_recent_index
 
         cfg = self.settings.banks
         own = self.store.get(bank).embedding_threshold
@@ -160,9 +160,7 @@ class RetroJudge:
             item_ids, vectors = [all_ids[i] for i in keep], all_vectors[keep]
             searched += [f"{version}/{item}" for item in item_ids]
             threshold = own if own is not None else cfg.embedding_thresholds.get(version, cfg.embedding_threshold)
-            index = SharedRecentIndex(
-                self.client, self.prefix, version, vectors.shape[1], self.settings.index.retention_s
-            )
+            index = open_recent_index(self.settings, self.client, version, vectors.shape[1])
             index.sync()
             for item_id, neighbours in zip(item_ids, index.search(vectors, 50), strict=True):
                 for n in neighbours:

@@ -51,3 +51,42 @@ class IndexStore(Protocol):
     def write_snapshot(self, snapshot: Snapshot) -> None: ...
 
     def trim_before(self, stream_id: str) -> int: ...
+
+
+class RecentIndex(Protocol):
+    """A replica's handle on the shared recent-images index of one model version, whatever backs it.
+
+    Two implementations: ``SharedRecentIndex`` (FAISS in every replica, in step through Redis) and
+    ``MilvusRecentIndex`` (one Milvus collection that every replica queries). Both give read-your-writes across
+    replicas: an entry ``add`` returned for is found by any replica's next ``search``.
+    """
+
+    model_version: str
+    retention_s: int
+    last_sync: float  # unix seconds of the last successful exchange with the shared store (0: never)
+
+    def sync(self) -> bool:
+        """Catches up with other replicas where that is needed; False while the shared store is unreachable."""
+        ...
+
+    def search(self, vectors: NDArray[Any], k: int, exclude: list[str] | None = None) -> list[list[Neighbour]]:
+        """Top-k per query row by cosine, within the retention window, never ``exclude[i]`` for row i."""
+        ...
+
+    def add(self, entries: list[IndexEntry]) -> None:
+        """Shares the entries (an upload id already present is overwritten, so redelivery is idempotent)."""
+        ...
+
+    def maintain(self) -> None:
+        """Periodic upkeep: retention, re-indexing, compaction; the moderator's loop calls it every sync interval."""
+        ...
+
+    def entries(self) -> list[IndexEntry]:
+        """The whole retention window (a promotion's backfill re-embeds it)."""
+        ...
+
+    def replace(self, entries: list[IndexEntry]) -> None:
+        """Makes ``entries`` the whole index: a backfill of a version that serves no traffic yet."""
+        ...
+
+    def __len__(self) -> int: ...

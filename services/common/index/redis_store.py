@@ -33,6 +33,16 @@ class RedisIndexStore:
         self.current_key = f"{self.snapshot_key}:current"
         self.lock_key = f"{base}:compactor-lock"
 
+    def dim(self) -> int | None:
+        """The vectors' dimension, read from the stream or the snapshot (None: nothing stored yet)."""
+        tail, _ = self.read_since("0-0", 1)
+        if tail:
+            return int(tail[0].vector.shape[0])
+        snapshot = self.load_snapshot()
+        if snapshot is not None and snapshot.entries:
+            return int(snapshot.entries[0].vector.shape[0])
+        return None
+
     def append(self, entries: list[IndexEntry]) -> str:
         pipe = self.client.pipeline(transaction=False)
         for e in entries:

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from numpy.typing import NDArray
 
+from services.common.errors import TransientError
 from services.common.index.base import IndexEntry, Neighbour, Snapshot
 from services.common.index.faiss_index import FaissVectorIndex
 from services.common.index.redis_store import RedisIndexStore
@@ -43,8 +44,10 @@ class SharedRecentIndex:
         retention_s: int,
         ivf_from: int = 0,
         nprobe: int = 16,
+        snapshot_every: int = 5000,
     ) -> None:
         self.model_version = model_version
+        self.snapshot_every = snapshot_every
         self.store = RedisIndexStore(client, prefix, model_version)
         self.local = FaissVectorIndex(dim, ivf_from=ivf_from, nprobe=nprobe)
         self.retention_s = retention_s
@@ -159,6 +162,30 @@ class SharedRecentIndex:
             return len(snapshot.entries)
         finally:
             self.store.release_compactor_lock(self._owner)
+
+    def maintain(self) -> None:
+        """Catch up, drop what left the window, turn exact -> IVF off the caller's thread, compact the stream."""
+        self.sync()
+        self.local.evict_older_than(time.time() - self.retention_s)
+        if self.local.reindex_in_background():  # past SIEVE_INDEX_IVF_FROM
+            log.info("index %s: training IVF for %d entries in the background", self.model_version, len(self))
+        try:
+            if self.store.client.xlen(self.store.stream_key) >= self.snapshot_every:
+                self.compact()
+        except redis.RedisError:
+            pass
+
+    def entries(self) -> list[IndexEntry]:
+        if not self.sync():
+            raise TransientError("redis", f"cannot read the shared index of {self.model_version}")
+        cutoff = time.time() - self.retention_s
+        return [e for e in self.local.entries() if e.added_at >= cutoff]
+
+    def replace(self, entries: list[IndexEntry]) -> None:
+        """A snapshot at stream position 0 and no stream: replicas that later open this version load exactly these
+        entries (a stream left by an earlier attempt would otherwise be replayed on top)."""
+        self.store.client.delete(self.store.stream_key)
+        self.store.write_snapshot(Snapshot(entries=entries, stream_id="0-0"))
 
     def reload_jitter_s(self, base_s: float) -> float:
         """Spread periodic reloads so that N replicas never hit Redis in the same instant."""

@@ -14,10 +14,13 @@ import time
 from dataclasses import asdict, dataclass
 from types import TracebackType
 
-from services.common.config import StackSettings
+from services.common.config import IndexSettings, StackSettings
 from services.common.stack.kafka import KafkaBroker, KafkaCluster
+from services.common.stack.milvus import MilvusServer
 from services.common.stack.redis import RedisServer
 from services.common.stack.triton import TritonServer
+
+Part = KafkaBroker | KafkaCluster | RedisServer | TritonServer | MilvusServer
 
 
 @dataclass(frozen=True)
@@ -27,14 +30,19 @@ class StackEndpoints:
     triton_grpc: str
     triton_metrics: str
     log_dir: str
+    milvus_uri: str = ""  # set when the stack runs the Milvus index backend
 
     def env(self) -> dict[str, str]:
-        """Environment variables that point every Sieve service at this stack."""
-        return {
+        """Environment variables that point every Sieve service at this stack (and at its index backend)."""
+        env = {
             "SIEVE_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
             "SIEVE_REDIS_URL": self.redis_url,
             "SIEVE_TRITON_URL": self.triton_grpc,
+            "SIEVE_INDEX_BACKEND": "milvus" if self.milvus_uri else "faiss",
         }
+        if self.milvus_uri:
+            env["SIEVE_MILVUS_URI"] = self.milvus_uri
+        return env
 
 
 class LocalStack:
@@ -45,9 +53,11 @@ class LocalStack:
         with_triton: bool = True,
         brokers: int = 1,
         name: str = "",
+        index: str | None = None,
     ) -> None:
         """``brokers``: 1 (the default stack) or 3 and up, a KRaft cluster with replication factor 3 and
-        min.insync.replicas 2. ``name`` tells apart several stacks of one process (a fault test's own)."""
+        min.insync.replicas 2. ``name`` tells apart several stacks of one process (a fault test's own).
+        ``index``: faiss or milvus (default: SIEVE_INDEX_BACKEND); milvus adds a Milvus standalone server."""
         self.settings = settings or StackSettings()
         suffix = f"{os.getpid()}-{name}" if name else str(os.getpid())
         self.home = self.settings.home / f"stack-{suffix}"
@@ -65,7 +75,15 @@ class LocalStack:
         self.triton = (
             TritonServer(self.home / "triton", self.settings.model_repo, list(models)) if with_triton else None
         )
-        self._started: list[KafkaBroker | KafkaCluster | RedisServer | TritonServer] = []
+        backend = index or IndexSettings().backend
+        if backend not in ("faiss", "milvus"):
+            raise ValueError(f"index backend: faiss or milvus, not {backend!r}")
+        self.milvus = (
+            MilvusServer(self.home / "milvus", self.settings.cache_dir, self.settings.milvus_version)
+            if backend == "milvus"
+            else None
+        )
+        self._started: list[Part] = []
 
     def start(self, progress: bool = True) -> StackEndpoints:
         atexit.register(self.stop)
@@ -76,10 +94,9 @@ class LocalStack:
             # SIGTERM unwinds like Ctrl-C, so finally blocks and atexit stop the servers.
             signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
         timeout = self.settings.start_timeout_s
-        parts: list[tuple[str, KafkaBroker | KafkaCluster | RedisServer | TritonServer]] = [
-            ("redis", self.redis),
-            ("kafka", self.kafka),
-        ]
+        parts: list[tuple[str, Part]] = [("redis", self.redis), ("kafka", self.kafka)]
+        if self.milvus:
+            parts.append(("milvus", self.milvus))
         if self.triton:
             parts.append(("triton", self.triton))
         try:
@@ -105,11 +122,13 @@ class LocalStack:
             triton_grpc=self.triton.grpc_url if self.triton else "",
             triton_metrics=f"http://127.0.0.1:{self.triton.metrics_port}/metrics" if self.triton else "",
             log_dir=str(self.log_dir),
+            milvus_uri=self.milvus.uri if self.milvus else "",
         )
 
     def pids(self) -> list[int]:
         processes = [*(self.kafka.processes() if isinstance(self.kafka, KafkaCluster) else [self.kafka.process])]
         processes += [self.redis.process, self.triton.process if self.triton else None]
+        processes += [self.milvus.process if self.milvus else None]
         return [p.pid for p in processes if p is not None and p.pid and p.alive()]
 
     def restore(self, timeout_s: float | None = None) -> list[str]:
@@ -141,7 +160,7 @@ class LocalStack:
         self.stop()
 
 
-def _answers(part: KafkaBroker | KafkaCluster | RedisServer | TritonServer) -> bool:
+def _answers(part: Part) -> bool:
     """Alive and ready: a stopped (SIGSTOP) or half-started server counts as not answering."""
     try:
         if isinstance(part, KafkaCluster):
