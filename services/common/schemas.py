@@ -74,6 +74,8 @@ class BankMatchEvidence(_Strict):
     signal_type: str  # sha256, md5, phash (exact), pdq (Hamming distance) or embedding (cosine)
     distance: float  # bits apart for pdq, 1 - cosine for embedding, 0 for exact signals
     item_id: str  # the banked item the signal belongs to
+    score: float | None = None  # embedding: the fused score (cosine + keypoint verification) the bank thresholds
+    inliers: int | None = None  # embedding: keypoint inliers of the verification (None: not verified)
 
 
 class Verdict(_Strict):

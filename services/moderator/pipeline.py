@@ -19,7 +19,8 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
-from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.embeddings import SEP, EmbeddingBanks
+from services.common.banks.near import BankEmbeddingRule
 from services.common.banks.retro import remember_pdq
 from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
@@ -114,7 +115,14 @@ def _upload_signals(item: Item) -> UploadSignals:
 
 def _bank_evidence(matches: list[BankMatch]) -> list[BankMatchEvidence]:
     return [
-        BankMatchEvidence(bank=m.bank, signal_type=m.signal_type, distance=m.distance, item_id=m.item_id)
+        BankMatchEvidence(
+            bank=m.bank,
+            signal_type=m.signal_type,
+            distance=m.distance,
+            item_id=m.item_id,
+            score=m.score,
+            inliers=m.inliers,
+        )
         for m in matches
     ]
 
@@ -151,6 +159,7 @@ class Pipeline:
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
         self.verifier = Verifier(settings.verify)
+        self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier)
         self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self._priorities: dict[str, float] = {}
         self._overrides: dict[str, float] = {}
@@ -402,22 +411,43 @@ class Pipeline:
         except TransientError as exc:
             log.info("inference ahead failed (%s); the batch will be inferred in line", exc)
 
-    def _embedding_bank_matches(self, model_version: str, embedding: NDArray[np.float32]) -> list[BankMatch]:
-        """Enabled banks holding an image this embedding is near (at the bank's or the version's threshold)."""
-        cfg = self.settings.banks
-        default = cfg.embedding_thresholds.get(model_version, cfg.embedding_threshold)
+    def _embedding_bank_matches(
+        self, item: Item, model_version: str, embedding: NDArray[np.float32]
+    ) -> list[BankMatch]:
+        """Enabled banks holding an image this upload is a verified near copy of (``banks.near``'s rule)."""
         try:
             hits = self.embedding_banks.search(model_version, embedding)
-            enabled = self.banks.enabled_thresholds(sorted({h.bank for h in hits}))
+            own = self.banks.enabled_thresholds(sorted({h.bank for h in hits}))
+            thresholds = {
+                f"{h.bank}{SEP}{h.item_id}": self.bank_rule.threshold(model_version, own[h.bank])
+                for h in hits
+                if h.bank in own
+            }
+            near = [
+                Neighbour(f"{h.bank}{SEP}{h.item_id}", h.cosine)
+                for h in hits
+                if h.bank in own and h.cosine >= self.bank_rule.reach(thresholds[f"{h.bank}{SEP}{h.item_id}"])
+            ]
+            keys = [cast(tuple[str, str], tuple(n.upload_id.split(SEP, 1))) for n in near]
+            banked = self.embedding_banks.features(keys) if item.features is not None else {}
         except redis.RedisError:
             return []  # the hash banks were checked already; a banked embedding is a second chance
-        matches = []
-        for hit in hits:
-            if hit.bank in enabled:
-                own = enabled[hit.bank]
-                if hit.cosine >= (default if own is None else own):
-                    matches.append(BankMatch(hit.bank, "embedding", round(1.0 - hit.cosine, 4), hit.item_id, ""))
-        return matches
+        if not near:
+            return []
+        began = time.perf_counter()
+        query = None
+        if item.features is not None and item.image is not None and item.image.detail is not None:
+            detail = item.image.detail
+            query = QueryFeatures(item.features, lambda: self.verifier.extractor.extract_mirrored(detail))
+        references = {f"{bank}{SEP}{item_id}": f for (bank, item_id), f in banked.items()}
+        judged = self.bank_rule.judge(query, near, thresholds, references)
+        item.timings["bank_verify_ms"] = _ms(began)
+        return [
+            BankMatch(bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers)
+            for j in judged
+            if j.matched
+            for bank, item_id in [j.key.split(SEP, 1)]
+        ]
 
     def _fast_path_likely(self, item: Item) -> bool:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""
@@ -496,7 +526,7 @@ class Pipeline:
             extra = ["bank_check_unavailable"] if item.bank_check_failed else []
             decided.append((item, decision, extra + evidence.reasons))
             item_evidence[item.event.upload_id] = evidence.matches
-            item_banks[item.event.upload_id] = self._embedding_bank_matches(model_version, result.embeddings[row])
+            item_banks[item.event.upload_id] = self._embedding_bank_matches(item, model_version, result.embeddings[row])
 
         selected = self._select_reviews(decided)
         for item, decision, extra in decided:

@@ -15,11 +15,9 @@ from services.common.banks import HashBankStore, HashKind, MalformedSignal, Sign
 from services.common.banks import audit as bank_audit
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import FORMATS, ListFormat, export_list, guess_format, import_list, read_source
-from services.common.banks.images import image_signals
+from services.common.banks.images import BankedImage, banked_image, image_signals
 from services.common.banks.signals import SIGNAL_TYPES
 from services.common.config import Settings
-from services.common.hashing import sha256_hex
-from services.common.imaging import decode_image
 
 
 def _store(settings: Settings) -> HashBankStore:
@@ -67,8 +65,8 @@ def _cmd_banks(args: argparse.Namespace) -> int:
         print(json.dumps(store.create(name, args.description or "").__dict__))
         _audit(store, "bank_created", args, {"description": args.description or ""})
     elif action == "add":
-        images = [Path(f).read_bytes() for f in args.files]
-        signals = [s for data in images for s in image_signals(data, settings)]
+        images = [banked_image(Path(f).read_bytes(), settings) for f in args.files]
+        signals = [s for image in images for s in image.signals]
         signals += _signal_args(args.signal)
         result = store.add_signals(name, signals)
         embedded = _embed(store, settings, name, images) if images and args.embed else ""
@@ -128,16 +126,17 @@ def _rejudge(store: HashBankStore, settings: Settings, args: argparse.Namespace,
             return
 
 
-def _embed(store: HashBankStore, settings: Settings, name: str, images: list[bytes]) -> str:
-    """Banks the served model's embedding of each image; "" (and a warning) when Triton cannot be reached."""
+def _embed(store: HashBankStore, settings: Settings, name: str, images: list[BankedImage]) -> str:
+    """Banks the served model's embedding (and the keypoints) of each image; "" (and a warning) when Triton
+    cannot be reached."""
     from services.common.errors import TransientError
     from services.common.inference import TritonModels
 
-    pixels = np.stack([decode_image(d, settings.decode, settings.triton.input_size).pixels for d in images])
-    ids = [sha256_hex(d)[:16] for d in images]
+    pixels = np.stack([image.pixels for image in images])
+    ids = [image.item_id for image in images]
     try:
         return EmbeddingBanks(store.client, store.prefix).embed_and_add(
-            name, TritonModels(settings.triton), ids, pixels
+            name, TritonModels(settings.triton), ids, pixels, [image.features for image in images]
         )
     except TransientError as exc:
         print(f"warning: embeddings not banked ({exc}); hashes were", file=sys.stderr)

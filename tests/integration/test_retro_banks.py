@@ -8,15 +8,19 @@ import time
 import numpy as np
 import pytest
 import redis
+from PIL import Image
+from skimage import data as skdata
 
 from services.common.banks import HashBankStore, Signal
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.retro import RetroJudge, kafka_publisher, remember_pdq
 from services.common.config import Settings
+from services.common.imaging import detail_view
 from services.common.index import IndexEntry, SharedRecentIndex
 from services.common.kafka_io import ensure_topics
 from services.common.schemas import Action, Verdict
 from services.common.upload_keys import upload_action_key
+from services.common.verification import FeatureExtractor, FeatureStore, LocalFeatures
 from services.moderator.exact import ExactMatchStore, KnownUpload
 from tests.e2e.conftest import read_topic
 
@@ -43,12 +47,11 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     pipe = client.pipeline()
     allowed = Verdict(upload_id="up-pdq", event_id="e", model_version=VERSION, action=Action.ALLOW)
     remember_pdq(pipe, prefix, ttl, "up-pdq", pdq, allowed)
-    for upload_id in ("up-bytes", "up-pdq", "up-embedding", "up-other"):
+    for upload_id in ("up-bytes", "up-pdq", "up-embedding", "up-other", "up-lookalike", "up-copy"):
         pipe.set(upload_action_key(prefix, upload_id), "allow")
     pipe.execute()
-    SharedRecentIndex(client, prefix, VERSION, 8, ttl).add([IndexEntry("up-embedding", vector, time.time())])
-    other = -vector
-    SharedRecentIndex(client, prefix, VERSION, 8, ttl).add([IndexEntry("up-other", other, time.time())])
+    index = SharedRecentIndex(client, prefix, VERSION, 8, ttl)
+    index.add([IndexEntry("up-embedding", vector, time.time()), IndexEntry("up-other", -vector, time.time())])
 
     store = HashBankStore(client, prefix)
     store.create("late")
@@ -61,21 +64,32 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
         ],
     )
     near = vector + rng.normal(scale=0.05, size=8).astype(np.float32)
-    EmbeddingBanks(client, prefix).add("late", VERSION, ["item-3"], near[None], np.zeros((1, 256, 256, 3), np.uint8))
+    embedded = EmbeddingBanks(client, prefix)
+    embedded.add("late", VERSION, ["item-3"], near[None], np.zeros((1, 256, 256, 3), np.uint8))
+    # Two banked images with keypoints, each with an earlier upload near it (directions orthogonal to the rest):
+    # a look-alike above the cosine threshold that verification refutes, a copy below it that verification finds.
+    q = np.linalg.qr(np.column_stack([vector, rng.normal(size=(8, 7))]))[0][:, 1:].T.astype(np.float32)
+    lookalike, copy = 0.85 * q[0] + np.sqrt(1 - 0.85**2) * q[1], 0.72 * q[2] + np.sqrt(1 - 0.72**2) * q[3]
+    index.add([IndexEntry("up-lookalike", lookalike, time.time()), IndexEntry("up-copy", copy, time.time())])
+    embedded.add("late", VERSION, ["item-4", "item-5"], q[[0, 2]], np.zeros((2, 256, 256, 3), np.uint8))
+    embedded.add_features("late", {"item-4": _features("coffee"), "item-5": _features("astronaut")})
+    FeatureStore(client, prefix, ttl).put_many(
+        {"up-lookalike": _features("astronaut"), "up-copy": _features("astronaut", crop=True)}
+    )
 
     ensure_topics(settings.kafka)
     judge = RetroJudge(client, settings, kafka_publisher(settings))
     first = judge.run("late", max_signals=1)
     assert (first.cursor, first.done, first.signals_total) == (1, False, 3)
-    assert first.published == 2  # the embedding (searched on the first step) and the bytes
+    assert first.published == 3  # the embeddings (searched on the first step) and the bytes
     second = judge.run("late", max_signals=10)
     assert (second.cursor, second.done, second.published) == (3, True, 1)
     client.delete(f"{prefix}:bank:late:retro", f"{prefix}:bank:late:retro:embedded")  # from scratch: nothing twice
     again = judge.run("late")
-    assert again.done and again.found == 3 and again.published == 0
+    assert again.done and again.found == 4 and again.published == 0
 
-    records = read_topic(settings, settings.kafka.topic_verdicts, 3, timeout_s=60)
-    assert sorted(str(r["upload_id"]) for r in records) == ["up-bytes", "up-embedding", "up-pdq"]
+    records = read_topic(settings, settings.kafka.topic_verdicts, 4, timeout_s=60)
+    assert sorted(str(r["upload_id"]) for r in records) == ["up-bytes", "up-copy", "up-embedding", "up-pdq"]
     by_id = {str(r["upload_id"]): r for r in records}
     for upload_id, kind, item in (("up-bytes", "sha256", "item-1"), ("up-pdq", "pdq", "item-2")):
         verdict = by_id[upload_id]
@@ -85,3 +99,14 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     assert by_id["up-pdq"]["bank_matches"][0]["distance"] == 12  # type: ignore[index]
     assert by_id["up-embedding"]["bank_matches"][0]["signal_type"] == "embedding"  # type: ignore[index]
     assert client.get(upload_action_key(prefix, "up-other")) == b"allow"
+    assert client.get(upload_action_key(prefix, "up-lookalike")) == b"allow"  # 0.85 - the miss penalty < 0.80
+    verified = by_id["up-copy"]["bank_matches"][0]  # type: ignore[index]
+    assert verified["item_id"] == "item-5" and verified["inliers"] > 25 and verified["score"] >= 0.8
+
+
+def _features(name: str, crop: bool = False) -> LocalFeatures:
+    img = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+    if crop:
+        w, h = img.size
+        img = img.crop((int(w * 0.1), int(h * 0.1), int(w * 0.85), int(h * 0.85)))
+    return FeatureExtractor("orb", 500).extract(detail_view(img, 512))

@@ -5,7 +5,8 @@ Recent uploads are found three ways, all bounded by the retention window:
 - exact: the exact-duplicate store (``<prefix>:exact:<sha256|phash>:<value>``) names the first upload of each hash;
 - PDQ: the moderator appends each decided upload's PDQ to ``<prefix>:recent:pdq`` (trimmed to the window); a run
   builds a ``PdqIndex`` of those and searches it with each banked PDQ;
-- embeddings: banked images' embeddings are searched in the shared recent-images index of their model version.
+- embeddings: banked images' embeddings are searched in the shared recent-images index of their model version,
+  and the neighbours verified with keypoints under the moderator's rule (``banks.near``).
 
 A run walks the bank's signals in the order they were banked, from a cursor kept in Redis
 (``<prefix>:bank:<name>:retro``), at most ``max_signals`` per run, so a big list is re-judged in resumable
@@ -25,12 +26,14 @@ from typing import Any, cast
 import redis
 
 from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.near import BankEmbeddingRule
 from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal
 from services.common.banks.store import BankMatch, HashBankStore
 from services.common.config import Settings
 from services.common.schemas import Action, BankMatchEvidence, Verdict
 from services.common.upload_keys import upload_action_key
+from services.common.verification import FeatureStore, QueryFeatures, Verifier
 
 
 def recent_pdq_key(prefix: str) -> str:
@@ -71,6 +74,8 @@ class RetroJudge:
         self.prefix = settings.redis.key_prefix
         self.publish = publish
         self.store = HashBankStore(client, self.prefix, settings.banks.pdq_threshold)
+        self.rule = BankEmbeddingRule(settings.banks, Verifier(settings.verify))
+        self.features = FeatureStore(client, self.prefix, settings.index.retention_s)
 
     def _state_key(self, bank: str) -> str:
         return f"{self.prefix}:bank:{bank}:retro"
@@ -148,27 +153,35 @@ class RetroJudge:
         """Matches of banked images not searched before, and their ``<version>/<item id>`` to mark searched."""
         from services.common.index import SharedRecentIndex
 
-        cfg = self.settings.banks
         own = self.store.get(bank).embedding_threshold
         found: dict[str, tuple[_Recent, BankMatch]] = {}
         done = {m.decode() for m in cast(set[bytes], self.client.smembers(self._embedded_key(bank)))}
         searched: list[str] = []
-        for version, all_ids, all_vectors in EmbeddingBanks(self.client, self.prefix).vectors(bank):
+        embedded = EmbeddingBanks(self.client, self.prefix)
+        for version, all_ids, all_vectors in embedded.vectors(bank):
             keep = [i for i, item in enumerate(all_ids) if f"{version}/{item}" not in done]
             if not keep:
                 continue
             item_ids, vectors = [all_ids[i] for i in keep], all_vectors[keep]
             searched += [f"{version}/{item}" for item in item_ids]
-            threshold = own if own is not None else cfg.embedding_thresholds.get(version, cfg.embedding_threshold)
+            threshold = self.rule.threshold(version, own)
             index = SharedRecentIndex(
                 self.client, self.prefix, version, vectors.shape[1], self.settings.index.retention_s
             )
             index.sync()
+            banked = embedded.features([(bank, item) for item in item_ids])
             for item_id, neighbours in zip(item_ids, index.search(vectors, 50), strict=True):
-                for n in neighbours:
-                    if n.score >= threshold:
-                        match = BankMatch(bank, "embedding", round(1.0 - n.score, 4), item_id, "")
-                        found.setdefault(n.upload_id, (_Recent(n.upload_id, version, {}), match))
+                near = [n for n in neighbours if n.score >= self.rule.reach(threshold)]
+                query = banked.get((bank, item_id))
+                references = self.features.get_many([n.upload_id for n in near]) if query is not None else {}
+                thresholds = {n.upload_id: threshold for n in near}
+                q = QueryFeatures(query) if query is not None else None
+                for j in self.rule.judge(q, near, thresholds, references):
+                    if j.matched:
+                        match = BankMatch(
+                            bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers
+                        )
+                        found.setdefault(j.key, (_Recent(j.key, version, {}), match))
         return found, searched
 
     def _settle(self, bank: str, found: dict[str, tuple[_Recent, BankMatch]], progress: RetroProgress) -> None:
@@ -196,7 +209,12 @@ class RetroJudge:
     @staticmethod
     def _verdict(recent: _Recent, match: BankMatch) -> Verdict:
         evidence = BankMatchEvidence(
-            bank=match.bank, signal_type=match.signal_type, distance=match.distance, item_id=match.item_id
+            bank=match.bank,
+            signal_type=match.signal_type,
+            distance=match.distance,
+            item_id=match.item_id,
+            score=match.score,
+            inliers=match.inliers,
         )
         return Verdict(
             upload_id=recent.upload_id,

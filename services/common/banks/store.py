@@ -42,7 +42,9 @@ class Bank:
     description: str
     created_at: float
     size: int
-    embedding_threshold: float | None = None  # cosine for banked embeddings; None: SIEVE_BANKS_EMBEDDING_THRESHOLDS
+    # Fused score (cosine + keypoint verification, see banks.near) for banked embeddings; None: the version's
+    # SIEVE_BANKS_EMBEDDING_THRESHOLDS.
+    embedding_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class BankMatch:
     distance: float  # Hamming bits for PDQ, 1 - cosine for a banked embedding, 0 for exact signals
     item_id: str
     value: str
+    score: float | None = None  # banked embedding: the fused score compared with the threshold
+    inliers: int | None = None  # banked embedding: keypoints agreeing on one geometry (None: not verified)
 
 
 @dataclass(frozen=True)
