@@ -36,6 +36,7 @@ from services.common.schemas import (
     DuplicateMatch,
     ErrorKind,
     MatchEvidence,
+    ReviewReason,
     ReviewRequest,
     UploadEvent,
     Verdict,
@@ -79,6 +80,7 @@ class Item:
     md5: str = ""
     pdq: str = ""  # "" when the image is too flat for PDQ to mean anything (quality below the setting)
     bank_check_failed: bool = False
+    bank_review: list[BankMatch] = field(default_factory=list)  # hash matches in banks whose action is review
     features: LocalFeatures | None = None  # local features for verification, computed while preparing
     prepared: bool = False  # parsed, fetched and decoded (possibly ahead of time, while the last batch infers)
     inferred: Inferred | None = None  # embedding and scores, possibly ahead of time
@@ -122,9 +124,15 @@ def _bank_evidence(matches: list[BankMatch]) -> list[BankMatchEvidence]:
             item_id=m.item_id,
             score=m.score,
             inliers=m.inliers,
+            action=m.action,
         )
         for m in matches
     ]
+
+
+def _bank_reasons(matches: list[BankMatch]) -> list[str]:
+    """``bank_match:<bank>`` for a bank that blocks, ``bank_review:<bank>`` for one that sends to review."""
+    return [f"bank_{'match' if m.action == 'block' else 'review'}:{m.bank}" for m in matches]
 
 
 def _now_ns() -> int:
@@ -329,11 +337,17 @@ class Pipeline:
                 banks = self.banks.match(_upload_signals(item))
             except redis.RedisError:
                 banks, item.bank_check_failed = [], True
-            if banks:
+            if any(m.action == "block" for m in banks):
                 item.timings["hash_ms"] = _ms(began)
-                reasons = [f"bank_match:{m.bank}" for m in banks]
-                verdict = self._fast_verdict(item, Action.BLOCK, [], {}, "", reasons, _bank_evidence(banks))
+                verdict = self._fast_verdict(
+                    item, Action.BLOCK, [], {}, "", _bank_reasons(banks), _bank_evidence(banks)
+                )
                 out.verdicts.append((verdict, item.span))
+                continue
+            if banks:  # only review banks: the model still judges it, and a reviewer sees it whatever it says
+                item.timings["hash_ms"] = _ms(began)
+                item.bank_review = banks
+                remaining.append(item)
                 continue
             known = self._exact_lookup(item)
             item.timings["hash_ms"] = _ms(began)
@@ -417,9 +431,9 @@ class Pipeline:
         """Enabled banks holding an image this upload is a verified near copy of (``banks.near``'s rule)."""
         try:
             hits = self.embedding_banks.search(model_version, embedding)
-            own = self.banks.enabled_thresholds(sorted({h.bank for h in hits}))
+            own = self.banks.enabled_policies(sorted({h.bank for h in hits}))
             thresholds = {
-                f"{h.bank}{SEP}{h.item_id}": self.bank_rule.threshold(model_version, own[h.bank])
+                f"{h.bank}{SEP}{h.item_id}": self.bank_rule.threshold(model_version, own[h.bank].embedding_threshold)
                 for h in hits
                 if h.bank in own
             }
@@ -443,7 +457,9 @@ class Pipeline:
         judged = self.bank_rule.judge(query, near, thresholds, references)
         item.timings["bank_verify_ms"] = _ms(began)
         return [
-            BankMatch(bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers)
+            BankMatch(
+                bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers, own[bank].action
+            )
             for j in judged
             if j.matched
             for bank, item_id in [j.key.split(SEP, 1)]
@@ -453,7 +469,10 @@ class Pipeline:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""
         assert item.event is not None
         try:
-            return bool(self.banks.match(_upload_signals(item))) or self._exact_lookup(item) is not None
+            banks = self.banks.match(_upload_signals(item))
+            if banks:
+                return any(m.action == "block" for m in banks)  # review banks still need the model
+            return self._exact_lookup(item) is not None
         except redis.RedisError:
             return False
 
@@ -534,10 +553,12 @@ class Pipeline:
             action = decision.action
             reasons = decision.reasons + extra
             skip = selected.get(item.event.upload_id)
-            banked = item_banks.get(item.event.upload_id, [])
-            if banked:  # a near copy of a banked image: blocked, and no reviewer needs to see it
-                action = Action.BLOCK
-                reasons = [f"bank_match:{m.bank}" for m in banked] + reasons
+            banked = item.bank_review + item_banks.get(item.event.upload_id, [])
+            blocked = any(m.action == "block" for m in banked)
+            watched = bool(banked) and not blocked  # only review banks matched: a reviewer must see it
+            if banked:  # a near copy of a banked image: the bank's action, and a blocked one needs no reviewer
+                action = Action.BLOCK if blocked or action is Action.BLOCK else Action.REVIEW
+                reasons = _bank_reasons(banked) + reasons
             if decision.review_reason is not None and skip and not banked:
                 reasons.append(skip)
                 if action is Action.REVIEW:
@@ -561,12 +582,12 @@ class Pipeline:
             item.span.set_attribute("sieve.action", action.value)
             out.verdicts.append((verdict, item.span))
             out.fresh_verdicts.append(verdict)
-            if decision.review_reason is not None and not skip and not banked:
+            if watched or (decision.review_reason is not None and not skip and not banked):
                 request = ReviewRequest(
                     upload_id=item.event.upload_id,
                     image_uri=item.event.image_uri,
-                    reason=decision.review_reason,
-                    priority=self._priorities.get(item.event.upload_id, decision.review_priority),
+                    reason=ReviewReason.BANK_MATCH if watched else cast(ReviewReason, decision.review_reason),
+                    priority=1.0 if watched else self._priorities.get(item.event.upload_id, decision.review_priority),
                     scores=decision.flags,
                     neighbours=decision.neighbours,
                     model_version=model_version,

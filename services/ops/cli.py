@@ -17,6 +17,7 @@ from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import FORMATS, ListFormat, export_list, guess_format, import_list, read_source
 from services.common.banks.images import BankedImage, banked_image, image_signals
 from services.common.banks.signals import SIGNAL_TYPES
+from services.common.banks.store import BANK_ACTIONS, BankAction
 from services.common.config import Settings
 
 
@@ -62,8 +63,14 @@ def _cmd_banks(args: argparse.Namespace) -> int:
         return 0
     name = _need_name(args)
     if action == "create":
-        print(json.dumps(store.create(name, args.description or "").__dict__))
-        _audit(store, "bank_created", args, {"description": args.description or ""})
+        bank_action: BankAction = args.bank_action or "block"
+        print(json.dumps(store.create(name, args.description or "", bank_action).__dict__))
+        _audit(store, "bank_created", args, {"description": args.description or "", "action": bank_action})
+    elif action == "action":
+        if args.bank_action is None:
+            raise SystemExit("sieve banks action NAME --action block|review")
+        print(json.dumps(store.set_action(name, args.bank_action).__dict__))
+        _audit(store, "bank_action", args, {"action": args.bank_action})
     elif action == "add":
         images = [banked_image(Path(f).read_bytes(), settings) for f in args.files]
         signals = [s for image in images for s in image.signals]
@@ -151,7 +158,7 @@ def _import(store: HashBankStore, settings: Settings, args: argparse.Namespace, 
     text = read_source(source, settings.fetch, settings.banks.import_max_bytes)
     fmt: ListFormat = args.format or guess_format(text, source)
     if args.create:
-        store.create(name, args.description or f"imported from {source}")
+        store.create(name, args.description or f"imported from {source}", args.bank_action or "block")
     report = import_list(store, name, text, fmt, source)
     print(json.dumps(report.as_dict(), indent=1))
     _audit(store, "bank_imported", args, report.summary())
@@ -188,6 +195,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "export",
             "reembed",
             "threshold",
+            "action",
             "rejudge",
         ],
     )
@@ -204,6 +212,13 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--until-done", action="store_true", help="rejudge: keep stepping until the bank is done")
     p.add_argument("--no-embed", dest="embed", action="store_false", help="add: bank hashes only, no embedding")
     p.add_argument("--threshold", default=None, help="threshold: the bank's own embedding cosine (none: default)")
+    p.add_argument(
+        "--action",
+        dest="bank_action",
+        choices=BANK_ACTIONS,
+        default=None,
+        help="create/import --create/action: what a match does: block (default) or review (send to human review)",
+    )
     p.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who the audit log records")
     p.set_defaults(func=_cmd_banks)
 

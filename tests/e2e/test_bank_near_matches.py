@@ -32,7 +32,7 @@ def test_edited_copies_of_banked_images_are_blocked_in_the_stream(
     photo_set: Manifest,
     moderators: list[ModeratorProcess],
 ) -> None:
-    photos = [Image.open(photo_set.path_of(r)).convert("RGB") for r in pick_photos(photo_set, 5, 23)]
+    photos = [Image.open(photo_set.path_of(r)).convert("RGB") for r in pick_photos(photo_set, 6, 23)]
     originals = [encode_jpeg(p, 92) for p in photos]
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
     store = HashBankStore(client, settings.redis.key_prefix)
@@ -50,7 +50,13 @@ def test_edited_copies_of_banked_images_are_blocked_in_the_stream(
     store.create("shared-list", "imported")
     assert import_list(store, "shared-list", f"pdq {pdq}\n", "te", "test").added == 1
 
+    # A watch list: its action is review, so its match goes to a reviewer instead of being blocked.
+    store.create("watch", "watch list", action="review")
+    watched = next(s.value for s in image_signals(originals[5], settings) if s.kind == "pdq")
+    assert import_list(store, "watch", f"pdq {watched}\n", "te", "test").added == 1
+
     edits = {
+        "watched": encode_jpeg(photos[5], 40),
         "cropped": encode_jpeg(crop(0.85)(photos[0]), 90),
         "reencoded": encode_jpeg(photos[1], 35),
         "captioned": encode_jpeg(caption()(photos[2]), 90),
@@ -80,3 +86,10 @@ def test_edited_copies_of_banked_images_are_blocked_in_the_stream(
     assert match["signal_type"] == "pdq" and match["distance"] <= settings.banks.pdq_threshold
     assert not any(str(r).startswith("bank_match") for r in verdicts["unrelated"]["reasons"])  # type: ignore[union-attr]
     assert verdicts["unrelated"]["bank_matches"] == []
+    watched_verdict = verdicts["watched"]
+    assert watched_verdict["action"] == "review" and "bank_review:watch" in watched_verdict["reasons"]  # type: ignore[operator]
+    [match] = watched_verdict["bank_matches"]  # type: ignore[misc]
+    assert (match["bank"], match["action"], match["signal_type"]) == ("watch", "review", "pdq")
+    reviews = read_topic(settings, settings.kafka.topic_review, len(edits), timeout_s=15)
+    assert [r["reason"] for r in reviews if r["upload_id"] == "watched"] == ["bank_match"]
+    assert all(r["upload_id"] not in ("cropped", "reencoded", "captioned", "listed-copy") for r in reviews)

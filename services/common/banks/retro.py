@@ -11,8 +11,9 @@ Recent uploads are found three ways, all bounded by the retention window:
 A run walks the bank's signals in the order they were banked, from a cursor kept in Redis
 (``<prefix>:bank:<name>:retro``), at most ``max_signals`` per run, so a big list is re-judged in resumable
 steps with visible progress. Each upload is re-judged once per bank (``<prefix>:bank:<name>:rejudged``); the
-updated verdict goes to the verdicts topic keyed by upload id (compacted: the latest wins), blocked, with
-``retroactive_bank_match:<bank>`` and the bank evidence.
+updated verdict goes to the verdicts topic keyed by upload id (compacted: the latest wins) with
+``retroactive_bank_match:<bank>`` and the bank evidence: blocked, or for a bank whose action is review, sent to
+review (a review request goes out with it, so a reviewer does see it).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal
 from services.common.banks.store import BankMatch, HashBankStore
 from services.common.config import Settings
-from services.common.schemas import Action, BankMatchEvidence, Verdict
-from services.common.upload_keys import upload_action_key
+from services.common.schemas import Action, BankMatchEvidence, ReviewReason, ReviewRequest, Verdict
+from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import FeatureStore, QueryFeatures, Verifier
 
 
@@ -67,8 +68,11 @@ class _Recent:
     flags: dict[str, float]
 
 
+Publish = Callable[[list[Verdict], list[ReviewRequest]], None]
+
+
 class RetroJudge:
-    def __init__(self, client: redis.Redis, settings: Settings, publish: Callable[[list[Verdict]], None]) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, publish: Publish) -> None:
         self.client = client
         self.settings = settings
         self.prefix = settings.redis.key_prefix
@@ -189,25 +193,31 @@ class RetroJudge:
         if not found:
             return
         progress.found += len(found)
+        action = Action.BLOCK if self.store.get(bank).action == "block" else Action.REVIEW
+        settled = {Action.BLOCK.value.encode()} | ({Action.REVIEW.value.encode()} if action is Action.REVIEW else set())
         ids = sorted(found)
         pipe = self.client.pipeline(transaction=False)
         for upload_id in ids:
             pipe.sismember(self._done_key(bank), upload_id)
             pipe.get(upload_action_key(self.prefix, upload_id))
+            pipe.get(upload_uri_key(self.prefix, upload_id))
         answers = pipe.execute()
-        fresh = [u for i, u in enumerate(ids) if not answers[2 * i] and answers[2 * i + 1] != b"block"]
+        fresh = [u for i, u in enumerate(ids) if not answers[3 * i] and answers[3 * i + 1] not in settled]
         if not fresh:
             return
-        self.publish([self._verdict(*found[u]) for u in fresh])
+        uris = {u: answers[3 * ids.index(u) + 2] for u in fresh}
+        verdicts = [self._verdict(*found[u], action) for u in fresh]
+        reviews = [_review(v, uris[v.upload_id]) for v in verdicts if action is Action.REVIEW]
+        self.publish(verdicts, reviews)
         pipe = self.client.pipeline(transaction=False)
         pipe.sadd(self._done_key(bank), *fresh)
         for upload_id in fresh:
-            pipe.set(upload_action_key(self.prefix, upload_id), Action.BLOCK.value, ex=self.settings.index.retention_s)
+            pipe.set(upload_action_key(self.prefix, upload_id), action.value, ex=self.settings.index.retention_s)
         pipe.execute()
         progress.published += len(fresh)
 
     @staticmethod
-    def _verdict(recent: _Recent, match: BankMatch) -> Verdict:
+    def _verdict(recent: _Recent, match: BankMatch, action: Action) -> Verdict:
         evidence = BankMatchEvidence(
             bank=match.bank,
             signal_type=match.signal_type,
@@ -215,27 +225,42 @@ class RetroJudge:
             item_id=match.item_id,
             score=match.score,
             inliers=match.inliers,
+            action="block" if action is Action.BLOCK else "review",
         )
         return Verdict(
             upload_id=recent.upload_id,
             event_id=f"retro:{match.bank}:{recent.upload_id}",
             model_version=recent.model_version or "none",
-            action=Action.BLOCK,
+            action=action,
             flags=recent.flags,
             reasons=[f"retroactive_bank_match:{match.bank}"],
             bank_matches=[evidence],
         )
 
 
-def kafka_publisher(settings: Settings) -> Callable[[list[Verdict]], None]:
-    """Verdicts keyed by upload id, waited for until the broker acknowledges every one."""
+def _review(verdict: Verdict, uri: bytes | None) -> ReviewRequest:
+    """A review bank's match, for the review queue (the uri is gone when the upload left the window)."""
+    return ReviewRequest(
+        upload_id=verdict.upload_id,
+        image_uri=uri.decode() if uri else "",
+        reason=ReviewReason.BANK_MATCH,
+        priority=1.0,
+        scores=verdict.flags,
+        model_version=verdict.model_version,
+    )
+
+
+def kafka_publisher(settings: Settings) -> Publish:
+    """Verdicts (and review requests) keyed by upload id, waited for until the broker acknowledges every one."""
     from services.common.kafka_io import AckedProducer
 
     producer = AckedProducer(settings.kafka)
 
-    def publish(verdicts: list[Verdict]) -> None:
+    def publish(verdicts: list[Verdict], reviews: list[ReviewRequest]) -> None:
         for verdict in verdicts:
             producer.produce(settings.kafka.topic_verdicts, verdict.upload_id, verdict.model_dump_json().encode())
+        for review in reviews:
+            producer.produce(settings.kafka.topic_review, review.upload_id, review.model_dump_json().encode())
         producer.flush()
 
     return publish
