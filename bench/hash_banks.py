@@ -6,11 +6,13 @@
 Part 1, catch rate through the moderator's decision. 100 photos from the photo set (distinct groups) are banked
 the way ``sieve banks add`` banks them; every one is then uploaded again after each edit re-uploaders make (crop,
 JPEG, caption, resize, colour), beside unrelated photos (other groups, never banked). Each upload goes through the
-real moderator pipeline (file fetch, decode, hashes) up to its bank decision (``Pipeline._fast_paths``, against a
-real redis-server); an upload counts as caught when the verdict blocks it for a bank match. Two bank contents
-side by side: ``exact_only`` (sha256 and 64-bit pHash, what banks held before PDQ: today's figure) and
-``exact_and_pdq`` (the same plus PDQ at SIEVE_BANKS_PDQ_THRESHOLD, not tuned here). Banked embeddings are not
-built yet, so that column is absent (see notes).
+real moderator pipeline (file fetch, decode, hashes, Triton) to its verdict (``Pipeline.run``, against a
+real redis-server); an upload counts as caught when the verdict blocks it for a bank match. Bank contents side by
+side: ``exact_only`` (sha256 and 64-bit pHash, what banks held before PDQ: today's figure), ``exact_and_pdq`` (the
+same plus PDQ at SIEVE_BANKS_PDQ_THRESHOLD, not tuned here), ``exact_pdq_and_embedding_cosine_only`` (plus the
+banked images' served embeddings, matched on cosine alone: no keypoints banked) and ``exact_pdq_and_embedding``
+(the same with the banked images' keypoints, so an embedding match is verified and fused as the recent index
+verifies its own, ``services.common.banks.near``). The moderator runs with its default settings (verification on).
 
 Part 2, latency: 1M PDQ hashes in one bank (random 256-bit values plus the 100 real ones; real PDQ hashes
 cluster more than random ones, which makes multi-index hashing's buckets less even), loaded into Redis through
@@ -37,9 +39,9 @@ from PIL import Image, ImageDraw, ImageFont
 from bench.common import MODEL_REPO, WORK_DIR, Progress, StageResult, Target, main_for, rss_bytes, summarize_ms
 from services.common.banks import HashBankStore, Signal, UploadSignals
 from services.common.banks.embeddings import EmbeddingBanks
-from services.common.banks.images import image_signals
+from services.common.banks.images import banked_image, image_signals
 from services.common.banks.signals import pdq_bytes, pdq_hex
-from services.common.config import FetchSettings, Settings, TritonSettings, VerificationSettings
+from services.common.config import FetchSettings, Settings, TritonSettings
 from services.common.imaging import decode_image
 from services.common.inference import TritonModels
 from services.common.photos.build import Manifest, PhotoRecord, load_photo_set
@@ -171,11 +173,14 @@ def _write(img: Image.Image, path: Path) -> Path:
     return path
 
 
-BankContents = tuple[Callable[[Signal], bool], bool]  # which signals to bank, and whether to bank embeddings
+# Which signals to bank, whether to bank embeddings, and whether with the images' keypoints (without them an
+# embedding match is the cosine alone: how banked embeddings matched before verification).
+BankContents = tuple[Callable[[Signal], bool], bool, bool]
 CONTENTS: dict[str, BankContents] = {
-    "exact_only": (lambda s: s.kind in ("sha256", "phash"), False),  # what banks held before this issue
-    "exact_and_pdq": (lambda s: True, False),
-    "exact_pdq_and_embedding": (lambda s: True, True),
+    "exact_only": (lambda s: s.kind in ("sha256", "phash"), False, False),  # what banks held before this issue
+    "exact_and_pdq": (lambda s: True, False, False),
+    "exact_pdq_and_embedding_cosine_only": (lambda s: True, True, False),
+    "exact_pdq_and_embedding": (lambda s: True, True, True),
 }
 
 
@@ -213,26 +218,22 @@ def _catch_rates(
     result.params["bank_photos"] = {"n": len(banked), "split": "heldout", "distinct_groups": True}
     result.params["unrelated_photos"] = {"n": len(unrelated), "groups_disjoint_from_bank": True}
 
-    base = Settings(
-        verify=VerificationSettings(enabled=False),
-        fetch=FetchSettings(file_roots=[str(folder)]),
-        triton=TritonSettings(url=triton_url),
-    )
+    base = Settings(fetch=FetchSettings(file_roots=[str(folder)]), triton=TritonSettings(url=triton_url))
     models = TritonModels(base.triton)
-    signals_per_photo = [image_signals(p.read_bytes(), base) for p in originals]
-    bank_pixels = np.stack(
-        [decode_image(p.read_bytes(), base.decode, base.triton.input_size).pixels for p in originals]
-    )
-    item_ids = [next(s.item_id for s in sig) for sig in signals_per_photo]
+    images = [banked_image(p.read_bytes(), base) for p in originals]  # what `sieve banks add` banks
+    signals_per_photo = [image.signals for image in images]
+    bank_pixels = np.stack([image.pixels for image in images])
+    item_ids = [image.item_id for image in images]
     photo_of_item = {item: f"{r.package}:{r.original_path}" for item, r in zip(item_ids, banked, strict=True)}
-    for name, (keep, with_embeddings) in CONTENTS.items():
+    for name, (keep, with_embeddings, with_keypoints) in CONTENTS.items():
         prefix = f"bench-{name}"
         settings = base.model_copy(update={"redis": base.redis.model_copy(update={"key_prefix": prefix})})
         store = HashBankStore(client, prefix)
         store.create("known-bad", "bench")
         store.add_signals("known-bad", [s for signals in signals_per_photo for s in signals if keep(s)])
         if with_embeddings:
-            EmbeddingBanks(client, prefix).embed_and_add("known-bad", models, item_ids, bank_pixels)
+            features = [image.features for image in images] if with_keypoints else None
+            EmbeddingBanks(client, prefix).embed_and_add("known-bad", models, item_ids, bank_pixels, features)
         pipeline = Pipeline(settings, models, client)
         began = time.perf_counter()
         decided = _decisions(pipeline, uploads)
@@ -258,6 +259,8 @@ def _catch_rates(
                     "banked_photo": photo_of_item.get(m.item_id, m.item_id),
                     "signal_type": m.signal_type,
                     "distance": m.distance,
+                    "fused_score": m.score,
+                    "inliers": m.inliers,
                 }
                 for uid, family in truth.items()
                 if family == "unrelated"

@@ -209,7 +209,9 @@ class BankSettings(BaseSettings):
     pdq_min_quality: int = Field(default=50, ge=0, le=100)  # PDQ quality below this is noise: not matched
     sync_interval_s: float = 1.0  # how often a replica applies other replicas' bank changes to its PDQ index
     import_max_bytes: int = 256 * 1024 * 1024  # a list fetched from a URL (allow-listed like images) or a file
-    # Cosine at which an upload's embedding matches a banked image's, per model version (a bank may set its own).
+    # Score at which an upload's embedding matches a banked image's, per model version (a bank may set its own):
+    # the fused score of keypoint verification (services.common.banks.near), as for the recent index's
+    # duplicate threshold; it is the plain cosine where either image has no keypoints or verification is off.
     embedding_thresholds: dict[str, float] = Field(default_factory=lambda: {"sieve_embedder:2": 0.80})
     embedding_threshold: float = 0.95  # for a model version not listed above
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -74,6 +74,9 @@ class BankMatchEvidence(_Strict):
     signal_type: str  # sha256, md5, phash (exact), pdq (Hamming distance) or embedding (cosine)
     distance: float  # bits apart for pdq, 1 - cosine for embedding, 0 for exact signals
     item_id: str  # the banked item the signal belongs to
+    score: float | None = None  # embedding: the fused score (cosine + keypoint verification) the bank thresholds
+    inliers: int | None = None  # embedding: keypoint inliers of the verification (None: not verified)
+    action: Literal["block", "review"] = "block"  # the bank's configured action: block, or send to human review
 
 
 class Verdict(_Strict):
@@ -94,6 +97,7 @@ class ReviewReason(StrEnum):
     UNCERTAIN_FLAG = "uncertain_flag"
     NEAR_THRESHOLD_DUPLICATE = "near_threshold_duplicate"
     DISAGREEMENT = "duplicate_classifier_disagreement"
+    BANK_MATCH = "bank_match"  # a match in a bank whose action is review (a watch list)
 
 
 class ReviewRequest(_Strict):

@@ -19,7 +19,8 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
-from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.embeddings import SEP, EmbeddingBanks
+from services.common.banks.near import BankEmbeddingRule
 from services.common.banks.retro import remember_pdq
 from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
@@ -36,6 +37,7 @@ from services.common.schemas import (
     DuplicateMatch,
     ErrorKind,
     MatchEvidence,
+    ReviewReason,
     ReviewRequest,
     UploadEvent,
     Verdict,
@@ -79,6 +81,7 @@ class Item:
     md5: str = ""
     pdq: str = ""  # "" when the image is too flat for PDQ to mean anything (quality below the setting)
     bank_check_failed: bool = False
+    bank_review: list[BankMatch] = field(default_factory=list)  # hash matches in banks whose action is review
     features: LocalFeatures | None = None  # local features for verification, computed while preparing
     prepared: bool = False  # parsed, fetched and decoded (possibly ahead of time, while the last batch infers)
     inferred: Inferred | None = None  # embedding and scores, possibly ahead of time
@@ -115,9 +118,22 @@ def _upload_signals(item: Item) -> UploadSignals:
 
 def _bank_evidence(matches: list[BankMatch]) -> list[BankMatchEvidence]:
     return [
-        BankMatchEvidence(bank=m.bank, signal_type=m.signal_type, distance=m.distance, item_id=m.item_id)
+        BankMatchEvidence(
+            bank=m.bank,
+            signal_type=m.signal_type,
+            distance=m.distance,
+            item_id=m.item_id,
+            score=m.score,
+            inliers=m.inliers,
+            action=m.action,
+        )
         for m in matches
     ]
+
+
+def _bank_reasons(matches: list[BankMatch]) -> list[str]:
+    """``bank_match:<bank>`` for a bank that blocks, ``bank_review:<bank>`` for one that sends to review."""
+    return [f"bank_{'match' if m.action == 'block' else 'review'}:{m.bank}" for m in matches]
 
 
 def _now_ns() -> int:
@@ -152,6 +168,7 @@ class Pipeline:
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
         self.verifier = Verifier(settings.verify)
+        self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier)
         self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self._priorities: dict[str, float] = {}
         self._overrides: dict[str, float] = {}
@@ -312,11 +329,17 @@ class Pipeline:
                 banks = self.banks.match(_upload_signals(item))
             except redis.RedisError:
                 banks, item.bank_check_failed = [], True
-            if banks:
+            if any(m.action == "block" for m in banks):
                 item.timings["hash_ms"] = _ms(began)
-                reasons = [f"bank_match:{m.bank}" for m in banks]
-                verdict = self._fast_verdict(item, Action.BLOCK, [], {}, "", reasons, _bank_evidence(banks))
+                verdict = self._fast_verdict(
+                    item, Action.BLOCK, [], {}, "", _bank_reasons(banks), _bank_evidence(banks)
+                )
                 out.verdicts.append((verdict, item.span))
+                continue
+            if banks:  # only review banks: the model still judges it, and a reviewer sees it whatever it says
+                item.timings["hash_ms"] = _ms(began)
+                item.bank_review = banks
+                remaining.append(item)
                 continue
             known = self._exact_lookup(item)
             item.timings["hash_ms"] = _ms(began)
@@ -394,28 +417,54 @@ class Pipeline:
         except TransientError as exc:
             log.info("inference ahead failed (%s); the batch will be inferred in line", exc)
 
-    def _embedding_bank_matches(self, model_version: str, embedding: NDArray[np.float32]) -> list[BankMatch]:
-        """Enabled banks holding an image this embedding is near (at the bank's or the version's threshold)."""
-        cfg = self.settings.banks
-        default = cfg.embedding_thresholds.get(model_version, cfg.embedding_threshold)
+    def _embedding_bank_matches(
+        self, item: Item, model_version: str, embedding: NDArray[np.float32]
+    ) -> list[BankMatch]:
+        """Enabled banks holding an image this upload is a verified near copy of (``banks.near``'s rule)."""
         try:
             hits = self.embedding_banks.search(model_version, embedding)
-            enabled = self.banks.enabled_thresholds(sorted({h.bank for h in hits}))
+            own = self.banks.enabled_policies(sorted({h.bank for h in hits}))
+            thresholds = {
+                f"{h.bank}{SEP}{h.item_id}": self.bank_rule.threshold(model_version, own[h.bank].embedding_threshold)
+                for h in hits
+                if h.bank in own
+            }
+            near = [
+                Neighbour(f"{h.bank}{SEP}{h.item_id}", h.cosine)
+                for h in hits
+                if h.bank in own and h.cosine >= self.bank_rule.reach(thresholds[f"{h.bank}{SEP}{h.item_id}"])
+            ]
+            keys = [cast(tuple[str, str], tuple(n.upload_id.split(SEP, 1))) for n in near]
+            banked = self.embedding_banks.features(keys) if item.features is not None else {}
         except redis.RedisError:
             return []  # the hash banks were checked already; a banked embedding is a second chance
-        matches = []
-        for hit in hits:
-            if hit.bank in enabled:
-                own = enabled[hit.bank]
-                if hit.cosine >= (default if own is None else own):
-                    matches.append(BankMatch(hit.bank, "embedding", round(1.0 - hit.cosine, 4), hit.item_id, ""))
-        return matches
+        if not near:
+            return []
+        began = time.perf_counter()
+        query = None
+        if item.features is not None and item.image is not None and item.image.detail is not None:
+            detail = item.image.detail
+            query = QueryFeatures(item.features, lambda: self.verifier.extractor.extract_mirrored(detail))
+        references = {f"{bank}{SEP}{item_id}": f for (bank, item_id), f in banked.items()}
+        judged = self.bank_rule.judge(query, near, thresholds, references)
+        item.timings["bank_verify_ms"] = _ms(began)
+        return [
+            BankMatch(
+                bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers, own[bank].action
+            )
+            for j in judged
+            if j.matched
+            for bank, item_id in [j.key.split(SEP, 1)]
+        ]
 
     def _fast_path_likely(self, item: Item) -> bool:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""
         assert item.event is not None
         try:
-            return bool(self.banks.match(_upload_signals(item))) or self._exact_lookup(item) is not None
+            banks = self.banks.match(_upload_signals(item))
+            if banks:
+                return any(m.action == "block" for m in banks)  # review banks still need the model
+            return self._exact_lookup(item) is not None
         except redis.RedisError:
             return False
 
@@ -498,7 +547,7 @@ class Pipeline:
             extra = ["bank_check_unavailable"] if item.bank_check_failed else []
             decided.append((item, decision, extra + evidence.reasons))
             item_evidence[item.event.upload_id] = evidence.matches
-            item_banks[item.event.upload_id] = self._embedding_bank_matches(model_version, result.embeddings[row])
+            item_banks[item.event.upload_id] = self._embedding_bank_matches(item, model_version, result.embeddings[row])
 
         selected = self._select_reviews(decided)
         for item, decision, extra in decided:
@@ -506,10 +555,12 @@ class Pipeline:
             action = decision.action
             reasons = decision.reasons + extra
             skip = selected.get(item.event.upload_id)
-            banked = item_banks.get(item.event.upload_id, [])
-            if banked:  # a near copy of a banked image: blocked, and no reviewer needs to see it
-                action = Action.BLOCK
-                reasons = [f"bank_match:{m.bank}" for m in banked] + reasons
+            banked = item.bank_review + item_banks.get(item.event.upload_id, [])
+            blocked = any(m.action == "block" for m in banked)
+            watched = bool(banked) and not blocked  # only review banks matched: a reviewer must see it
+            if banked:  # a near copy of a banked image: the bank's action, and a blocked one needs no reviewer
+                action = Action.BLOCK if blocked or action is Action.BLOCK else Action.REVIEW
+                reasons = _bank_reasons(banked) + reasons
             if decision.review_reason is not None and skip and not banked:
                 reasons.append(skip)
                 if action is Action.REVIEW:
@@ -533,12 +584,12 @@ class Pipeline:
             item.span.set_attribute("sieve.action", action.value)
             out.verdicts.append((verdict, item.span))
             out.fresh_verdicts.append(verdict)
-            if decision.review_reason is not None and not skip and not banked:
+            if watched or (decision.review_reason is not None and not skip and not banked):
                 request = ReviewRequest(
                     upload_id=item.event.upload_id,
                     image_uri=item.event.image_uri,
-                    reason=decision.review_reason,
-                    priority=self._priorities.get(item.event.upload_id, decision.review_priority),
+                    reason=ReviewReason.BANK_MATCH if watched else cast(ReviewReason, decision.review_reason),
+                    priority=1.0 if watched else self._priorities.get(item.event.upload_id, decision.review_priority),
                     scores=decision.flags,
                     neighbours=decision.neighbours,
                     model_version=model_version,

@@ -15,11 +15,10 @@ from services.common.banks import HashBankStore, HashKind, MalformedSignal, Sign
 from services.common.banks import audit as bank_audit
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import FORMATS, ListFormat, export_list, guess_format, import_list, read_source
-from services.common.banks.images import image_signals
+from services.common.banks.images import BankedImage, banked_image, image_signals
 from services.common.banks.signals import SIGNAL_TYPES
+from services.common.banks.store import BANK_ACTIONS, BankAction
 from services.common.config import Settings
-from services.common.hashing import sha256_hex
-from services.common.imaging import decode_image
 
 
 def _store(settings: Settings) -> HashBankStore:
@@ -64,11 +63,17 @@ def _cmd_banks(args: argparse.Namespace) -> int:
         return 0
     name = _need_name(args)
     if action == "create":
-        print(json.dumps(store.create(name, args.description or "").__dict__))
-        _audit(store, "bank_created", args, {"description": args.description or ""})
+        bank_action: BankAction = args.bank_action or "block"
+        print(json.dumps(store.create(name, args.description or "", bank_action).__dict__))
+        _audit(store, "bank_created", args, {"description": args.description or "", "action": bank_action})
+    elif action == "action":
+        if args.bank_action is None:
+            raise SystemExit("sieve banks action NAME --action block|review")
+        print(json.dumps(store.set_action(name, args.bank_action).__dict__))
+        _audit(store, "bank_action", args, {"action": args.bank_action})
     elif action == "add":
-        images = [Path(f).read_bytes() for f in args.files]
-        signals = [s for data in images for s in image_signals(data, settings)]
+        images = [banked_image(Path(f).read_bytes(), settings) for f in args.files]
+        signals = [s for image in images for s in image.signals]
         signals += _signal_args(args.signal)
         result = store.add_signals(name, signals)
         embedded = _embed(store, settings, name, images) if images and args.embed else ""
@@ -128,16 +133,17 @@ def _rejudge(store: HashBankStore, settings: Settings, args: argparse.Namespace,
             return
 
 
-def _embed(store: HashBankStore, settings: Settings, name: str, images: list[bytes]) -> str:
-    """Banks the served model's embedding of each image; "" (and a warning) when Triton cannot be reached."""
+def _embed(store: HashBankStore, settings: Settings, name: str, images: list[BankedImage]) -> str:
+    """Banks the served model's embedding (and the keypoints) of each image; "" (and a warning) when Triton
+    cannot be reached."""
     from services.common.errors import TransientError
     from services.common.inference import TritonModels
 
-    pixels = np.stack([decode_image(d, settings.decode, settings.triton.input_size).pixels for d in images])
-    ids = [sha256_hex(d)[:16] for d in images]
+    pixels = np.stack([image.pixels for image in images])
+    ids = [image.item_id for image in images]
     try:
         return EmbeddingBanks(store.client, store.prefix).embed_and_add(
-            name, TritonModels(settings.triton), ids, pixels
+            name, TritonModels(settings.triton), ids, pixels, [image.features for image in images]
         )
     except TransientError as exc:
         print(f"warning: embeddings not banked ({exc}); hashes were", file=sys.stderr)
@@ -152,7 +158,7 @@ def _import(store: HashBankStore, settings: Settings, args: argparse.Namespace, 
     text = read_source(source, settings.fetch, settings.banks.import_max_bytes)
     fmt: ListFormat = args.format or guess_format(text, source)
     if args.create:
-        store.create(name, args.description or f"imported from {source}")
+        store.create(name, args.description or f"imported from {source}", args.bank_action or "block")
     report = import_list(store, name, text, fmt, source)
     print(json.dumps(report.as_dict(), indent=1))
     _audit(store, "bank_imported", args, report.summary())
@@ -192,6 +198,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "export",
             "reembed",
             "threshold",
+            "action",
             "rejudge",
         ],
     )
@@ -208,6 +215,13 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--until-done", action="store_true", help="rejudge: keep stepping until the bank is done")
     p.add_argument("--no-embed", dest="embed", action="store_false", help="add: bank hashes only, no embedding")
     p.add_argument("--threshold", default=None, help="threshold: the bank's own embedding cosine (none: default)")
+    p.add_argument(
+        "--action",
+        dest="bank_action",
+        choices=BANK_ACTIONS,
+        default=None,
+        help="create/import --create/action: what a match does: block (default) or review (send to human review)",
+    )
     p.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who the audit log records")
     p.set_defaults(func=_cmd_banks)
 

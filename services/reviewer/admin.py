@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.common.banks import Bank, BankMatch, HashBankStore, Signal, UploadSignals, parse_signal
 from services.common.banks.exchange import ImportReport, ListFormat, export_list, guess_format, import_list, read_source
 from services.common.banks.images import image_signals
+from services.common.banks.rejudge import RejudgeRequests
 from services.common.banks.signals import SignalType
 from services.common.config import BankSettings, DecisionSettings, FetchSettings, Settings
 from services.common.promotions import PromotionLedger
@@ -57,6 +58,7 @@ class BankSpec(BaseModel):
 
     description: str = Field(default="", max_length=500)
     enabled: bool = True
+    action: Literal["block", "review"] = "block"  # what a match does: block, or send to human review
 
 
 class BankHash(BaseModel):
@@ -136,6 +138,7 @@ class AdminStore:
         self.bank_settings = banks or BankSettings()
         self.fetch_settings = fetch or FetchSettings()
         self.bank_store = HashBankStore(client, key_prefix, self.bank_settings.pdq_threshold)
+        self.rejudge = RejudgeRequests(client, key_prefix)
         self.ledger = PromotionLedger(client, key_prefix)
 
     def _overrides(self) -> ThresholdOverrides:
@@ -170,8 +173,9 @@ class AdminStore:
         """Creates or updates; True when it was created."""
         created = self.bank(name) is None
         if created:
-            self.bank_store.create(name, spec.description)
+            self.bank_store.create(name, spec.description, spec.action)
         self.bank_store.set_enabled(name, spec.enabled, spec.description)
+        self.bank_store.set_action(name, spec.action)
         self.audit.record("bank_created" if created else "bank_updated", actor, name, spec.model_dump())
         return created
 
@@ -179,7 +183,27 @@ class AdminStore:
         """Raises KeyError for an unknown bank."""
         added = self.bank_store.add_hashes(name, [(h.kind, h.value) for h in body.hashes])
         self.audit.record("bank_hashes_added", actor, name, {"count": added})
+        self._request_rejudge(name, added, actor)
         return added
+
+    def _request_rejudge(self, name: str, added: int, actor: str) -> bool:
+        """New signals re-judge recent uploads in the background (``banks.rejudge``); the request returns now."""
+        if added:
+            self.rejudge.request(name, actor)
+        return added > 0
+
+    def request_rejudge(self, name: str, actor: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank."""
+        self.bank_store.get(name)
+        self.rejudge.request(name, actor)
+        self.audit.record("bank_rejudge_requested", actor, name, {})
+        return self.rejudge_progress(name)
+
+    def rejudge_progress(self, name: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank."""
+        self.bank_store.get(name)
+        progress = self.rejudge.progress(name)
+        return {"name": name, "pending": name in self.rejudge.pending(), "progress": progress}
 
     def add_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank and MalformedSignal (nothing added) for a bad signal."""
@@ -187,7 +211,7 @@ class AdminStore:
         result = self.bank_store.add_signals(name, signals)
         detail = {"added": result.added, "duplicate": result.duplicate}
         self.audit.record("bank_signals_added", actor, name, detail)
-        return detail
+        return {**detail, "rejudge_requested": self._request_rejudge(name, result.added, actor)}
 
     def remove_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank and MalformedSignal for a bad signal."""
@@ -208,7 +232,8 @@ class AdminStore:
         fmt: ListFormat = body.format or guess_format(text, body.url or "")
         report: ImportReport = import_list(self.bank_store, name, text, fmt, source)
         self.audit.record("bank_imported", actor, name, report.summary())
-        return report.as_dict(max_malformed=10_000)
+        requested = self._request_rejudge(name, report.added, actor)
+        return {**report.as_dict(max_malformed=10_000), "rejudge_requested": requested}
 
     def export_bank(self, name: str, fmt: ListFormat, kind: SignalType | None, actor: str) -> str:
         """Raises KeyError for an unknown bank."""
@@ -259,6 +284,7 @@ def _match_json(match: BankMatch) -> dict[str, Any]:
         "distance": match.distance,
         "content_id": match.item_id,
         "signal": match.value,
+        "action": match.action,
     }
 
 
@@ -266,6 +292,8 @@ def _bank_json(bank: Bank) -> dict[str, Any]:
     return {
         "description": bank.description,
         "enabled": bank.enabled,
+        "action": bank.action,
+        "embedding_threshold": bank.embedding_threshold,
         "size": bank.size,
         "created_at": round(bank.created_at, 3),
     }

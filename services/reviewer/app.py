@@ -26,6 +26,8 @@ from starlette.concurrency import run_in_threadpool
 
 from services.common.banks import MalformedSignal
 from services.common.banks.exchange import ListFormat
+from services.common.banks.rejudge import RejudgeWorker
+from services.common.banks.retro import RetroJudge, kafka_publisher
 from services.common.banks.signals import SignalType
 from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
@@ -87,6 +89,8 @@ class AdminAPI(Protocol):
     def import_bank(self, name: str, body: BankImport, actor: str) -> dict[str, Any]: ...
     def export_bank(self, name: str, fmt: ListFormat, kind: SignalType | None, actor: str) -> str: ...
     def delete_bank(self, name: str, actor: str) -> bool: ...
+    def request_rejudge(self, name: str, actor: str) -> dict[str, Any]: ...
+    def rejudge_progress(self, name: str) -> dict[str, Any]: ...
     def lookup_signal(self, signal_type: str, value: str) -> list[dict[str, Any]]: ...
     def lookup_image(self, data: bytes) -> dict[str, Any]: ...
     def request_promotion(self, request: PromotionRequest, actor: str) -> str: ...
@@ -118,6 +122,7 @@ class ReviewerServices:
     admin: AdminAPI
     images: ImageAPI
     ingestor: Background | None = None
+    rejudger: Background | None = None  # works re-judging requested through the admin API (banks.rejudge)
     on_label: Callable[[FeedbackLabel, str], None] | None = None
     on_claim: Callable[[], None] | None = None
 
@@ -180,13 +185,14 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if services.ingestor is not None:
-            services.ingestor.start()
+        background = [b for b in (services.ingestor, services.rejudger) if b is not None]
+        for task in background:
+            task.start()
         try:
             yield
         finally:
-            if services.ingestor is not None:
-                services.ingestor.stop()
+            for task in background:
+                task.stop()
 
     app = FastAPI(title="Sieve reviewer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.authenticator = authenticator
@@ -386,6 +392,21 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
         except (TransientError, UnicodeDecodeError) as exc:
             raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"cannot fetch the list: {exc}") from exc
 
+    @app.post("/api/admin/banks/{name}/rejudge", status_code=status.HTTP_202_ACCEPTED)
+    def request_rejudge(name: BankName, admin: Admin) -> dict[str, Any]:
+        """Re-judges recent uploads against the bank in the background; progress at GET on the same path."""
+        try:
+            return services.admin.request_rejudge(name, admin.reviewer_id)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+
+    @app.get("/api/admin/banks/{name}/rejudge")
+    def rejudge_progress(name: BankName, _admin: Admin) -> dict[str, Any]:
+        try:
+            return services.admin.rejudge_progress(name)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+
     @app.get("/api/admin/banks/{name}/export")
     def export_bank(
         name: BankName,
@@ -515,6 +536,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
             load_explain_view(rsettings.explain_view),
         ),
         ingestor=ingestor,
+        rejudger=RejudgeWorker(RetroJudge(client, settings, kafka_publisher(settings)), rsettings.rejudge_max_signals),
         on_label=lambda label, role: metrics.labels.add(1, {"kind": label_kind(label), "role": role}),
         on_claim=lambda: metrics.claims.add(1),
     )

@@ -67,6 +67,8 @@ class ReviewerSettings(BaseSettings):
     aligned_view: str = "services.batch.explain:aligned_png"
     # "module:function" turning (upload bytes, neighbour bytes) into a PNG of why they match; empty: none.
     explain_view: str = "services.batch.explain:explanation_png"
+    # Banked signals searched per re-judging step (admin API imports and adds): each step records its progress.
+    rejudge_max_signals: int = Field(default=100_000, ge=1)
     publish_timeout_s: float = 30.0
 
     @field_validator("categories")

@@ -1,9 +1,10 @@
 """Ships a model version safely: backfill its index, then let Triton load it; roll back with one command.
 
 Order matters. The new version's recent-images index is built first (every image in the retention window is
-re-embedded with the candidate and written as that version's snapshot in Redis), and only then is the version
-folder renamed into model_repo/ and loaded by Triton. So the first verdict from the new version already sees the
-whole window, and no index ever holds embeddings of two versions. A version Triton fails to load is moved back
+re-embedded with the candidate and written as that version's snapshot in Redis), banked images are re-embedded
+with it too, and only then is the version folder renamed into model_repo/ and loaded by Triton. So the first
+verdict from the new version already sees the whole window and every bank, and no index ever holds embeddings of
+two versions. A version Triton fails to load is moved back
 out of sight and the previous version reloaded, so a bad folder never stays where the next reload would pick it.
 """
 
@@ -25,6 +26,8 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
+from services.common.banks import HashBankStore
+from services.common.banks.embeddings import EmbeddingBanks
 from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
@@ -208,6 +211,7 @@ def promote(
         report = (
             backfill(settings, client, entries, tag, embed) if embed is not None else BackfillReport(tag, 0, 0, 0.0)
         )
+        banked = reembed_banks(settings, client, tag, embed)
         if threshold is not None:
             record_threshold(client, settings.redis.key_prefix, tag, threshold)
         if staged is not None:
@@ -218,9 +222,34 @@ def promote(
             undo_install(settings, client, repo, version, serving, log_path, str(exc))
             raise PromotionFailed(f"Triton did not load version {version}: {exc}") from exc
         record(
-            log_path, {"event": "promoted", "version": version, "from": serving, "backfill": report.__dict__, **reason}
+            log_path,
+            {
+                "event": "promoted",
+                "version": version,
+                "from": serving,
+                "backfill": report.__dict__,
+                "banked_images_reembedded": banked,
+                **reason,
+            },
         )
         return version
+
+
+def reembed_banks(settings: Settings, client: redis.Redis, to_version: str, embed: EmbedFn | None) -> int:
+    """Banked images embedded by the candidate before it serves: banks keep matching from its first verdict
+    (a version's uploads are only ever compared with banked embeddings of that version). Only for a model that
+    banks were embedded with (the embedder, not the classifier)."""
+    prefix = settings.redis.key_prefix
+    embedded = EmbeddingBanks(client, prefix)
+    if to_version.rpartition(":")[0] not in embedded.models():
+        return 0
+    names = [bank.name for bank in HashBankStore(client, prefix).all_banks()]
+    count = embedded.banked_images(names)
+    if count == 0:
+        return 0
+    if embed is None:
+        raise PromotionFailed(f"no model.pt to re-embed the {count} banked images with")
+    return embedded.reembed_as(embed, to_version, names)
 
 
 @contextlib.contextmanager

@@ -13,9 +13,8 @@ from bench.hash_banks import caption
 from services.common.banks import HashBankStore
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import import_list
-from services.common.banks.images import image_signals
+from services.common.banks.images import banked_image, image_signals
 from services.common.config import Settings
-from services.common.imaging import decode_image
 from services.common.inference import TritonModels
 from services.common.kafka_io import ensure_topics
 from services.common.photos.build import Manifest
@@ -33,25 +32,31 @@ def test_edited_copies_of_banked_images_are_blocked_in_the_stream(
     photo_set: Manifest,
     moderators: list[ModeratorProcess],
 ) -> None:
-    photos = [Image.open(photo_set.path_of(r)).convert("RGB") for r in pick_photos(photo_set, 5, 23)]
+    photos = [Image.open(photo_set.path_of(r)).convert("RGB") for r in pick_photos(photo_set, 6, 23)]
     originals = [encode_jpeg(p, 92) for p in photos]
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
     store = HashBankStore(client, settings.redis.key_prefix)
     store.create("known-bad", "banked images")
-    banked = [image_signals(data, settings) for data in originals[:3]]  # what `sieve banks add` banks
-    for signals in banked:
-        store.add_signals("known-bad", signals)
-    pixels = np.stack([decode_image(d, settings.decode, settings.triton.input_size).pixels for d in originals[:3]])
-    ids = [s[0].item_id for s in banked]
+    banked = [banked_image(data, settings) for data in originals[:3]]  # what `sieve banks add` banks
+    for image in banked:
+        store.add_signals("known-bad", image.signals)
+    pixels = np.stack([image.pixels for image in banked])
+    ids = [image.item_id for image in banked]
     EmbeddingBanks(client, settings.redis.key_prefix).embed_and_add(
-        "known-bad", TritonModels(settings.triton), ids, pixels
+        "known-bad", TritonModels(settings.triton), ids, pixels, [image.features for image in banked]
     )
     # A shared hash list: photo 4 known only by its PDQ, as an HMA / ThreatExchange list carries it.
     pdq = next(s.value for s in image_signals(originals[4], settings) if s.kind == "pdq")
     store.create("shared-list", "imported")
     assert import_list(store, "shared-list", f"pdq {pdq}\n", "te", "test").added == 1
 
+    # A watch list: its action is review, so its match goes to a reviewer instead of being blocked.
+    store.create("watch", "watch list", action="review")
+    watched = next(s.value for s in image_signals(originals[5], settings) if s.kind == "pdq")
+    assert import_list(store, "watch", f"pdq {watched}\n", "te", "test").added == 1
+
     edits = {
+        "watched": encode_jpeg(photos[5], 40),
         "cropped": encode_jpeg(crop(0.85)(photos[0]), 90),
         "reencoded": encode_jpeg(photos[1], 35),
         "captioned": encode_jpeg(caption()(photos[2]), 90),
@@ -71,11 +76,20 @@ def test_edited_copies_of_banked_images_are_blocked_in_the_stream(
         assert "bank_match:known-bad" in verdict["reasons"]  # type: ignore[operator]
         [match] = verdict["bank_matches"]  # type: ignore[misc]
         assert match["bank"] == "known-bad" and match["item_id"] == ids[item], (name, match)
-    assert verdicts["cropped"]["bank_matches"][0]["signal_type"] == "embedding"  # type: ignore[index]
-    assert verdicts["captioned"]["bank_matches"][0]["signal_type"] == "embedding"  # type: ignore[index]
+    for name in ("cropped", "captioned"):
+        [match] = verdicts[name]["bank_matches"]  # type: ignore[misc]
+        assert match["signal_type"] == "embedding", (name, match)
+        assert match["inliers"] is not None and match["score"] >= 1.0 - match["distance"], match  # verified
     listed = verdicts["listed-copy"]
     assert listed["action"] == "block" and listed["reasons"] == ["bank_match:shared-list"]
     [match] = listed["bank_matches"]  # type: ignore[misc]
     assert match["signal_type"] == "pdq" and match["distance"] <= settings.banks.pdq_threshold
     assert not any(str(r).startswith("bank_match") for r in verdicts["unrelated"]["reasons"])  # type: ignore[union-attr]
     assert verdicts["unrelated"]["bank_matches"] == []
+    watched_verdict = verdicts["watched"]
+    assert watched_verdict["action"] == "review" and "bank_review:watch" in watched_verdict["reasons"]  # type: ignore[operator]
+    [match] = watched_verdict["bank_matches"]  # type: ignore[misc]
+    assert (match["bank"], match["action"], match["signal_type"]) == ("watch", "review", "pdq")
+    reviews = read_topic(settings, settings.kafka.topic_review, len(edits), timeout_s=15)
+    assert [r["reason"] for r in reviews if r["upload_id"] == "watched"] == ["bank_match"]
+    assert all(r["upload_id"] not in ("cropped", "reencoded", "captioned", "listed-copy") for r in reviews)

@@ -61,6 +61,23 @@ def test_match_names_every_enabled_bank(banks: HashBankStore) -> None:
     assert [(b.name, b.enabled, b.size) for b in banks.all_banks()] == [("a", False, 1), ("b", True, 2)]
 
 
+def test_a_banks_action_travels_with_its_matches(banks: HashBankStore) -> None:
+    assert banks.create("blocks").action == "block"
+    assert banks.create("watch", action="review").action == "review"
+    banks.add_hashes("blocks", [("sha256", "a" * 64)])
+    banks.add_hashes("watch", [("sha256", "a" * 64), ("md5", "b" * 32)])
+    found = {m.bank: m.action for m in banks.match(UploadSignals(sha256="a" * 64))}
+    assert found == {"blocks": "block", "watch": "review"}
+    banks.set_action("watch", "block")
+    assert banks.set_enabled("watch", True, "kept").action == "block"  # other edits keep the action
+    assert [m.action for m in banks.match(UploadSignals(md5="b" * 32))] == ["block"]
+    with pytest.raises(ValueError):
+        banks.set_action("watch", "allow")  # type: ignore[arg-type]
+    legacy = {"enabled": True, "description": "", "created_at": 0.0}  # a bank from before actions
+    banks.client.hset(banks.meta_key, "old", json.dumps(legacy))
+    assert banks.get("old").action == "block"
+
+
 def test_remove_drops_the_bank_and_its_hashes(banks: HashBankStore) -> None:
     banks.create("gone")
     banks.add_hashes("gone", [("sha256", "3" * 64)])
@@ -196,6 +213,12 @@ def test_admin_api_imports_exports_and_edits_banks(settings: Settings) -> None:
     h = {"Authorization": f"Bearer {ADMIN}"}
     with TestClient(create_app(rsettings, services)) as api:
         assert api.put("/api/admin/banks/shared", headers=h, json={"description": "x"}).status_code == 201
+        watch = {"description": "watch list", "action": "review"}
+        assert api.put("/api/admin/banks/watch", headers=h, json=watch).status_code == 201
+        assert api.get("/api/admin/banks/watch", headers=h).json()["action"] == "review"
+        assert api.get("/api/admin/banks/shared", headers=h).json()["action"] == "block"
+        bad = {"action": "allow"}
+        assert api.put("/api/admin/banks/watch", headers=h, json=bad).status_code == 422
         text = f"pdq {PDQ_LIST[0]}\npdq nothex\nmd5 {'b' * 32}\n"
         res = api.post("/api/admin/banks/shared/import", headers=h, json={"text": text})
         assert res.status_code == 200, res.text
@@ -239,6 +262,7 @@ def test_admin_api_imports_exports_and_edits_banks(settings: Settings) -> None:
             "bank_exported",
             "bank_signals_added",
             "bank_imported",
+            "bank_created",
             "bank_created",
         ]
 

@@ -13,6 +13,8 @@ import redis
 from numpy.typing import NDArray
 from PIL import Image
 
+from services.common.banks import HashBankStore
+from services.common.banks.embeddings import EmbeddingBanks
 from services.common.config import REPO_ROOT, Settings
 from services.common.imaging import decode_image
 from services.common.index import IndexEntry, SharedRecentIndex
@@ -66,8 +68,16 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     staged = tmp_path / "staged"
     shutil.copytree(repo_root / "sieve_embedder" / "1", staged)  # the candidate: same network, new version
 
+    # A bank holding one of the photos, embedded by the serving version (as `sieve banks add` banks it).
+    HashBankStore(client, settings.redis.key_prefix).create("known-bad")
+    banks = EmbeddingBanks(client, settings.redis.key_prefix, sync_interval_s=0.0)
+    assert banks.embed_and_add("known-bad", models, ["item-5"], pixels[5:6]) == "sieve_embedder:1"
+    answered: list[str] = []
+
     def embed(batch: NDArray[np.uint8]) -> NDArray[np.float32]:
-        return models.infer(batch).embeddings
+        result = models.infer(batch)
+        answered.append(result.model_version)
+        return result.embeddings
 
     log_path = tmp_path / "promotions.jsonl"
     version = promote(settings, client, repo, staged, embed, 1280, log_path, {"gate": "test"}, threshold=0.905)
@@ -83,6 +93,11 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     assert v2.sync() and len(v2) == len(paths)  # the new version's index is complete before its first verdict
     assert v2.search(served.embeddings[3:4], 1)[0][0].upload_id == "w3"
     assert '"event": "promoted"' in log_path.read_text()
+    # The banked image was embedded by the candidate as part of the promotion, before Triton switched to it.
+    assert len(answered) == 2 and set(answered) == {"sieve_embedder:1"}  # the window, then the bank
+    [hit] = banks.search("sieve_embedder:2", models.infer(pixels[5:6]).embeddings[0])
+    assert (hit.bank, hit.item_id) == ("known-bad", "item-5") and hit.cosine > 0.99
+    assert '"banked_images_reembedded": 1' in log_path.read_text()
 
     assert rollback(settings, repo, log_path, "test") == 1
     assert models.infer(pixels[:1]).model_version == "sieve_embedder:1"

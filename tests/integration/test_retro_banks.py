@@ -8,20 +8,30 @@ import time
 import numpy as np
 import pytest
 import redis
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import SecretStr
+from skimage import data as skdata
 
 from services.common.banks import HashBankStore, Signal
 from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.rejudge import RejudgeRequests, RejudgeWorker
 from services.common.banks.retro import RetroJudge, kafka_publisher, remember_pdq
 from services.common.config import Settings
+from services.common.imaging import detail_view
 from services.common.index import IndexEntry, SharedRecentIndex
 from services.common.kafka_io import ensure_topics
 from services.common.schemas import Action, Verdict
-from services.common.upload_keys import upload_action_key
+from services.common.upload_keys import upload_action_key, upload_uri_key
+from services.common.verification import FeatureExtractor, FeatureStore, LocalFeatures
 from services.moderator.exact import ExactMatchStore, KnownUpload
+from services.reviewer.app import build_services, create_app
+from services.reviewer.settings import ReviewerSettings
 from tests.e2e.conftest import read_topic
 
 pytestmark = pytest.mark.integration
 VERSION = "sieve_embedder:2"
+ADMIN = "admin-token-0123456789ab"
 
 
 def _flip(value: str, bits: int) -> str:
@@ -43,12 +53,11 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     pipe = client.pipeline()
     allowed = Verdict(upload_id="up-pdq", event_id="e", model_version=VERSION, action=Action.ALLOW)
     remember_pdq(pipe, prefix, ttl, "up-pdq", pdq, allowed)
-    for upload_id in ("up-bytes", "up-pdq", "up-embedding", "up-other"):
+    for upload_id in ("up-bytes", "up-pdq", "up-embedding", "up-other", "up-lookalike", "up-copy"):
         pipe.set(upload_action_key(prefix, upload_id), "allow")
     pipe.execute()
-    SharedRecentIndex(client, prefix, VERSION, 8, ttl).add([IndexEntry("up-embedding", vector, time.time())])
-    other = -vector
-    SharedRecentIndex(client, prefix, VERSION, 8, ttl).add([IndexEntry("up-other", other, time.time())])
+    index = SharedRecentIndex(client, prefix, VERSION, 8, ttl)
+    index.add([IndexEntry("up-embedding", vector, time.time()), IndexEntry("up-other", -vector, time.time())])
 
     store = HashBankStore(client, prefix)
     store.create("late")
@@ -61,21 +70,32 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
         ],
     )
     near = vector + rng.normal(scale=0.05, size=8).astype(np.float32)
-    EmbeddingBanks(client, prefix).add("late", VERSION, ["item-3"], near[None], np.zeros((1, 256, 256, 3), np.uint8))
+    embedded = EmbeddingBanks(client, prefix)
+    embedded.add("late", VERSION, ["item-3"], near[None], np.zeros((1, 256, 256, 3), np.uint8))
+    # Two banked images with keypoints, each with an earlier upload near it (directions orthogonal to the rest):
+    # a look-alike above the cosine threshold that verification refutes, a copy below it that verification finds.
+    q = np.linalg.qr(np.column_stack([vector, rng.normal(size=(8, 7))]))[0][:, 1:].T.astype(np.float32)
+    lookalike, copy = 0.85 * q[0] + np.sqrt(1 - 0.85**2) * q[1], 0.72 * q[2] + np.sqrt(1 - 0.72**2) * q[3]
+    index.add([IndexEntry("up-lookalike", lookalike, time.time()), IndexEntry("up-copy", copy, time.time())])
+    embedded.add("late", VERSION, ["item-4", "item-5"], q[[0, 2]], np.zeros((2, 256, 256, 3), np.uint8))
+    embedded.add_features("late", {"item-4": _features("coffee"), "item-5": _features("astronaut")})
+    FeatureStore(client, prefix, ttl).put_many(
+        {"up-lookalike": _features("astronaut"), "up-copy": _features("astronaut", crop=True)}
+    )
 
     ensure_topics(settings.kafka)
     judge = RetroJudge(client, settings, kafka_publisher(settings))
     first = judge.run("late", max_signals=1)
     assert (first.cursor, first.done, first.signals_total) == (1, False, 3)
-    assert first.published == 2  # the embedding (searched on the first step) and the bytes
+    assert first.published == 3  # the embeddings (searched on the first step) and the bytes
     second = judge.run("late", max_signals=10)
     assert (second.cursor, second.done, second.published) == (3, True, 1)
     client.delete(f"{prefix}:bank:late:retro", f"{prefix}:bank:late:retro:embedded")  # from scratch: nothing twice
     again = judge.run("late")
-    assert again.done and again.found == 3 and again.published == 0
+    assert again.done and again.found == 4 and again.published == 0
 
-    records = read_topic(settings, settings.kafka.topic_verdicts, 3, timeout_s=60)
-    assert sorted(str(r["upload_id"]) for r in records) == ["up-bytes", "up-embedding", "up-pdq"]
+    records = read_topic(settings, settings.kafka.topic_verdicts, 4, timeout_s=60)
+    assert sorted(str(r["upload_id"]) for r in records) == ["up-bytes", "up-copy", "up-embedding", "up-pdq"]
     by_id = {str(r["upload_id"]): r for r in records}
     for upload_id, kind, item in (("up-bytes", "sha256", "item-1"), ("up-pdq", "pdq", "item-2")):
         verdict = by_id[upload_id]
@@ -85,3 +105,80 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     assert by_id["up-pdq"]["bank_matches"][0]["distance"] == 12  # type: ignore[index]
     assert by_id["up-embedding"]["bank_matches"][0]["signal_type"] == "embedding"  # type: ignore[index]
     assert client.get(upload_action_key(prefix, "up-other")) == b"allow"
+    assert client.get(upload_action_key(prefix, "up-lookalike")) == b"allow"  # 0.85 - the miss penalty < 0.80
+    verified = by_id["up-copy"]["bank_matches"][0]  # type: ignore[index]
+    assert verified["item_id"] == "item-5" and verified["inliers"] > 25 and verified["score"] >= 0.8
+
+
+def _features(name: str, crop: bool = False) -> LocalFeatures:
+    img = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+    if crop:
+        w, h = img.size
+        img = img.crop((int(w * 0.1), int(h * 0.1), int(w * 0.85), int(h * 0.85)))
+    return FeatureExtractor("orb", 500).extract(detail_view(img, 512))
+
+
+def test_a_review_bank_sends_earlier_matches_to_reviewers(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    prefix, ttl = settings.redis.key_prefix, settings.index.retention_s
+    ExactMatchStore(client, prefix, ttl).remember("c" * 64, None, KnownUpload("up-watched", "allow", VERSION, {}))
+    client.set(upload_action_key(prefix, "up-watched"), "allow")
+    client.set(upload_uri_key(prefix, "up-watched"), "file:///photos/watched.jpg")
+    store = HashBankStore(client, prefix)
+    store.create("watch", action="review")
+    store.add_signals("watch", [Signal("sha256", "c" * 64, "item-w")])
+
+    ensure_topics(settings.kafka)
+    assert RetroJudge(client, settings, kafka_publisher(settings)).run("watch").published == 1
+    [verdict] = read_topic(settings, settings.kafka.topic_verdicts, 1, timeout_s=60)
+    assert verdict["action"] == "review" and verdict["reasons"] == ["retroactive_bank_match:watch"]
+    assert verdict["bank_matches"][0]["action"] == "review"  # type: ignore[index]
+    [review] = read_topic(settings, settings.kafka.topic_review, 1, timeout_s=60)
+    assert (review["upload_id"], review["reason"]) == ("up-watched", "bank_match")
+    assert review["image_uri"] == "file:///photos/watched.jpg"
+    assert client.get(upload_action_key(prefix, "up-watched")) == b"review"
+
+
+def test_admin_api_adds_are_re_judged_in_the_background_in_bounded_steps(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    prefix, ttl = settings.redis.key_prefix, settings.index.retention_s
+    ExactMatchStore(client, prefix, ttl).remember("d" * 64, None, KnownUpload("up-api", "allow", VERSION, {}))
+    client.set(upload_action_key(prefix, "up-api"), "allow")
+    ensure_topics(settings.kafka)
+    rsettings = ReviewerSettings(admin_tokens=[SecretStr(f"root:{ADMIN}")], rejudge_max_signals=1)
+    services = build_services(settings, rsettings)
+    services.ingestor = None
+    assert isinstance(services.rejudger, RejudgeWorker)
+    services.rejudger.poll_s = 0.1
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    signals = [
+        {"signal_type": "pdq", "signal_value": "0" * 64, "content_id": "c-0"},
+        {"signal_type": "md5", "signal_value": "e" * 32, "content_id": "c-1"},
+        {"signal_type": "sha256", "signal_value": "d" * 64, "content_id": "c-2"},
+    ]
+    with TestClient(create_app(rsettings, services)) as api:
+        assert api.put("/api/admin/banks/api-bank", headers=h, json={}).status_code == 201
+        res = api.post("/api/admin/banks/api-bank/signals", headers=h, json={"signals": signals})
+        assert res.status_code == 200 and res.json()["rejudge_requested"] is True
+        deadline = time.monotonic() + 60
+        while (body := api.get("/api/admin/banks/api-bank/rejudge", headers=h).json())["pending"]:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.1)
+        progress = body["progress"]
+        assert (progress["state"], progress["cursor"], progress["signals_total"]) == ("done", 3, 3)
+        steps = [e for e in api.get("/api/admin/audit", headers=h).json()["entries"] if e["event"] == "bank_rejudged"]
+        assert len(steps) == 3  # one banked signal per step, each step's progress recorded
+        assert api.post("/api/admin/banks/missing/rejudge", headers=h).status_code == 404
+    [verdict] = read_topic(settings, settings.kafka.topic_verdicts, 1, timeout_s=60)
+    assert (verdict["upload_id"], verdict["action"]) == ("up-api", "block")
+    assert verdict["reasons"] == ["retroactive_bank_match:api-bank"]
+
+    # A request left by a process that stopped is worked by the next worker; a newer request outlives an older run.
+    requests = RejudgeRequests(client, prefix)
+    requests.request("api-bank", "test")
+    generation = requests.pending()["api-bank"]
+    requests.request("api-bank", "test")
+    assert not requests.finish("api-bank", generation) and "api-bank" in requests.pending()
+    worker = RejudgeWorker(RetroJudge(client, settings, kafka_publisher(settings)))
+    assert worker.run_once() == 1 and requests.pending() == {}
+    assert worker.run_once() == 0

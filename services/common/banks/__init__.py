@@ -1,11 +1,20 @@
 """Hash banks: signal types, the shared store and its PDQ index, list exchange (HMA / ThreatExchange formats)."""
 
 from services.common.banks.signals import MalformedSignal, Signal, SignalType, parse_signal, pdq_hex
-from services.common.banks.store import AddResult, Bank, BankMatch, HashBankStore, HashKind, UploadSignals
+from services.common.banks.store import (
+    AddResult,
+    Bank,
+    BankAction,
+    BankMatch,
+    HashBankStore,
+    HashKind,
+    UploadSignals,
+)
 
 __all__ = [
     "AddResult",
     "Bank",
+    "BankAction",
     "BankMatch",
     "HashBankStore",
     "HashKind",

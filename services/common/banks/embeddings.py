@@ -8,6 +8,9 @@ edits. Layout in Redis (``<prefix>`` is SIEVE_REDIS_KEY_PREFIX, ``<mv>`` a model
 - ``<prefix>:bankemb:<mv>:rev``      string  bumped on every change; replicas reload that version when it moves
 - ``<prefix>:bankpix:<bank>``        hash    item id -> the decoded model input (uint8, 256x256x3), kept so a
                                              new model version can re-embed the bank (``reembed``)
+- ``<prefix>:bankfeat:<bank>``       hash    item id -> the image's keypoints (``LocalFeatures``): an embedding
+                                             match is verified with them as the recent index verifies its own;
+                                             they do not depend on the model version
 
 Embedding banks hold banked images, not exchanged hash lists, so they stay small (thousands): a replica
 reloads a version's vectors whole when its revision moves rather than following a log.
@@ -15,7 +18,9 @@ reloads a version's vectors whole when its revision moves rather than following 
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -25,8 +30,11 @@ import redis
 from numpy.typing import NDArray
 
 from services.common.inference import ImageModels
+from services.common.verification import LocalFeatures
 
+log = logging.getLogger(__name__)
 SEP = "/"
+EmbedFn = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,9 @@ class EmbeddingBanks:
     def _pixels_key(self, bank: str) -> str:
         return f"{self.prefix}:bankpix:{bank}"
 
+    def _features_key(self, bank: str) -> str:
+        return f"{self.prefix}:bankfeat:{bank}"
+
     # -- writing --------------------------------------------------------------------------------------
 
     def add(
@@ -70,28 +81,82 @@ class EmbeddingBanks:
         pipe.incr(f"{self._key(model_version)}:rev")
         pipe.execute()
 
-    def embed_and_add(self, bank: str, models: ImageModels, item_ids: list[str], pixels: NDArray[Any]) -> str:
+    def add_features(self, bank: str, features: Mapping[str, LocalFeatures | None]) -> None:
+        """Keypoints of banked images (item id -> features); images without any keep cosine-only matching."""
+        known = {item: f.to_bytes() for item, f in features.items() if f is not None}
+        if known:
+            self.client.hset(self._features_key(bank), mapping=known)  # type: ignore[arg-type]
+
+    def features(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], LocalFeatures]:
+        """(bank, item id) -> keypoints, for the ones banked with keypoints."""
+        if not keys:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for bank, item_id in keys:
+            pipe.hget(self._features_key(bank), item_id)
+        found: dict[tuple[str, str], LocalFeatures] = {}
+        for key, raw in zip(keys, pipe.execute(), strict=True):
+            if raw is None:
+                continue
+            try:
+                found[key] = LocalFeatures.from_bytes(raw)
+            except (ValueError, IndexError) as exc:
+                log.error("unreadable keypoints of banked item %s: %s", key, exc)
+        return found
+
+    def embed_and_add(
+        self,
+        bank: str,
+        models: ImageModels,
+        item_ids: list[str],
+        pixels: NDArray[Any],
+        features: list[LocalFeatures | None] | None = None,
+    ) -> str:
         """Embeds with the served model; returns the model version that answered."""
         version = ""
         for i in range(0, len(item_ids), 32):
             result = models.infer(pixels[i : i + 32])
             self.add(bank, result.model_version, item_ids[i : i + 32], result.embeddings, pixels[i : i + 32])
             version = result.model_version
+        if features is not None:
+            self.add_features(bank, dict(zip(item_ids, features, strict=True)))
         return version
 
     def reembed(self, models: ImageModels, banks: list[str], batch: int = 32) -> tuple[str, int]:
-        """After a promotion: every banked image embedded again by the served version. (version, images)."""
-        version, count = "", 0
+        """Every banked image embedded again by the served version (by hand: ``sieve banks reembed``)."""
+        answered: list[str] = []
+
+        def embed(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
+            result = models.infer(pixels)
+            answered.append(result.model_version)
+            return cast(NDArray[np.float32], result.embeddings)
+
+        count = self._reembed(embed, lambda: answered[-1], banks, batch)
+        return (answered[-1] if answered else ""), count
+
+    def reembed_as(self, embed: EmbedFn, model_version: str, banks: list[str], batch: int = 32) -> int:
+        """Every banked image embedded by a version not served yet (a promotion, before the switch)."""
+        return self._reembed(embed, lambda: model_version, banks, batch)
+
+    def _reembed(self, embed: EmbedFn, version: Callable[[], str], banks: list[str], batch: int) -> int:
+        count = 0
         for bank in banks:
             rows = cast(dict[bytes, bytes], self.client.hgetall(self._pixels_key(bank)))
             ids = [k.decode() for k in rows]
             for i in range(0, len(ids), batch):
                 chunk = ids[i : i + batch]
                 pixels = np.stack([np.frombuffer(rows[c.encode()], dtype=np.uint8).reshape(256, 256, 3) for c in chunk])
-                result = models.infer(pixels)
-                self.add(bank, result.model_version, chunk, result.embeddings, pixels)
-                version, count = result.model_version, count + len(chunk)
-        return version, count
+                vectors = embed(pixels)
+                self.add(bank, version(), chunk, vectors, pixels)
+                count += len(chunk)
+        return count
+
+    def banked_images(self, banks: list[str]) -> int:
+        """How many images (not hashes) these banks hold: what a re-embedding has to go through."""
+        pipe = self.client.pipeline(transaction=False)
+        for bank in banks:
+            pipe.hlen(self._pixels_key(bank))
+        return int(sum(pipe.execute()))
 
     def remove_bank(self, bank: str) -> None:
         for key in self._version_keys():
@@ -101,7 +166,7 @@ class EmbeddingBanks:
                 pipe.hdel(key, *fields)
             pipe.incr(f"{key}:rev")
             pipe.execute()
-        self.client.delete(self._pixels_key(bank))
+        self.client.delete(self._pixels_key(bank), self._features_key(bank))
 
     def vectors(self, bank: str) -> list[tuple[str, list[str], NDArray[np.float32]]]:
         """(model version, item ids, embeddings) of one bank, for every version it has embeddings in."""
@@ -114,6 +179,11 @@ class EmbeddingBanks:
             if ids:
                 out.append((key.removeprefix(f"{self.prefix}:bankemb:"), ids, np.stack(rows)))
         return out
+
+    def models(self) -> set[str]:
+        """Models with banked embeddings in any version (``sieve_embedder`` for ``sieve_embedder:2``)."""
+        versions = (k.removeprefix(f"{self.prefix}:bankemb:") for k in self._version_keys())
+        return {v.rpartition(":")[0] for v in versions}
 
     def _version_keys(self) -> list[str]:
         keys = [k.decode() for k in self.client.scan_iter(match=f"{self.prefix}:bankemb:*", count=1000)]

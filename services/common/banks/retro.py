@@ -5,13 +5,15 @@ Recent uploads are found three ways, all bounded by the retention window:
 - exact: the exact-duplicate store (``<prefix>:exact:<sha256|phash>:<value>``) names the first upload of each hash;
 - PDQ: the moderator appends each decided upload's PDQ to ``<prefix>:recent:pdq`` (trimmed to the window); a run
   builds a ``PdqIndex`` of those and searches it with each banked PDQ;
-- embeddings: banked images' embeddings are searched in the shared recent-images index of their model version.
+- embeddings: banked images' embeddings are searched in the shared recent-images index of their model version,
+  and the neighbours verified with keypoints under the moderator's rule (``banks.near``).
 
 A run walks the bank's signals in the order they were banked, from a cursor kept in Redis
 (``<prefix>:bank:<name>:retro``), at most ``max_signals`` per run, so a big list is re-judged in resumable
 steps with visible progress. Each upload is re-judged once per bank (``<prefix>:bank:<name>:rejudged``); the
-updated verdict goes to the verdicts topic keyed by upload id (compacted: the latest wins), blocked, with
-``retroactive_bank_match:<bank>`` and the bank evidence.
+updated verdict goes to the verdicts topic keyed by upload id (compacted: the latest wins) with
+``retroactive_bank_match:<bank>`` and the bank evidence: blocked, or for a bank whose action is review, sent to
+review (a review request goes out with it, so a reviewer does see it).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from typing import Any, cast
 import redis
 
 from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.near import BankEmbeddingRule
 from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal
 from services.common.banks.store import BankMatch, HashBankStore
 from services.common.config import Settings
-from services.common.schemas import Action, BankMatchEvidence, Verdict
-from services.common.upload_keys import upload_action_key
+from services.common.schemas import Action, BankMatchEvidence, ReviewReason, ReviewRequest, Verdict
+from services.common.upload_keys import upload_action_key, upload_uri_key
+from services.common.verification import FeatureStore, QueryFeatures, Verifier
 
 
 def recent_pdq_key(prefix: str) -> str:
@@ -64,13 +68,18 @@ class _Recent:
     flags: dict[str, float]
 
 
+Publish = Callable[[list[Verdict], list[ReviewRequest]], None]
+
+
 class RetroJudge:
-    def __init__(self, client: redis.Redis, settings: Settings, publish: Callable[[list[Verdict]], None]) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, publish: Publish) -> None:
         self.client = client
         self.settings = settings
         self.prefix = settings.redis.key_prefix
         self.publish = publish
         self.store = HashBankStore(client, self.prefix, settings.banks.pdq_threshold)
+        self.rule = BankEmbeddingRule(settings.banks, Verifier(settings.verify))
+        self.features = FeatureStore(client, self.prefix, settings.index.retention_s)
 
     def _state_key(self, bank: str) -> str:
         return f"{self.prefix}:bank:{bank}:retro"
@@ -148,25 +157,33 @@ class RetroJudge:
         """Matches of banked images not searched before, and their ``<version>/<item id>`` to mark searched."""
         from services.common.index import open_recent_index
 
-        cfg = self.settings.banks
         own = self.store.get(bank).embedding_threshold
         found: dict[str, tuple[_Recent, BankMatch]] = {}
         done = {m.decode() for m in cast(set[bytes], self.client.smembers(self._embedded_key(bank)))}
         searched: list[str] = []
-        for version, all_ids, all_vectors in EmbeddingBanks(self.client, self.prefix).vectors(bank):
+        embedded = EmbeddingBanks(self.client, self.prefix)
+        for version, all_ids, all_vectors in embedded.vectors(bank):
             keep = [i for i, item in enumerate(all_ids) if f"{version}/{item}" not in done]
             if not keep:
                 continue
             item_ids, vectors = [all_ids[i] for i in keep], all_vectors[keep]
             searched += [f"{version}/{item}" for item in item_ids]
-            threshold = own if own is not None else cfg.embedding_thresholds.get(version, cfg.embedding_threshold)
+            threshold = self.rule.threshold(version, own)
             index = open_recent_index(self.settings, self.client, version, vectors.shape[1])
             index.sync()
+            banked = embedded.features([(bank, item) for item in item_ids])
             for item_id, neighbours in zip(item_ids, index.search(vectors, 50), strict=True):
-                for n in neighbours:
-                    if n.score >= threshold:
-                        match = BankMatch(bank, "embedding", round(1.0 - n.score, 4), item_id, "")
-                        found.setdefault(n.upload_id, (_Recent(n.upload_id, version, {}), match))
+                near = [n for n in neighbours if n.score >= self.rule.reach(threshold)]
+                query = banked.get((bank, item_id))
+                references = self.features.get_many([n.upload_id for n in near]) if query is not None else {}
+                thresholds = {n.upload_id: threshold for n in near}
+                q = QueryFeatures(query) if query is not None else None
+                for j in self.rule.judge(q, near, thresholds, references):
+                    if j.matched:
+                        match = BankMatch(
+                            bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers
+                        )
+                        found.setdefault(j.key, (_Recent(j.key, version, {}), match))
         return found, searched
 
     def _settle(self, bank: str, found: dict[str, tuple[_Recent, BankMatch]], progress: RetroProgress) -> None:
@@ -174,48 +191,74 @@ class RetroJudge:
         if not found:
             return
         progress.found += len(found)
+        action = Action.BLOCK if self.store.get(bank).action == "block" else Action.REVIEW
+        settled = {Action.BLOCK.value.encode()} | ({Action.REVIEW.value.encode()} if action is Action.REVIEW else set())
         ids = sorted(found)
         pipe = self.client.pipeline(transaction=False)
         for upload_id in ids:
             pipe.sismember(self._done_key(bank), upload_id)
             pipe.get(upload_action_key(self.prefix, upload_id))
+            pipe.get(upload_uri_key(self.prefix, upload_id))
         answers = pipe.execute()
-        fresh = [u for i, u in enumerate(ids) if not answers[2 * i] and answers[2 * i + 1] != b"block"]
+        fresh = [u for i, u in enumerate(ids) if not answers[3 * i] and answers[3 * i + 1] not in settled]
         if not fresh:
             return
-        self.publish([self._verdict(*found[u]) for u in fresh])
+        uris = {u: answers[3 * ids.index(u) + 2] for u in fresh}
+        verdicts = [self._verdict(*found[u], action) for u in fresh]
+        reviews = [_review(v, uris[v.upload_id]) for v in verdicts if action is Action.REVIEW]
+        self.publish(verdicts, reviews)
         pipe = self.client.pipeline(transaction=False)
         pipe.sadd(self._done_key(bank), *fresh)
         for upload_id in fresh:
-            pipe.set(upload_action_key(self.prefix, upload_id), Action.BLOCK.value, ex=self.settings.index.retention_s)
+            pipe.set(upload_action_key(self.prefix, upload_id), action.value, ex=self.settings.index.retention_s)
         pipe.execute()
         progress.published += len(fresh)
 
     @staticmethod
-    def _verdict(recent: _Recent, match: BankMatch) -> Verdict:
+    def _verdict(recent: _Recent, match: BankMatch, action: Action) -> Verdict:
         evidence = BankMatchEvidence(
-            bank=match.bank, signal_type=match.signal_type, distance=match.distance, item_id=match.item_id
+            bank=match.bank,
+            signal_type=match.signal_type,
+            distance=match.distance,
+            item_id=match.item_id,
+            score=match.score,
+            inliers=match.inliers,
+            action="block" if action is Action.BLOCK else "review",
         )
         return Verdict(
             upload_id=recent.upload_id,
             event_id=f"retro:{match.bank}:{recent.upload_id}",
             model_version=recent.model_version or "none",
-            action=Action.BLOCK,
+            action=action,
             flags=recent.flags,
             reasons=[f"retroactive_bank_match:{match.bank}"],
             bank_matches=[evidence],
         )
 
 
-def kafka_publisher(settings: Settings) -> Callable[[list[Verdict]], None]:
-    """Verdicts keyed by upload id, waited for until the broker acknowledges every one."""
+def _review(verdict: Verdict, uri: bytes | None) -> ReviewRequest:
+    """A review bank's match, for the review queue (the uri is gone when the upload left the window)."""
+    return ReviewRequest(
+        upload_id=verdict.upload_id,
+        image_uri=uri.decode() if uri else "",
+        reason=ReviewReason.BANK_MATCH,
+        priority=1.0,
+        scores=verdict.flags,
+        model_version=verdict.model_version,
+    )
+
+
+def kafka_publisher(settings: Settings) -> Publish:
+    """Verdicts (and review requests) keyed by upload id, waited for until the broker acknowledges every one."""
     from services.common.kafka_io import AckedProducer
 
     producer = AckedProducer(settings.kafka)
 
-    def publish(verdicts: list[Verdict]) -> None:
+    def publish(verdicts: list[Verdict], reviews: list[ReviewRequest]) -> None:
         for verdict in verdicts:
             producer.produce(settings.kafka.topic_verdicts, verdict.upload_id, verdict.model_dump_json().encode())
+        for review in reviews:
+            producer.produce(settings.kafka.topic_review, review.upload_id, review.model_dump_json().encode())
         producer.flush()
 
     return publish

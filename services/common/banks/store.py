@@ -2,7 +2,8 @@
 
 Layout in Redis (``<prefix>`` is SIEVE_REDIS_KEY_PREFIX):
 
-- ``<prefix>:banks``                      hash   bank name -> JSON metadata (enabled, description, created_at)
+- ``<prefix>:banks``                      hash   bank name -> JSON metadata (enabled, description, created_at,
+                                                 embedding_threshold, action)
 - ``<prefix>:bank:<name>:signals``        hash   ``<type>:<value>`` -> JSON {id, seq, meta}: the bank's contents
 - ``<prefix>:bank:<name>:seq``            string insertion counter, so exports keep the order lists came in
 - ``<prefix>:bankhash:<type>:<value>``    set    banks holding an exact signal (sha256, md5, phash): one lookup
@@ -10,7 +11,10 @@ Layout in Redis (``<prefix>`` is SIEVE_REDIS_KEY_PREFIX):
 
 Exact signals are looked up in Redis per upload. PDQ hashes are matched by Hamming distance in an in-memory index
 (``PdqIndex``) each replica keeps in step with the log, as the recent-images index follows its stream; bank
-metadata (enabled) is read live, so disabling a bank takes effect on the next upload.
+metadata (enabled, action) is read live, so disabling a bank takes effect on the next upload.
+
+A bank's action says what its matches do: ``block`` (the default: known violating content) or ``review`` (a
+watch list: send the upload to human review instead).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import redis
@@ -29,6 +33,8 @@ from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal, SignalType
 
 HashKind = SignalType  # the name earlier callers used
+BankAction = Literal["block", "review"]
+BANK_ACTIONS: tuple[BankAction, ...] = ("block", "review")
 EXACT_TYPES: tuple[SignalType, ...] = ("sha256", "md5", "phash")
 LOG_MAXLEN = 100_000  # log entries kept; a replica that falls further behind reloads everything
 LOG_CHUNK = 1000  # PDQ signals per log entry
@@ -42,7 +48,18 @@ class Bank:
     description: str
     created_at: float
     size: int
-    embedding_threshold: float | None = None  # cosine for banked embeddings; None: SIEVE_BANKS_EMBEDDING_THRESHOLDS
+    # Fused score (cosine + keypoint verification, see banks.near) for banked embeddings; None: the version's
+    # SIEVE_BANKS_EMBEDDING_THRESHOLDS.
+    embedding_threshold: float | None = None
+    action: BankAction = "block"
+
+
+@dataclass(frozen=True)
+class BankPolicy:
+    """What the moderator needs of an enabled bank when an embedding matches it."""
+
+    embedding_threshold: float | None
+    action: BankAction
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,9 @@ class BankMatch:
     distance: float  # Hamming bits for PDQ, 1 - cosine for a banked embedding, 0 for exact signals
     item_id: str
     value: str
+    score: float | None = None  # banked embedding: the fused score compared with the threshold
+    inliers: int | None = None  # banked embedding: keypoints agreeing on one geometry (None: not verified)
+    action: BankAction = "block"  # the bank's configured action
 
 
 @dataclass(frozen=True)
@@ -104,16 +124,21 @@ class HashBankStore:
 
     # -- banks ------------------------------------------------------------------------------------------
 
-    def create(self, name: str, description: str = "") -> Bank:
-        meta = {"enabled": True, "description": description, "created_at": time.time()}
+    def create(self, name: str, description: str = "", action: BankAction = "block") -> Bank:
+        """Creates the bank if it does not exist (an existing bank is left as it is)."""
+        _check_action(action)
+        meta = {"enabled": True, "description": description, "created_at": time.time(), "action": action}
         self.client.hsetnx(self.meta_key, name, json.dumps(meta))
         return self.get(name)
 
-    def get(self, name: str) -> Bank:
+    def _meta(self, name: str) -> dict[str, Any]:
         raw = cast(bytes | None, self.client.hget(self.meta_key, name))
         if raw is None:
             raise KeyError(f"no bank named {name!r}")
-        meta = json.loads(raw)
+        return cast(dict[str, Any], json.loads(raw))
+
+    def get(self, name: str) -> Bank:
+        meta = self._meta(name)
         size = int(self.client.hlen(self._signals_key(name)))
         threshold = meta.get("embedding_threshold")
         return Bank(
@@ -123,45 +148,48 @@ class HashBankStore:
             float(meta["created_at"]),
             size,
             None if threshold is None else float(threshold),
+            _action(meta),
         )
 
     def all_banks(self) -> list[Bank]:
         names = sorted(n.decode() for n in cast(dict[bytes, bytes], self.client.hgetall(self.meta_key)))
         return [self.get(n) for n in names]
 
-    def set_enabled(self, name: str, enabled: bool, description: str | None = None) -> Bank:
-        bank = self.get(name)
-        meta = {
-            "enabled": enabled,
-            "description": bank.description if description is None else description,
-            "created_at": bank.created_at,
-            "embedding_threshold": bank.embedding_threshold,
-        }
+    def _update(self, name: str, changes: dict[str, Any]) -> Bank:
+        meta = self._meta(name)
+        meta.update(changes)
         self.client.hset(self.meta_key, name, json.dumps(meta))
         return self.get(name)
+
+    def set_enabled(self, name: str, enabled: bool, description: str | None = None) -> Bank:
+        changes: dict[str, Any] = {"enabled": enabled}
+        if description is not None:
+            changes["description"] = description
+        return self._update(name, changes)
 
     def set_embedding_threshold(self, name: str, threshold: float | None) -> Bank:
-        bank = self.get(name)
-        meta = {
-            "enabled": bank.enabled,
-            "description": bank.description,
-            "created_at": bank.created_at,
-            "embedding_threshold": threshold,
-        }
-        self.client.hset(self.meta_key, name, json.dumps(meta))
-        return self.get(name)
+        return self._update(name, {"embedding_threshold": threshold})
 
-    def enabled_thresholds(self, names: list[str]) -> dict[str, float | None]:
-        """Enabled banks among ``names`` with their own embedding threshold (None: the version's default)."""
+    def set_action(self, name: str, action: BankAction) -> Bank:
+        _check_action(action)
+        return self._update(name, {"action": action})
+
+    def enabled_policies(self, names: list[str]) -> dict[str, BankPolicy]:
+        """Enabled banks among ``names`` with their own embedding threshold (None: the version's) and action."""
         if not names:
             return {}
         raw = cast(list[bytes | None], self.client.hmget(self.meta_key, names))
-        out: dict[str, float | None] = {}
-        for name, meta in zip(names, raw, strict=True):
-            if meta and json.loads(meta)["enabled"]:
-                threshold = json.loads(meta).get("embedding_threshold")
-                out[name] = None if threshold is None else float(threshold)
+        out: dict[str, BankPolicy] = {}
+        for name, value in zip(names, raw, strict=True):
+            meta = json.loads(value) if value else None
+            if meta and meta["enabled"]:
+                threshold = meta.get("embedding_threshold")
+                out[name] = BankPolicy(None if threshold is None else float(threshold), _action(meta))
         return out
+
+    def enabled_thresholds(self, names: list[str]) -> dict[str, float | None]:
+        """Enabled banks among ``names`` with their own embedding threshold (None: the version's default)."""
+        return {n: p.embedding_threshold for n, p in self.enabled_policies(names).items()}
 
     def remove(self, name: str) -> None:
         """Deletes the bank and every signal in it."""
@@ -350,9 +378,8 @@ class HashBankStore:
                         candidates[bank] = BankMatch(bank, "pdq", hit.distance, item_id, hit.value)
         if not candidates:
             return []
-        names = sorted(candidates)
-        raw = cast(list[bytes | None], self.client.hmget(self.meta_key, names))
-        enabled = [candidates[n] for n, meta in zip(names, raw, strict=True) if meta and json.loads(meta)["enabled"]]
+        policies = self.enabled_policies(sorted(candidates))
+        enabled = [replace(candidates[n], action=p.action) for n, p in policies.items()]
         return sorted(self._with_item_ids(enabled), key=lambda m: (m.distance, m.bank))
 
     def _with_item_ids(self, matches: list[BankMatch]) -> list[BankMatch]:
@@ -367,10 +394,7 @@ class HashBankStore:
             (m.bank, m.signal_type): json.loads(raw)["id"] if raw else ""
             for m, raw in zip(need, pipe.execute(), strict=True)
         }
-        return [
-            m if m.item_id else BankMatch(m.bank, m.signal_type, m.distance, ids[(m.bank, m.signal_type)], m.value)
-            for m in matches
-        ]
+        return [m if m.item_id else replace(m, item_id=ids[(m.bank, m.signal_type)]) for m in matches]
 
     def lookup(self, signal: Signal) -> list[BankMatch]:
         """One signal, as another service asks (HMA's lookup): the banks holding it or, for PDQ, a near one."""
@@ -379,3 +403,13 @@ class HashBankStore:
     def match_names(self, sha256: str, phash: str | None) -> list[str]:
         """Enabled banks holding either exact hash (the pre-PDQ interface)."""
         return [m.bank for m in self.match(UploadSignals(sha256=sha256, phash=phash))]
+
+
+def _action(meta: dict[str, Any]) -> BankAction:
+    """Banks created before actions existed block."""
+    return "review" if meta.get("action") == "review" else "block"
+
+
+def _check_action(action: str) -> None:
+    if action not in BANK_ACTIONS:
+        raise ValueError(f"a bank's action is one of {', '.join(BANK_ACTIONS)}, not {action!r}")
