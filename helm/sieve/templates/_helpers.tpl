@@ -76,6 +76,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end }}
 
+{{/* The recent-images index backend: faiss (in every moderator replica) or milvus (an external Milvus). */}}
+{{- define "sieve.indexBackend" -}}
+{{- $backend := .Values.index.backend | toString -}}
+{{- if not (has $backend (list "faiss" "milvus")) -}}
+{{- fail (printf "index.backend must be faiss or milvus, not %q" $backend) -}}
+{{- end -}}
+{{- $backend -}}
+{{- end }}
+
 {{- define "sieve.secretName" -}}
 {{- default (include "sieve.fullname" .) .Values.secrets.existingSecret -}}
 {{- end }}

@@ -33,7 +33,11 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 # The services' images are built from the Dockerfile's targets; the rest are upstream images.
 SIEVE_SERVICES = ("moderator", "reviewer", "trainer")
-EXPECTED_SERVICES = {"kafka", "redis", "triton", *SIEVE_SERVICES, "otel-collector", "prometheus"}
+# Milvus standalone with its etcd and MinIO, behind the `milvus` profile (for SIEVE_INDEX_BACKEND=milvus).
+MILVUS_SERVICES = ("milvus", "milvus-etcd", "milvus-minio")
+EXPECTED_SERVICES = {"kafka", "redis", "triton", *SIEVE_SERVICES, "otel-collector", "prometheus", *MILVUS_SERVICES}
+# What a plain `docker compose up` starts: every service outside a profile.
+DEFAULT_SERVICES = {"kafka", "redis", "triton", "moderator", "reviewer", "otel-collector", "prometheus"}
 
 
 def _compose() -> dict[str, Any]:
@@ -56,6 +60,20 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
 def _command(service: dict[str, Any]) -> list[str]:
     command = service["command"]
     return command.split() if isinstance(command, str) else [str(c) for c in command]
+
+
+def _interpolation(value: str) -> tuple[str, str]:
+    """`${NAME:-default}` -> (NAME, default): a value the user picks from the environment or .env."""
+    match = re.fullmatch(r"\$\{([A-Z0-9_]+):-([^}]*)\}", value)
+    assert match, f"expected ${{NAME:-default}}, got {value!r}"
+    return match.group(1), match.group(2)
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    depends = service.get("depends_on", {})
+    if isinstance(depends, list):
+        return {name: {"condition": "service_started"} for name in depends}
+    return {str(k): as_mapping(v) for k, v in as_mapping(depends).items()}
 
 
 def _port_of(url_or_hostport: str) -> int:
@@ -105,6 +123,60 @@ def test_every_part_of_the_system_is_there() -> None:
     assert services["redis"]["image"].startswith("redis:")
     assert services["otel-collector"]["image"].startswith("otel/opentelemetry-collector-contrib:")
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
+
+
+def test_plain_up_starts_what_it_did_and_profiles_hold_the_rest() -> None:
+    services = _services()
+    assert {name for name, svc in services.items() if not svc.get("profiles")} == DEFAULT_SERVICES
+    assert services["trainer"]["profiles"] == ["training"]
+    for name in MILVUS_SERVICES:
+        assert services[name]["profiles"] == ["milvus"], name
+
+
+def test_dependencies_on_profile_services_are_optional() -> None:
+    """A service that depends on one outside its profiles must say `required: false`, or compose refuses to start
+    without that profile ("depends on undefined service")."""
+    services = _services()
+    for name, service in services.items():
+        for target, spec in _depends_on(service).items():
+            target_profiles = set(services[target].get("profiles", []))
+            if target_profiles and not target_profiles <= set(service.get("profiles", [])):
+                assert spec.get("required") is False, f"{name} requires {target}, which runs only in {target_profiles}"
+
+
+def test_milvus_standalone_is_upstreams_layout_at_the_tested_version() -> None:
+    services = _services()
+    milvus = services["milvus"]
+    # The same Milvus the project's local stack runs in tests (the `milvus` wheel's standalone server).
+    assert milvus["image"] == f"milvusdb/milvus:v{StackSettings().milvus_version}"
+    assert _command(milvus) == ["milvus", "run", "standalone"]
+    env = _environment(milvus)
+    etcd_host, etcd_port = env["ETCD_ENDPOINTS"].rsplit(":", 1)
+    minio_host, minio_port = env["MINIO_ADDRESS"].rsplit(":", 1)
+    assert (etcd_host, etcd_port) == ("milvus-etcd", "2379")
+    assert (minio_host, minio_port) == ("milvus-minio", "9000")
+    assert "-listen-client-urls=http://0.0.0.0:2379" in _command(services["milvus-etcd"])
+    assert services["milvus-etcd"]["image"].startswith("quay.io/coreos/etcd:v3.5.")
+    assert services["milvus-minio"]["image"].startswith("minio/minio:RELEASE.")
+    for dependency in ("milvus-etcd", "milvus-minio"):
+        assert _depends_on(milvus)[dependency]["condition"] == "service_healthy"
+    assert "localhost:9091/healthz" in " ".join(milvus["healthcheck"]["test"])
+    for name in MILVUS_SERVICES:
+        volumes = [str(v) for v in services[name]["volumes"]]
+        assert all(v.split(":", 1)[0] in _compose()["volumes"] for v in volumes), f"{name}: named volumes only"
+
+
+def test_sieve_services_pick_the_index_backend_and_reach_milvus() -> None:
+    services = _services()
+    published = {p.split(":")[-1] for p in services["milvus"]["ports"]}
+    for name in SIEVE_SERVICES:
+        env = _environment(services[name])
+        # FAISS unless the user sets SIEVE_INDEX_BACKEND=milvus (environment or .env).
+        assert _interpolation(env["SIEVE_INDEX_BACKEND"]) == ("SIEVE_INDEX_BACKEND", "faiss")
+        uri = urlparse(env["SIEVE_MILVUS_URI"])
+        assert uri.hostname == "milvus" and str(uri.port) in published, env["SIEVE_MILVUS_URI"]
+        milvus_dep = _depends_on(services[name])["milvus"]
+        assert milvus_dep == {"condition": "service_healthy", "required": False}, name
 
 
 def test_kafka_is_a_single_kraft_node_reachable_by_service_name() -> None:

@@ -20,14 +20,16 @@ import pytest
 import yaml
 from deploy_rules import ROOT, as_mapping, check_sieve_command, known_env_names, unknown_sieve_names
 
+from services.common.config import IndexSettings, MilvusSettings
+
 CHART = ROOT / "helm" / "sieve"
 RELEASE = "sv"
 NAMESPACE = "moderation"
 KUBE_VERSIONS = ("1.25", kubernetes_validate.latest_version())
 CRD_GROUPS = ("monitoring.coreos.com/",)
 
-# Value sets the chart must render cleanly: the defaults (GPU Triton, external Kafka and Redis), the CPU-only
-# override shipped with the chart, and everything optional switched on.
+# Value sets the chart must render cleanly: the defaults (GPU Triton, external Kafka and Redis, FAISS index), the
+# CPU-only override shipped with the chart, everything optional switched on, and the index on Milvus.
 SCENARIOS: dict[str, list[str]] = {
     "default": [],
     "cpu": ["-f", str(CHART / "values-cpu.yaml")],
@@ -41,6 +43,12 @@ SCENARIOS: dict[str, list[str]] = {
         "--set", "kafka.saslUsername=sieve",
         "--set", "kafka.saslPassword=not-a-real-password",
         "--set", "reviewer.tokens.admin[0]=admin:0123456789abcdef",
+    ],
+    # The recent-images index in an external Milvus (the upstream chart installed beside this release).
+    "milvus": [
+        "--set", "index.backend=milvus",
+        "--set", "milvus.token=root:not-a-real-token",
+        "--set", "milvus.consistency=Bounded",
     ],
 }  # fmt: skip
 
@@ -313,6 +321,81 @@ def test_workloads_run_sieve_subcommands(workload: str) -> None:
     assert check_sieve_command(container(render("default"), workload)["args"]) == "parsed"
 
 
+def _settings_env(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """What a Sieve container's envFrom gives it: the ConfigMap, then the chart's Secret."""
+    env = dict(of_kind(docs, "ConfigMap")[f"{RELEASE}-sieve"]["data"])
+    env.update(of_kind(docs, "Secret").get(f"{RELEASE}-sieve", {}).get("stringData", {}))
+    return env
+
+
+def test_the_index_is_faiss_by_default_and_nothing_of_milvus_is_set() -> None:
+    env = _settings_env(render("default"))
+    assert env["SIEVE_INDEX_BACKEND"] == "faiss"
+    assert not [k for k in env if k.startswith("SIEVE_MILVUS_")]
+    assert "SIEVE_MILVUS_TOKEN" not in _settings_env(render("bundled"))  # no token without the milvus backend
+
+
+def test_milvus_backend_reaches_every_sieve_container(monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render("milvus")
+    config = of_kind(docs, "ConfigMap")[f"{RELEASE}-sieve"]["data"]
+    secret = of_kind(docs, "Secret")[f"{RELEASE}-sieve"]["stringData"]
+    assert config["SIEVE_INDEX_BACKEND"] == "milvus"
+    # The default endpoint: the upstream chart's Service, installed as release "milvus" in namespace "milvus".
+    assert config["SIEVE_MILVUS_URI"] == "http://milvus.milvus.svc.cluster.local:19530"
+    assert secret["SIEVE_MILVUS_TOKEN"] == "root:not-a-real-token"
+    assert "SIEVE_MILVUS_TOKEN" not in config and "not-a-real-token" not in yaml.safe_dump(config)
+    # The moderator (search, add), the trainer (backfill on promotion) and the reviewer all read the same index.
+    for workload in ("moderator", "reviewer", "trainer"):
+        refs = container(docs, workload)["envFrom"]
+        assert {"configMapRef": {"name": f"{RELEASE}-sieve"}} in refs, workload
+        assert {"secretRef": {"name": f"{RELEASE}-sieve"}} in refs, workload
+    # What the pods get parses into the code's own settings.
+    for key, value in _settings_env(docs).items():
+        monkeypatch.setenv(key, str(value))
+    assert IndexSettings().backend == "milvus"
+    milvus = MilvusSettings()
+    assert milvus.uri == config["SIEVE_MILVUS_URI"] and milvus.consistency == "Bounded"
+    assert milvus.token.get_secret_value() == "root:not-a-real-token"
+    assert milvus.collection_prefix == config["SIEVE_MILVUS_COLLECTION_PREFIX"] == "sieve_recent"
+
+
+def test_milvus_token_can_come_from_an_existing_secret() -> None:
+    result = _helm(
+        "template", RELEASE, str(CHART), "--set", "index.backend=milvus",
+        "--set", "milvus.token=root:not-a-real-token", "--set", "secrets.existingSecret=mine",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    docs = tuple(as_mapping(d) for d in yaml.safe_load_all(result.stdout) if d)
+    assert "not-a-real-token" not in result.stdout
+    assert f"{RELEASE}-sieve" not in of_kind(docs, "Secret")
+    assert {"secretRef": {"name": "mine"}} in container(docs, "moderator")["envFrom"]
+
+
+def render_notes(tmp_path: Path, *args: str) -> str:
+    """NOTES.txt as `helm install` would print it. `helm install --dry-run` needs a cluster and `helm template` leaves
+    NOTES out, so a copy of the chart renders it into a ConfigMap instead."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        '{{- define "test.notes" }}' + notes + "{{- end }}\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ include "test.notes" . | quote }}}\n'
+    )
+    show = ("--show-only", "templates/zz-notes.yaml")
+    result = _helm("template", RELEASE, str(chart), "--namespace", NAMESPACE, *show, *args)
+    assert result.returncode == 0, result.stderr
+    text: str = as_mapping(yaml.safe_load(result.stdout))["data"]["notes"]
+    return text
+
+
+def test_notes_name_the_index_backend(tmp_path: Path) -> None:
+    assert "Index:  FAISS in every moderator replica" in render_notes(tmp_path / "faiss")
+    milvus = render_notes(tmp_path / "milvus", *SCENARIOS["milvus"])
+    assert "Index:  Milvus at http://milvus.milvus.svc.cluster.local:19530" in milvus
+    assert "consistency Bounded" in milvus
+
+
 def test_chart_refuses_inconsistent_values() -> None:
     no_repo = _helm("template", RELEASE, str(CHART), "--set", "modelRepository.persistence.enabled=false")
     assert no_repo.returncode != 0 and "trainer.enabled needs modelRepository.persistence" in no_repo.stderr
@@ -320,3 +403,7 @@ def test_chart_refuses_inconsistent_values() -> None:
     assert sasl.returncode != 0 and "kafka.saslPassword" in sasl.stderr
     bad_key = _helm("template", RELEASE, str(CHART), "--set", "config.KAFKA_THING=1")
     assert bad_key.returncode != 0 and "only SIEVE_" in bad_key.stderr
+    bad_backend = _helm("template", RELEASE, str(CHART), "--set", "index.backend=qdrant")
+    assert bad_backend.returncode != 0 and "index.backend must be faiss or milvus" in bad_backend.stderr
+    no_uri = _helm("template", RELEASE, str(CHART), "--set", "index.backend=milvus", "--set", "milvus.uri=")
+    assert no_uri.returncode != 0 and "milvus.uri is required" in no_uri.stderr
