@@ -65,9 +65,7 @@ if ((TEST)); then
     touch "$test_stamp"
   fi
   bash scripts/install_helm.sh # the real helm CLI from the Go module proxy, for tests/unit/deploy (cached)
-  if [ -f scripts/install_milvus.sh ]; then
-    bash scripts/install_milvus.sh # the real Milvus server for the index tests (cached)
-  fi
+  bash scripts/install_milvus.sh # the real Milvus server for the index tests (cached)
 fi
 
 echo "[setup] Kafka broker jars (Maven Central, cached)"

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from services.common.config import Settings
 from services.common.imaging import decode_image
-from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.index import IndexEntry, open_recent_index
 from services.common.inference import TritonModels
 from services.common.kafka_io import ensure_topics
 from services.common.photos.build import Manifest
@@ -102,7 +102,7 @@ def _seed_window(settings: Settings, model: str, manifest: Manifest, folder: Pat
     assert served.model_version == f"{model}:1"
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
     prefix, dim = settings.redis.key_prefix, served.embeddings.shape[1]
-    v1 = SharedRecentIndex(client, prefix, f"{model}:1", dim, settings.index.retention_s)
+    v1 = open_recent_index(settings, client, f"{model}:1", dim)
     v1.add([IndexEntry(f"w{i}", served.embeddings[i], time.time()) for i in range(len(paths))])
     for i, p in enumerate(paths):
         client.set(upload_uri_key(prefix, f"w{i}"), p.as_uri())
@@ -163,10 +163,8 @@ def test_admin_requests_end_promoted_or_refused_in_the_api_and_the_cli(
         models.close()
         assert served.model_version == f"{model}:2"
         client = redis.Redis.from_url(settings.redis.url.get_secret_value())
-        v2 = SharedRecentIndex(
-            client, settings.redis.key_prefix, f"{model}:2", served.embeddings.shape[1], settings.index.retention_s
-        )
-        assert v2.sync() and len(v2) == len(pixels)
+        v2 = open_recent_index(settings, client, f"{model}:2", served.embeddings.shape[1])
+        assert v2.sync() and len(v2.entries()) == len(pixels)
         assert [hits[0].upload_id for hits in v2.search(served.embeddings, 1)] == ["w0", "w1", "w2", "w3"]
         card = json.loads((root / model / "2" / "model_card.json").read_text())
         recorded = recorded_thresholds(client, settings.redis.key_prefix)

@@ -17,7 +17,7 @@ from services.common.banks import HashBankStore
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.config import REPO_ROOT, Settings
 from services.common.imaging import decode_image
-from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.index import IndexEntry, open_recent_index
 from services.common.inference import TritonModels
 from services.common.photos.build import load_photo_set
 from services.common.stack.triton import TritonServer
@@ -59,7 +59,7 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     served = models.infer(pixels)
     assert served.model_version == "sieve_embedder:1"
     # The serving version's window, as the moderator leaves it: index entries plus each upload's image uri.
-    v1 = SharedRecentIndex(client, settings.redis.key_prefix, "sieve_embedder:1", 1280, settings.index.retention_s)
+    v1 = open_recent_index(settings, client, "sieve_embedder:1", 1280)
     v1.add([IndexEntry(f"w{i}", served.embeddings[i], time.time()) for i in range(len(paths))])
     for i, p in enumerate(paths):
         client.set(upload_uri_key(settings.redis.key_prefix, f"w{i}"), p.as_uri())
@@ -89,8 +89,8 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     assert with_recorded(settings.decision, recorded).threshold_for("sieve_embedder:2") == 0.905
     assert with_recorded(settings.decision, recorded).threshold_for("sieve_embedder:1") == 0.90
     assert models.infer(pixels[:1]).model_version == "sieve_embedder:2"
-    v2 = SharedRecentIndex(client, settings.redis.key_prefix, "sieve_embedder:2", 1280, settings.index.retention_s)
-    assert v2.sync() and len(v2) == len(paths)  # the new version's index is complete before its first verdict
+    v2 = open_recent_index(settings, client, "sieve_embedder:2", 1280)
+    assert v2.sync() and len(v2.entries()) == len(paths)  # the new version's index is complete before its first verdict
     assert v2.search(served.embeddings[3:4], 1)[0][0].upload_id == "w3"
     assert '"event": "promoted"' in log_path.read_text()
     # The banked image was embedded by the candidate as part of the promotion, before Triton switched to it.

@@ -21,7 +21,7 @@ import redis
 from PIL import Image
 
 from services.common.config import REPO_ROOT, Settings
-from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.index import IndexEntry, open_recent_index
 from services.common.photos.build import Manifest
 from services.common.schemas import FeedbackLabel
 from services.common.stack.triton import TritonServer
@@ -91,7 +91,7 @@ def _labelled_window(settings: Settings, photo_set: Manifest, tmp_path: Path) ->
     ]
     # The serving version's retention window, as the moderator leaves it: index entries plus image URIs.
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
-    window = SharedRecentIndex(client, settings.redis.key_prefix, "sieve_embedder:2", 256, 3600)
+    window = open_recent_index(settings, client, "sieve_embedder:2", 256)
     rng = np.random.default_rng(0)
     window.add([IndexEntry(u, rng.normal(size=256).astype(np.float32), time.time()) for u in uris])
     for upload_id, uri in uris.items():

@@ -19,7 +19,7 @@ from services.common.banks.rejudge import RejudgeRequests, RejudgeWorker
 from services.common.banks.retro import RetroJudge, kafka_publisher, remember_pdq
 from services.common.config import Settings
 from services.common.imaging import detail_view
-from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.index import IndexEntry, open_recent_index
 from services.common.kafka_io import ensure_topics
 from services.common.schemas import Action, Verdict
 from services.common.upload_keys import upload_action_key, upload_uri_key
@@ -56,7 +56,7 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     for upload_id in ("up-bytes", "up-pdq", "up-embedding", "up-other", "up-lookalike", "up-copy"):
         pipe.set(upload_action_key(prefix, upload_id), "allow")
     pipe.execute()
-    index = SharedRecentIndex(client, prefix, VERSION, 8, ttl)
+    index = open_recent_index(settings, client, VERSION, 8)
     index.add([IndexEntry("up-embedding", vector, time.time()), IndexEntry("up-other", -vector, time.time())])
 
     store = HashBankStore(client, prefix)
