@@ -509,6 +509,9 @@ def milvus_case(
             for s in utility.get_query_segment_info(index.collection, using=alias)
         ]
         connections.disconnect(alias)
+    later = dict(
+        zip(("indexed_rows", "total_rows", "pending_rows"), index_progress(client, index.collection), strict=True)
+    )
     client.drop_collection(index.collection)
     return {
         "backend": "milvus",
@@ -530,6 +533,7 @@ def milvus_case(
         "search_ef_sweep": sweep,
         "search_bounded_consistency": bounded,
         "query_segments": segments,
+        "index_progress_after_searches": later,
     }
 
 
