@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,7 +175,9 @@ def run_stream(
     label: str,
     progress: bool = True,
     timeout_s: float = 3600,
+    prepare: Callable[[Settings], None] | None = None,
 ) -> StreamResult:
+    """``prepare``: called with the run's settings before the replicas start (e.g. to create an index)."""
     ns = f"{label}-{uuid.uuid4().hex[:6]}"
     env = {
         **os.environ,
@@ -194,6 +197,8 @@ def run_stream(
     os.environ.update({k: v for k, v in env.items() if k.startswith("SIEVE_")})
     settings = Settings()
     ensure_topics(settings.kafka)
+    if prepare is not None:
+        prepare(settings)
     log_dir = Path(stack.log_dir)
     procs = [Replica(env, log_dir / f"{ns}-replica{i}.log") for i in range(replicas)]
     stop = threading.Event()
@@ -210,7 +215,8 @@ def run_stream(
 
     def pids() -> dict[str, int]:
         found = {f"moderator-{i}": p.proc.pid for i, p in enumerate(procs)}
-        for name, part in (("kafka", stack.kafka), ("redis", stack.redis), ("triton", stack.triton)):
+        parts = (("kafka", stack.kafka), ("redis", stack.redis), ("triton", stack.triton), ("milvus", stack.milvus))
+        for name, part in parts:
             if part is not None and part.process is not None and part.process.pid:
                 found[name] = part.process.pid
         return found
