@@ -117,18 +117,7 @@ def _upload_signals(item: Item) -> UploadSignals:
 
 
 def _bank_evidence(matches: list[BankMatch]) -> list[BankMatchEvidence]:
-    return [
-        BankMatchEvidence(
-            bank=m.bank,
-            signal_type=m.signal_type,
-            distance=m.distance,
-            item_id=m.item_id,
-            score=m.score,
-            inliers=m.inliers,
-            action=m.action,
-        )
-        for m in matches
-    ]
+    return [m.evidence() for m in matches]
 
 
 def _bank_reasons(matches: list[BankMatch]) -> list[str]:

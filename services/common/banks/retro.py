@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import redis
@@ -32,7 +32,7 @@ from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal
 from services.common.banks.store import BankMatch, HashBankStore
 from services.common.config import Settings
-from services.common.schemas import Action, BankMatchEvidence, ReviewReason, ReviewRequest, Verdict
+from services.common.schemas import Action, ReviewReason, ReviewRequest, Verdict
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import FeatureStore, QueryFeatures, Verifier
 
@@ -216,15 +216,7 @@ class RetroJudge:
 
     @staticmethod
     def _verdict(recent: _Recent, match: BankMatch, action: Action) -> Verdict:
-        evidence = BankMatchEvidence(
-            bank=match.bank,
-            signal_type=match.signal_type,
-            distance=match.distance,
-            item_id=match.item_id,
-            score=match.score,
-            inliers=match.inliers,
-            action="block" if action is Action.BLOCK else "review",
-        )
+        evidence = replace(match, action="block" if action is Action.BLOCK else "review").evidence()
         return Verdict(
             upload_id=recent.upload_id,
             event_id=f"retro:{match.bank}:{recent.upload_id}",

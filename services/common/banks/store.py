@@ -31,6 +31,7 @@ import redis
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal, SignalType
+from services.common.schemas import BankMatchEvidence
 
 HashKind = SignalType  # the name earlier callers used
 BankAction = Literal["block", "review"]
@@ -74,6 +75,18 @@ class BankMatch:
     score: float | None = None  # banked embedding: the fused score compared with the threshold
     inliers: int | None = None  # banked embedding: keypoints agreeing on one geometry (None: not verified)
     action: BankAction = "block"  # the bank's configured action
+
+    def evidence(self) -> BankMatchEvidence:
+        """The verdict's record of this match (the moderator's and retroactive verdicts alike)."""
+        return BankMatchEvidence(
+            bank=self.bank,
+            signal_type=self.signal_type,
+            distance=self.distance,
+            item_id=self.item_id,
+            score=self.score,
+            inliers=self.inliers,
+            action=self.action,
+        )
 
 
 @dataclass(frozen=True)
