@@ -190,9 +190,12 @@ class MilvusSettings(BaseSettings):
     uri: str = "http://127.0.0.1:19530"
     token: SecretStr = SecretStr("")  # "user:password" where the cluster has authentication on
     collection_prefix: str = "sieve_recent"
-    # Strong: a search sees every insert acknowledged before it, by any replica (read-your-writes across
-    # replicas). Its latency is bounded below by the server's proxy.timeTickInterval (the stack sets 20 ms).
-    consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
+    # Session: a search sees every write any replica had acknowledged before it (read-your-writes across
+    # replicas): writes publish their Milvus timestamp in Redis, searches guarantee the newest one, and wait for
+    # the server only while that write is younger than one time tick (proxy.timeTickInterval; the stack sets 20 ms).
+    # Strong: the same visibility, but every search waits for the next tick (20-40 ms). Bounded, Eventually: no
+    # read-your-writes (a copy uploaded moments after its original, on another replica, can be missed).
+    consistency: Literal["Session", "Strong", "Bounded", "Eventually"] = "Session"
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     search_ef: int = 128  # HNSW candidates per query; >= top_k

@@ -119,7 +119,8 @@ def test_redis_stopped_and_restarted_loses_nothing(
     if settings.index.backend == "milvus":  # the index lives in Milvus, which stayed up: every row is there
         from services.common.index.milvus_index import MilvusRecentIndex
 
-        index = MilvusRecentIndex(settings.milvus, settings.redis.key_prefix, served_version(), 1, 3600)
+        strong = settings.milvus.model_copy(update={"consistency": "Strong"})  # sees every row; no clock needed
+        index = MilvusRecentIndex(strong, settings.redis.key_prefix, served_version(), 1, 3600)
         assert index.count() == 16
     else:
         client = redis.Redis.from_url(settings.redis.url.get_secret_value())

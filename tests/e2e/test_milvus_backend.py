@@ -83,7 +83,8 @@ def _check_copies_matched(settings: Settings, samples: list[PhotoSample], modera
 
 
 def _rows(settings: Settings) -> int:
-    return MilvusRecentIndex(settings.milvus, settings.redis.key_prefix, served_version(), 1, 3600).count()
+    strong = settings.milvus.model_copy(update={"consistency": "Strong"})  # sees every row; no clock needed
+    return MilvusRecentIndex(strong, settings.redis.key_prefix, served_version(), 1, 3600).count()
 
 
 def test_two_replicas_on_milvus_find_each_others_uploads(

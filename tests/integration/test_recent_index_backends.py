@@ -56,6 +56,44 @@ def test_replicas_find_each_others_uploads_at_once(open_index: Open) -> None:
     assert hits[0][0].score == pytest.approx(1.0, abs=1e-4)
 
 
+def test_each_upload_is_visible_to_another_replica_the_moment_it_is_added(open_index: Open) -> None:
+    """No pause between one replica's add and another's search (Milvus Session: the shared write clock; without
+    it, a search right after an insert on another client misses it most of the time)."""
+    a, b = open_index(), open_index()
+    for i in range(15):
+        a.add([IndexEntry(f"n{i}", _vec(100 + i), time.time())])
+        b.sync()
+        hits = b.search(_vec(100 + i)[None], 1)[0]
+        assert [h.upload_id for h in hits] == [f"n{i}"], f"upload {i} not visible to the other replica"
+
+
+def test_milvus_session_reads_survive_a_lost_write_clock(
+    settings: Settings, milvus_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key gone (Redis flushed) or Redis unreachable: searches fall back to Strong and still see every row."""
+    from services.common.index.milvus_index import MilvusRecentIndex, collection_name
+    from services.common.index.write_clock import RedisWriteClock
+    from services.common.stack.process import free_port
+
+    monkeypatch.setenv("SIEVE_MILVUS_URI", milvus_uri)
+    cfg = Settings().milvus
+    assert cfg.consistency == "Session"
+    prefix = settings.redis.key_prefix
+    name = collection_name(cfg.collection_prefix, prefix, "emb:clock")
+    live = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    writer = MilvusRecentIndex(cfg, prefix, "emb:clock", 32, 3600, write_clock=RedisWriteClock(live, prefix, name))
+    writer.add([IndexEntry("w0", _vec(1), time.time())])
+    clock = RedisWriteClock(live, prefix, name)
+    assert clock.read() > 0
+    live.delete(clock.key)
+    writer.add([IndexEntry("w1", _vec(2), time.time())])
+    dead = RedisWriteClock(redis.Redis(port=free_port(), socket_connect_timeout=1), prefix, name)
+    for reader_clock in (RedisWriteClock(live, prefix, name), dead):
+        reader = MilvusRecentIndex(cfg, prefix, "emb:clock", 32, 3600, write_clock=reader_clock)
+        found = reader.search(np.stack([_vec(1), _vec(2)]), 1)
+        assert [[h.upload_id for h in row] for row in found] == [["w0"], ["w1"]]
+
+
 def test_an_upload_never_matches_itself_and_top_k_is_kept(open_index: Open) -> None:
     a = open_index()
     a.add([IndexEntry(f"u{i}", _vec(i), time.time()) for i in range(10)])
@@ -123,10 +161,12 @@ def test_an_unreachable_milvus_is_a_transient_error(settings: Settings, monkeypa
     from pymilvus import MilvusClient
 
     from services.common.index.milvus_index import MilvusRecentIndex
+    from services.common.index.write_clock import RedisWriteClock
     from services.common.stack.process import free_port
 
     cfg = settings.milvus.model_copy(update={"uri": f"http://127.0.0.1:{free_port()}", "timeout_s": 2.0})
-    index = MilvusRecentIndex(cfg, "ns", "emb:1", 32, 3600)
+    clock = RedisWriteClock(redis.Redis.from_url(settings.redis.url.get_secret_value()), "ns", "c")
+    index = MilvusRecentIndex(cfg, "ns", "emb:1", 32, 3600, write_clock=clock)
     began = time.monotonic()
     with pytest.raises(TransientError) as raised:
         index.search(_vec(1)[None], 5)

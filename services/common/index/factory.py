@@ -8,6 +8,7 @@ from services.common.config import Settings
 from services.common.index.base import RecentIndex
 from services.common.index.redis_store import RedisIndexStore
 from services.common.index.shared import SharedRecentIndex
+from services.common.index.write_clock import RedisWriteClock
 
 
 def open_recent_index(settings: Settings, client: redis.Redis, model_version: str, dim: int) -> RecentIndex:
@@ -17,9 +18,12 @@ def open_recent_index(settings: Settings, client: redis.Redis, model_version: st
     """
     cfg = settings.index
     if cfg.backend == "milvus":
-        from services.common.index.milvus_index import MilvusRecentIndex  # pymilvus loads pandas: only when used
+        from services.common.index.milvus_index import MilvusRecentIndex, collection_name  # pymilvus: pandas
 
-        return MilvusRecentIndex(settings.milvus, settings.redis.key_prefix, model_version, dim, cfg.retention_s)
+        prefix = settings.redis.key_prefix
+        collection = collection_name(settings.milvus.collection_prefix, prefix, model_version)
+        clock = RedisWriteClock(client, prefix, collection)
+        return MilvusRecentIndex(settings.milvus, prefix, model_version, dim, cfg.retention_s, write_clock=clock)
     return SharedRecentIndex(
         client,
         settings.redis.key_prefix,

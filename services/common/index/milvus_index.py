@@ -1,8 +1,10 @@
 """The recent-images index in Milvus: one collection per embedder version, shared by every replica.
 
 Replicas hold no vectors: each search goes to Milvus, so the window can outgrow one machine and a new replica
-pays nothing to start. Read-your-writes across replicas comes from the consistency level (Strong by default: a
-search waits until every insert acknowledged before it is visible). Expired rows are filtered out of every
+pays nothing to start. Read-your-writes across replicas comes from the consistency level. Session (the default)
+searches with the newest write timestamp any replica has published (``write_clock``), so every write acknowledged
+before a search is visible to it, and a search waits for the server only when such a write is younger than one
+time tick; Strong waits for the next tick on every search. Expired rows are filtered out of every
 search at once and deleted in the background. Any failure to reach Milvus is a ``TransientError``: the moderator
 pauses and retries the batch, and commits no offset until the batch's rows are in, so nothing is lost.
 """
@@ -21,10 +23,12 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.client import ts_utils
 
 from services.common.config import MilvusSettings
 from services.common.errors import TransientError
 from services.common.index.base import IndexEntry, Neighbour
+from services.common.index.write_clock import WriteClock
 
 log = logging.getLogger(__name__)
 logging.getLogger("pymilvus").setLevel(logging.ERROR)  # it warns per call while the server restarts
@@ -62,8 +66,12 @@ class MilvusRecentIndex:
         dim: int,
         retention_s: int,
         connect: Callable[[], MilvusClient] | None = None,
+        write_clock: WriteClock | None = None,
     ) -> None:
+        if settings.consistency == "Session" and write_clock is None:
+            raise ValueError("Milvus consistency Session needs the replicas' shared write clock (Redis)")
         self.settings = settings
+        self.write_clock = write_clock
         self.model_version = model_version
         self.dim = dim
         self.retention_s = retention_s
@@ -77,6 +85,10 @@ class MilvusRecentIndex:
         self._counted_at = 0.0
         self._swept_at = 0.0
         self._lock = threading.Lock()
+        self._ts_lock = threading.Lock()
+        self._own_write_ts = 0  # newest Milvus timestamp of this handle's writes
+        self._unpublished_ts = 0  # ... not yet in the shared write clock
+        self._publish_failing = False
 
     def _default_connect(self) -> MilvusClient:
         token = self.settings.token.get_secret_value()
@@ -141,6 +153,40 @@ class MilvusRecentIndex:
                 raise ValueError(f"{self.collection} holds {found}-d vectors, not {self.dim}-d: a version mix-up")
         client.load_collection(self.collection, timeout=timeout)
 
+    def _read_consistency(self) -> dict[str, Any]:
+        """Session: guarantee the newest write any replica has published, and this handle's own. When Redis is
+        unreachable, or no write is known (a fresh collection, a lost key): Strong, slower but never stale."""
+        if self.settings.consistency != "Session" or self.write_clock is None:
+            return {"consistency_level": self.settings.consistency}
+        self._publish_pending()
+        try:
+            ts = max(self.write_clock.read(), self._own_write_ts)
+        except TransientError:
+            return {"consistency_level": "Strong"}
+        if ts <= 0:
+            return {"consistency_level": "Strong"}
+        return {"consistency_level": "Customized", "guarantee_timestamp": ts}
+
+    def _publish_pending(self) -> None:
+        """Other replicas see this handle's writes once their timestamp is in Redis. While Redis is away the
+        write still lands in Milvus (as FAISS additions wait in a replica), and is published when it is back."""
+        ts = self._unpublished_ts
+        if self.write_clock is None or ts <= 0:
+            return
+        try:
+            self.write_clock.advance(ts)
+        except TransientError as exc:
+            if not self._publish_failing:
+                log.warning("index %s: write timestamp not published yet (%s)", self.model_version, exc)
+            self._publish_failing = True
+            return
+        if self._publish_failing:
+            log.info("index %s: write timestamps published again", self.model_version)
+        self._publish_failing = False
+        with self._ts_lock:
+            if self._unpublished_ts == ts:  # no newer write came in meanwhile
+                self._unpublished_ts = 0
+
     # -- the RecentIndex interface -------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -164,6 +210,7 @@ class MilvusRecentIndex:
         cutoff = time.time() - self.retention_s
         ef = max(self.settings.search_ef, k + 1)
         data = _unit_rows(vectors).tolist()
+        consistency = self._read_consistency()
         hits = self._call(
             "search",
             lambda c: c.search(
@@ -172,8 +219,8 @@ class MilvusRecentIndex:
                 limit=k + 1,
                 filter=f"added_at >= {cutoff!r}",
                 search_params={"metric_type": "IP", "params": {"ef": ef}},
-                consistency_level=self.settings.consistency,
                 timeout=self.settings.timeout_s,
+                **consistency,
             ),
         )
         out = []
@@ -197,10 +244,18 @@ class MilvusRecentIndex:
 
     def _upsert(self, rows: list[dict[str, Any]]) -> None:
         self._call("upsert", lambda c: c.upsert(self.collection, rows, timeout=self.settings.timeout_s))
+        # pymilvus keeps the newest write timestamp per collection of this process (MilvusClient.upsert does not
+        # return it): at least this write's, so publishing it covers this write.
+        ts = int(ts_utils.get_collection_ts(self.collection) or 0)
+        with self._ts_lock:
+            self._own_write_ts = max(self._own_write_ts, ts)
+            self._unpublished_ts = max(self._unpublished_ts, ts)
+        self._publish_pending()
 
     def maintain(self) -> None:
         """Deletes expired rows now and then (searches already skip them) and refreshes the row count."""
         now = time.time()
+        self._publish_pending()
         try:
             if now - self._swept_at >= self.settings.retention_sweep_s:
                 cutoff = now - self.retention_s
@@ -217,9 +272,11 @@ class MilvusRecentIndex:
     def count(self) -> int:
         """Rows in the collection now (expired rows not yet swept included)."""
 
+        consistency = self._read_consistency()
+
         def rows(client: MilvusClient) -> int:
             timeout = self.settings.timeout_s
-            found = client.query(self.collection, filter="", output_fields=["count(*)"], timeout=timeout)
+            found = client.query(self.collection, filter="", output_fields=["count(*)"], timeout=timeout, **consistency)
             return int(found[0]["count(*)"]) if found else 0
 
         self._count = self._call("count", rows, ensure=False)
@@ -237,6 +294,7 @@ class MilvusRecentIndex:
                 filter=f"added_at >= {cutoff!r}",
                 output_fields=["upload_id", "added_at", "embedding"],
                 timeout=self.settings.timeout_s,
+                consistency_level="Strong",  # a backfill reads rarely and must see every row
             )
             try:
                 while batch := iterator.next():

@@ -17,8 +17,8 @@ from pathlib import Path
 from services.common.stack.process import ManagedProcess, StackError, free_port
 
 # Components advertise loopback, sessions expire in 10 s (a restart after kill -9 waits for the old session: ~58 s
-# at the default), and the proxy ticks every 20 ms: a Strong-consistency search waits for the next tick, so the
-# default 200 ms would be every search's floor.
+# at the default), and the proxy ticks every 20 ms: a search that must see a write younger than one tick (and
+# every Strong search) waits for the next tick, and the default 200 ms would be that wait.
 EXTRA_CONFIG = {
     **{f"{c}.ip": "127.0.0.1" for c in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord")},
     "dataNode.ip": "127.0.0.1",
