@@ -77,8 +77,8 @@ REPOST_FRACTION = 0.1
 MIB = float(1 << 20)
 EF_SWEEP = (64, 128, 256, 512)
 WRITE_EVERY_S = 0.1  # "other replicas" add a moderator batch this often while searches run (~320 rows/s)
-UNDER_WRITES_BATCHES = 100
-SETTLE_S = 300.0  # longest wait, after every row is indexed, for compaction's re-indexing to finish
+UNDER_WRITES_BATCHES = 200
+SETTLE_S = 1200.0  # longest wait, after every row is indexed, for compaction's re-indexing to finish (967 s at 1M)
 GOAL_RECALL = 0.98
 GOAL_P99_RATIO = 5.0
 GOAL_E2E_RATIO = 0.8
@@ -318,6 +318,11 @@ def search_cases(
         rows = search(q, k, exclude[: len(q)])
         batch_s.append(time.perf_counter() - t0)
         found[start : start + len(q)] = [row_of(r[0]) if r else -1 for r in rows]
+    for start in range(0, len(queries), SEARCH_BATCH):  # a second pass: p99 from 200 batches, not 100
+        q = queries[start : start + SEARCH_BATCH]
+        t0 = time.perf_counter()
+        search(q, k, exclude[: len(q)])
+        batch_s.append(time.perf_counter() - t0)
     dup = planted >= 0
     out: dict[str, Any] = {
         "recall_at_1": round(float(np.mean(found == truth)), 4),

@@ -24,7 +24,7 @@ def _caffe_preprocess(image: np.ndarray) -> np.ndarray:
     Image.fromarray(image).save(buffer, format="JPEG")
     decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
     off = (decoded.shape[0] - CROP) // 2
-    cropped = decoded[off:off + CROP, off:off + CROP, :]
+    cropped = decoded[off : off + CROP, off : off + CROP, :]
     out: np.ndarray = cropped[:, :, ::-1] - BGR_MEAN
     return out
 
