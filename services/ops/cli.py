@@ -20,6 +20,8 @@ from services.common.banks.signals import SIGNAL_TYPES
 from services.common.banks.store import BANK_ACTIONS, BankAction
 from services.common.config import Settings
 
+REJUDGE_LOCK_WAIT_S = 600.0  # one step of the reviewer's worker holds the bank's lock for at most this
+
 
 def _store(settings: Settings) -> HashBankStore:
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
@@ -126,7 +128,13 @@ def _rejudge(store: HashBankStore, settings: Settings, args: argparse.Namespace,
 
     judge = RetroJudge(store.client, settings, kafka_publisher(settings))
     while True:
-        progress = judge.run(name, max_signals=args.max_signals)
+        lock = judge.lock(name)
+        if not lock.acquire(blocking=True, blocking_timeout=REJUDGE_LOCK_WAIT_S):
+            raise SystemExit(f"bank {name} is being re-judged by another process; try again later")
+        try:
+            progress = judge.run(name, max_signals=args.max_signals)
+        finally:
+            lock.release()
         print(json.dumps({"rejudge": progress.__dict__}), flush=True)
         _audit(store, "bank_rejudged", args, progress.__dict__)
         if progress.done or not until_done:

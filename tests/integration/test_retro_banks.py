@@ -3,6 +3,7 @@ updated verdict each, in resumable steps."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -182,3 +183,35 @@ def test_admin_api_adds_are_re_judged_in_the_background_in_bounded_steps(setting
     worker = RejudgeWorker(RetroJudge(client, settings, kafka_publisher(settings)))
     assert worker.run_once() == 1 and requests.pending() == {}
     assert worker.run_once() == 0
+
+
+def test_cli_rejudge_waits_for_the_bank_lock_the_worker_holds(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two processes stepping one bank would both read the cursor and publish the same verdicts twice."""
+    from services.cli import main as sieve
+    from services.ops import cli as ops_cli
+
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    prefix = settings.redis.key_prefix
+    ExactMatchStore(client, prefix, settings.index.retention_s).remember(
+        "c" * 64, None, KnownUpload("up-locked", "allow", VERSION, {})
+    )
+    client.set(upload_action_key(prefix, "up-locked"), "allow")
+    store = HashBankStore(client, prefix)
+    store.create("locked")
+    store.add_signals("locked", [Signal("sha256", "c" * 64, "item-1")])
+    judge = RetroJudge(client, settings, kafka_publisher(settings))
+    monkeypatch.setattr(ops_cli, "REJUDGE_LOCK_WAIT_S", 0.5)
+    held = judge.lock("locked")
+    assert held.acquire(blocking=False)
+    try:
+        with pytest.raises(SystemExit, match="being re-judged by another process"):
+            sieve(["banks", "rejudge", "locked", "--actor", "tester"])
+        assert client.hget(f"{prefix}:bank:locked:retro", "cursor") is None  # nothing stepped
+    finally:
+        held.release()
+    capsys.readouterr()
+    assert sieve(["banks", "rejudge", "locked", "--actor", "tester"]) == 0
+    progress = json.loads(capsys.readouterr().out.splitlines()[-1])["rejudge"]
+    assert progress["published"] == 1 and progress["done"] is True

@@ -80,7 +80,7 @@ class RejudgeWorker:
         """One step for each pending bank that no other worker is stepping; returns the steps taken."""
         steps = 0
         for bank, generation in sorted(self.requests.pending().items()):
-            lock = self.judge.client.lock(f"{self.judge.prefix}:bank:{bank}:retro:lock", timeout=self.lock_s)
+            lock = self.judge.lock(bank, self.lock_s)
             if not lock.acquire(blocking=False):
                 continue
             try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import redis
+from redis.lock import Lock
 
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.near import BankEmbeddingRule
@@ -80,6 +81,11 @@ class RetroJudge:
         self.store = HashBankStore(client, self.prefix, settings.banks.pdq_threshold)
         self.rule = BankEmbeddingRule(settings.banks, Verifier(settings.verify))
         self.features = FeatureStore(client, self.prefix, settings.index.retention_s)
+
+    def lock(self, bank: str, lock_s: float = 600.0) -> Lock:
+        """Held around each ``run`` step: two processes (the reviewer's worker, ``sieve banks rejudge``) stepping
+        one bank at once would both read the cursor and publish the same updated verdicts."""
+        return cast(Lock, self.client.lock(f"{self.prefix}:bank:{bank}:retro:lock", timeout=lock_s))
 
     def _state_key(self, bank: str) -> str:
         return f"{self.prefix}:bank:{bank}:retro"
