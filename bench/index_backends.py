@@ -61,6 +61,7 @@ from bench.common import (
     write_result,
 )
 from services.common.config import DecisionSettings, IndexSettings, MilvusSettings, Settings
+from services.common.index import RecentIndex, open_recent_index
 from services.common.index.base import IndexEntry, Neighbour
 from services.common.index.redis_store import RedisIndexStore
 from services.common.index.shared import SharedRecentIndex
@@ -409,6 +410,19 @@ def search_under_writes(
     }
 
 
+def product_index(client: redis.Redis, prefix: str, backend: str, milvus: MilvusSettings | None = None) -> RecentIndex:
+    """A replica's handle as the moderator opens it (``open_recent_index``), under the case's own key prefix."""
+    base = Settings()
+    settings = base.model_copy(
+        update={
+            "redis": base.redis.model_copy(update={"key_prefix": prefix}),
+            "index": base.index.model_copy(update={"backend": backend}),
+            "milvus": milvus or base.milvus,
+        }
+    )
+    return open_recent_index(settings, client, MODEL_VERSION, DIM)
+
+
 # ---------------------------------------------------------------------------------------------------- FAISS
 
 
@@ -418,16 +432,8 @@ def faiss_case(case: Case, client: redis.Redis, redis_pid: int, say: Progress) -
     gc.collect()
     rss0 = rss_bytes()
     redis0 = rss_tree(redis_pid)
-    index = SharedRecentIndex(
-        client,
-        prefix,
-        MODEL_VERSION,
-        DIM,
-        cfg.retention_s,
-        ivf_from=cfg.ivf_from,
-        nprobe=cfg.ivf_nprobe,
-        snapshot_every=cfg.snapshot_every,
-    )
+    index = product_index(client, prefix, "faiss")
+    assert isinstance(index, SharedRecentIndex)
     index.sync()
     say(f"faiss {case.n:,}: bulk insert")
     bulk = fill(index.add, case.window, 0, case.n - case.moderator_rows, BULK_ROWS, say)
@@ -456,9 +462,7 @@ def faiss_case(case: Case, client: redis.Redis, redis_pid: int, say: Progress) -
     del index
     gc.collect()
     rss1 = rss_bytes()
-    fresh = SharedRecentIndex(
-        client, prefix, MODEL_VERSION, DIM, cfg.retention_s, ivf_from=cfg.ivf_from, nprobe=cfg.ivf_nprobe
-    )
+    fresh = product_index(client, prefix, "faiss")
     t0 = time.perf_counter()
     fresh.sync()
     load_s = time.perf_counter() - t0
@@ -508,21 +512,17 @@ def milvus_case(
 ) -> dict[str, Any]:
     from pymilvus import MilvusClient
 
-    from services.common.index.milvus_index import MilvusRecentIndex, collection_name
-    from services.common.index.write_clock import RedisWriteClock
+    from services.common.index.milvus_index import MilvusRecentIndex
 
-    retention = IndexSettings().retention_s
     namespace = f"benchidx{case.n}"
     client = MilvusClient(uri=settings.uri, timeout=60)
     rss_before = rss_tree(milvus_pid)
 
     def replica(**changes: Any) -> MilvusRecentIndex:
-        """A replica's handle as open_recent_index makes it: the replicas' write clock in Redis included."""
-        clock = RedisWriteClock(
-            redis_client, namespace, collection_name(settings.collection_prefix, namespace, MODEL_VERSION)
-        )
-        cfg = settings.model_copy(update=changes)
-        return MilvusRecentIndex(cfg, namespace, MODEL_VERSION, DIM, retention, write_clock=clock)
+        """A replica's handle (the replicas' write clock in Redis included), with these MilvusSettings changed."""
+        index = product_index(redis_client, namespace, "milvus", settings.model_copy(update=changes))
+        assert isinstance(index, MilvusRecentIndex)
+        return index
 
     index = replica()
     index.sync()  # creates and loads the collection with its HNSW index
@@ -652,21 +652,22 @@ def end_to_end(stack: LocalStack, uploads: int, rounds: int, say: Progress) -> d
 
     used: list[Settings] = []
 
+    def milvus_reader(settings: Settings) -> MilvusRecentIndex:
+        """Strong: sees every row, and needs no write clock."""
+        strong = settings.milvus.model_copy(update={"consistency": "Strong"})
+        return MilvusRecentIndex(strong, settings.redis.key_prefix, MODEL_VERSION, DIM, settings.index.retention_s)
+
     def create_collection(settings: Settings) -> None:
         """The collection exists before the moderator starts, as in a deployment (creating it is not measured)."""
         used.append(settings)
         if settings.index.backend == "milvus":
-            strong = settings.milvus.model_copy(update={"consistency": "Strong"})
-            MilvusRecentIndex(strong, settings.redis.key_prefix, MODEL_VERSION, DIM, settings.index.retention_s).sync()
+            milvus_reader(settings).sync()
 
     def rows_indexed() -> int:
         """What the run left in its backend's index: proof that the moderator used that backend."""
         settings = used[-1]
         if settings.index.backend == "milvus":
-            strong = settings.milvus.model_copy(update={"consistency": "Strong"})  # sees every row
-            return MilvusRecentIndex(
-                strong, settings.redis.key_prefix, MODEL_VERSION, DIM, settings.index.retention_s
-            ).count()
+            return milvus_reader(settings).count()
         client = redis.Redis.from_url(settings.redis.url.get_secret_value())
         try:
             store = RedisIndexStore(client, settings.redis.key_prefix, MODEL_VERSION)
