@@ -52,6 +52,7 @@ from services.common.hashing import hamming, phash_hex
 from services.common.index.base import Neighbour
 from services.common.photos.build import load_photo_set
 from services.common.verification import FeatureExtractor, LocalFeatures, QueryFeatures, Verifier, detail_view
+from services.common.verification.keypoint_index import KeypointIndex
 from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG, jpeg_bytes, wire_pixels
 from services.evaluation.hard_edits import FAMILY_QUALITY, HARD_FAMILIES, Edit, hard_family_edits
 from services.evaluation.hard_sources import (
@@ -302,6 +303,14 @@ def features_of(items: Sequence[bytes], extractor: FeatureExtractor, side: int) 
     return [extractor.extract(detail_view(pil(d, side), side)) for d in items]
 
 
+def keypoint_index_of(ref_features: Sequence[LocalFeatures], verifier: Verifier) -> KeypointIndex:
+    """The second pass's channel over a set's references, ids being their rows."""
+    index = verifier.keypoint_index()
+    for row, features in enumerate(ref_features):
+        index.add(str(row), features, 0.0)
+    return index
+
+
 def verified_similarity(
     sim: NDArray[Any],
     queries: Sequence[bytes],
@@ -309,31 +318,60 @@ def verified_similarity(
     verifier: Verifier,
     threshold: float,
     band: float = DecisionSettings().review_margin,
+    keypoints: KeypointIndex | None = None,
 ) -> tuple[NDArray[np.float64], dict[str, Any]]:
-    """The moderator's rule on every query: top candidates by cosine, verified, fused scores written back."""
+    """The moderator's rule on every query: top candidates by cosine, verified, fused scores written back; then,
+    where no fused score is sure, the second pass (``keypoints``' most-voted references, verified alike)."""
     cfg = verifier.settings
     idx, scores = top_k(sim, max(TOP_K, cfg.top_k))
     out = np.asarray(sim, dtype=np.float64).copy()
-    pairs = mirrored = 0
+    pairs = mirrored = second = second_pairs = second_matches = 0
+    second_s = 0.0
     began = time.perf_counter()
     for q, data in enumerate(queries):
         neighbours = [Neighbour(str(int(i)), float(s)) for i, s in zip(idx[q], scores[q], strict=True)]
         chosen = verifier.candidates(neighbours, threshold, band)
-        if not chosen:
+        wants_second = keypoints is not None and verifier.needs_second_pass(None, threshold)
+        if not chosen and not wants_second:
             continue
         gray = detail_view(pil(data, cfg.detail_side), cfg.detail_side)
         query = QueryFeatures(verifier.extractor.extract(gray), partial(verifier.extractor.extract_mirrored, gray))
         references = {n.upload_id: ref_features[int(n.upload_id)] for n in chosen}
-        for v in verifier.verify(query, chosen, references):
+        verified = verifier.verify(query, chosen, references)
+        for v in verified:
             out[q, int(v.upload_id)] = v.score
             mirrored += int(v.mirrored)
         pairs += len(chosen)
+        best = max((v.score for v in verified), default=None)
+        if best is None and neighbours and not chosen:
+            best = neighbours[0].score  # nothing verified: the descriptor's best stands
+        if keypoints is None or not verifier.needs_second_pass(best, threshold):
+            continue
+        second += 1
+        t = time.perf_counter()
+        hits = verifier.keypoint_candidates(keypoints, query.features, exclude=references)
+        extra = [Neighbour(h.upload_id, float(sim[q, int(h.upload_id)])) for h in hits]
+        for v in verifier.verify(query, extra, {n.upload_id: ref_features[int(n.upload_id)] for n in extra}):
+            out[q, int(v.upload_id)] = v.score
+            second_matches += int(v.score >= threshold)
+        second_pairs += len(extra)
+        second_s += time.perf_counter() - t
     elapsed = time.perf_counter() - began
-    return out, {
+    cost: dict[str, Any] = {
         "pairs_verified": pairs,
         "matched_mirrored": mirrored,
         "ms_per_query": round(elapsed * 1000 / max(len(queries), 1), 2),
     }
+    if keypoints is not None:
+        cost["second_pass"] = {
+            "queries": second,
+            "pairs_verified": second_pairs,
+            "candidates_over_threshold": second_matches,
+            "ms_per_second_pass": round(second_s * 1000 / max(second, 1), 2),
+            "index_descriptors": keypoints.descriptors,
+            "index_bytes_per_image": round(keypoints.memory_bytes() / max(len(keypoints), 1)),
+        }
+    return out, cost
 
 
 # ------------------------------------------------------------------------------------------------ calibration

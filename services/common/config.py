@@ -154,6 +154,20 @@ class VerificationSettings(BaseSettings):
     # miss_penalty when both have at least miss_min_keypoints (chosen on the hard validation set).
     miss_penalty: float = 0.1
     miss_min_keypoints: int = 300
+    # With inliers above the floor, the cosine counts from here up (matching.fuse): geometry alone can then carry
+    # a copy the descriptor turned away (a 90° turn, a collage tile) once it has ~45 inliers. None: off.
+    cosine_floor: float | None = 0.25
+    # The second pass, for uploads whose best fused score is not already second_pass_margin above the threshold
+    # (or that had no candidate): references found by their keypoints (services/common/verification/
+    # keypoint_index.py) join the candidates, verified and fused alike. Chosen on the hard validation set.
+    second_pass: bool = True
+    second_pass_margin: float = 0.1
+    keypoint_per_image: int = 256  # strongest ORB descriptors of each reference in the keypoint index
+    keypoint_max_distance: int = 40  # Hamming bits for a descriptor to vote
+    keypoint_neighbours: int = 4  # references one query descriptor may vote for
+    keypoint_probes: int = 16  # vocabulary lists searched per query descriptor (0: exact scan of every descriptor)
+    keypoint_top: int = 5  # most-voted references verified per upload
+    keypoint_min_votes: int = 8  # fewer cannot carry a homography (matching.MIN_MATCHES)
 
 
 class ReviewSelectionSettings(BaseSettings):

@@ -45,7 +45,15 @@ from services.common.schemas import (
 from services.common.telemetry import extract_context, tracer
 from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.upload_keys import upload_action_key, upload_uri_key
-from services.common.verification import FeatureStore, LocalFeatures, QueryFeatures, Verifier, rescored
+from services.common.verification import (
+    FeatureStore,
+    LocalFeatures,
+    QueryFeatures,
+    SharedKeypointIndex,
+    Verification,
+    Verifier,
+    rescored,
+)
 from services.moderator.active_learning import Candidate, ReviewSelector
 from services.moderator.decide import Decision, decide
 from services.moderator.exact import ExactMatchStore, KnownUpload
@@ -159,6 +167,9 @@ class Pipeline:
         self.verifier = Verifier(settings.verify)
         self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier)
         self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
+        self.keypoints = SharedKeypointIndex(
+            self.feature_store, self.verifier.keypoint_index(), settings.index.retention_s
+        )
         self._priorities: dict[str, float] = {}
         self._overrides: dict[str, float] = {}
         self.sleep = sleep
@@ -483,6 +494,8 @@ class Pipeline:
         dim = next(int(i.inferred.result.embeddings.shape[1]) for i in ready if i.inferred is not None)
         index = self.index_for(model_version, dim)
         index.sync()
+        if self.settings.verify.second_pass:
+            self.keypoints.sync()
         cfg = self.decision_for(model_version)
         search_total = 0.0
         decided: list[tuple[Item, Decision, list[str]]] = []
@@ -515,7 +528,7 @@ class Pipeline:
             began = time.perf_counter()
             neighbours = with_batch_neighbours(shared[position], result.embeddings[row], earlier, cfg.top_k)
             item.timings["search_ms"] = round(batch_search_ms + _ms(began), 3)
-            neighbours, evidence = self._verify(item, neighbours, cfg, out)
+            neighbours, evidence = self._verify(item, neighbours, cfg, out, index, result.embeddings[row])
             scores = {c: float(result.scores[row, k]) for k, c in enumerate(result.categories)}
             twins = [n.upload_id for n in neighbours if n.score >= cfg.duplicate_threshold]
             decision = decide(neighbours, scores, cfg, self._actions_of(twins, batch_actions))
@@ -588,38 +601,94 @@ class Pipeline:
         self.metrics.index_size(model_version, len(index))
 
     def _verify(
-        self, item: Item, neighbours: list[Neighbour], cfg: DecisionSettings, out: BatchOutput
+        self,
+        item: Item,
+        neighbours: list[Neighbour],
+        cfg: DecisionSettings,
+        out: BatchOutput,
+        index: RecentIndex,
+        embedding: NDArray[np.float32],
     ) -> tuple[list[Neighbour], _Evidence]:
-        """Local-feature check of the nearest candidates; their fused scores replace the cosines."""
+        """Local-feature check of the nearest candidates; their fused scores replace the cosines. Where none is
+        surely a copy, the second pass verifies the references that the upload's keypoints point to as well."""
         evidence = _Evidence()
         threshold = cfg.duplicate_threshold
-        chosen = self.verifier.candidates(neighbours, threshold, cfg.review_margin) if item.features is not None else []
-        if not chosen or item.features is None or item.image is None or item.image.detail is None:
+        if item.features is None or item.image is None or item.image.detail is None:
+            return neighbours, evidence
+        chosen = self.verifier.candidates(neighbours, threshold, cfg.review_margin)
+        best = neighbours[0].score if neighbours and not chosen else None
+        if not chosen and not self.verifier.needs_second_pass(best, threshold):
             return neighbours, evidence
         began = time.perf_counter()
-        wanted = [n.upload_id for n in chosen]
-        references = {u: out.features[u] for u in wanted if u in out.features}
-        missing = [u for u in wanted if u not in references]
-        try:
-            references.update(self.feature_store.get_many(missing))
-        except redis.RedisError:
-            evidence.reasons.append("verification_unavailable")  # the descriptor's scores stand
         detail = item.image.detail
         query = QueryFeatures(item.features, lambda: self.verifier.extractor.extract_mirrored(detail))
-        verified = self.verifier.verify(query, chosen, references)
+        verified = self.verifier.verify(query, chosen, self._reference_features(chosen, out, evidence))
         item.timings["verify_ms"] = _ms(began)
         self.metrics.stage("verify", item.timings["verify_ms"] / 1000.0)
+        found: list[Verification] = []
+        if self.verifier.needs_second_pass(max((v.score for v in verified), default=best), threshold):
+            began = time.perf_counter()
+            found = self._second_pass(item, query, {n.upload_id for n in chosen}, index, embedding, out, evidence)
+            known = {f.upload_id for f in found}
+            neighbours = [n for n in neighbours if n.upload_id not in known]
+            neighbours += [Neighbour(v.upload_id, v.cosine) for v in found]
+            item.timings["second_pass_ms"] = _ms(began)
+            self.metrics.stage("second_pass", item.timings["second_pass_ms"] / 1000.0)
+        for kind, group in (("verified_match", verified), ("keypoint_match", found)):
+            evidence.reasons += [f"{kind}:{v.upload_id}:{v.inliers}" for v in group if v.score >= threshold > v.cosine]
+        verified += found
         evidence.matches = [
             MatchEvidence(
                 upload_id=v.upload_id, cosine=round(v.cosine, 6), inliers=v.inliers, mirrored=v.mirrored, score=v.score
             )
             for v in verified
         ]
-        for v in verified:
-            if v.score >= threshold > v.cosine:
-                evidence.reasons.append(f"verified_match:{v.upload_id}:{v.inliers}")
         item.span.set_attribute("sieve.verified", len(verified))
         return rescored(neighbours, verified), evidence
+
+    def _reference_features(
+        self, candidates: list[Neighbour], out: BatchOutput, evidence: _Evidence
+    ) -> dict[str, LocalFeatures]:
+        """This batch's own features first, then the shared store's."""
+        wanted = [n.upload_id for n in candidates]
+        references = {u: out.features[u] for u in wanted if u in out.features}
+        missing = [u for u in wanted if u not in references]
+        try:
+            references.update(self.feature_store.get_many(missing))
+        except redis.RedisError:
+            if "verification_unavailable" not in evidence.reasons:
+                evidence.reasons.append("verification_unavailable")  # the descriptor's scores stand
+        return references
+
+    def _second_pass(
+        self,
+        item: Item,
+        query: QueryFeatures,
+        verified: set[str],
+        index: RecentIndex,
+        embedding: NDArray[np.float32],
+        out: BatchOutput,
+        evidence: _Evidence,
+    ) -> list[Verification]:
+        """References that share keypoints with the upload (a crop inside a meme, a chain of edits the descriptor
+        lost), with their cosines from the index, verified and fused exactly like the first pass's."""
+        assert item.event is not None and item.features is not None
+        hits = self.verifier.keypoint_candidates(self.keypoints.index, item.features, verified | {item.event.upload_id})
+        if not hits:
+            return []
+        try:
+            vectors = index.vectors([h.upload_id for h in hits])
+        except TransientError:
+            evidence.reasons.append("second_pass_unavailable")
+            return []
+        extra = [
+            Neighbour(h.upload_id, float(np.dot(vectors[h.upload_id], embedding)))
+            for h in hits
+            if h.upload_id in vectors
+        ]
+        found = self.verifier.verify(query, extra, self._reference_features(extra, out, evidence))
+        item.span.set_attribute("sieve.second_pass_candidates", len(extra))
+        return found
 
     def _select_reviews(self, decided: list[tuple[Item, Decision, list[str]]]) -> dict[str, str]:
         """upload_id -> why it is not sent to review ("" when it is)."""
@@ -670,11 +739,12 @@ class Pipeline:
 
     def _remember_features(self, out: BatchOutput) -> None:
         """Computed once per upload, read whenever it is a later upload's candidate."""
-        fresh = {v.upload_id for v in out.fresh_verdicts}
+        fresh = {u: f for u, f in out.features.items() if u in {v.upload_id for v in out.fresh_verdicts}}
         try:
-            self.feature_store.put_many({u: f for u, f in out.features.items() if u in fresh})
+            self.feature_store.put_many(fresh)
         except redis.RedisError:
             log.warning("could not store local features of %d uploads; they stay unverifiable", len(fresh))
+        self.keypoints.add(fresh)
 
     def _remember_uploads(self, out: BatchOutput) -> None:
         """Reviewers see an upload beside its neighbours (by uri); the disagreement check needs their actions."""

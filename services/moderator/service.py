@@ -309,6 +309,7 @@ class Moderator:
         self.pipeline.apply_threshold_overrides()
         for index in list(self.pipeline.indexes.values()):
             index.maintain()
+        self.pipeline.keypoints.maintain()
 
     def _live(self) -> bool:
         return time.monotonic() - self.last_loop < 120.0

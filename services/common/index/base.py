@@ -73,6 +73,11 @@ class RecentIndex(Protocol):
         """Top-k per query row by cosine, within the retention window, never ``exclude[i]`` for row i."""
         ...
 
+    def vectors(self, upload_ids: list[str]) -> dict[str, NDArray[Any]]:
+        """The stored vectors of those uploads still in the window (a candidate found by other means needs its
+        cosine); unknown ids are left out."""
+        ...
+
     def add(self, entries: list[IndexEntry]) -> None:
         """Shares the entries (an upload id already present is overwritten, so redelivery is idempotent)."""
         ...

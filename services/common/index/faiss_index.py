@@ -106,6 +106,11 @@ class FaissVectorIndex:
                 for row_s, row_i in zip(scores, ids, strict=True)
             ]
 
+    def get(self, upload_ids: list[str]) -> list[IndexEntry]:
+        """The entries of those uploads that are here."""
+        with self._lock:
+            return [self._ids[self._by_upload[u]] for u in upload_ids if u in self._by_upload]
+
     def evict_older_than(self, cutoff: float) -> int:
         with self._lock:
             old = [i for i, e in self._ids.items() if e.added_at < cutoff]

@@ -12,6 +12,7 @@ pauses and retries the batch, and commits no offset until the batch's rows are i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -229,6 +230,24 @@ class MilvusRecentIndex:
             found = [Neighbour(str(h["id"]), float(h["distance"])) for h in row if str(h["id"]) != own]
             out.append(found[:k])
         return out
+
+    def vectors(self, upload_ids: list[str]) -> dict[str, NDArray[Any]]:
+        if not upload_ids:
+            return {}
+        cutoff = time.time() - self.retention_s
+        wanted = f"upload_id in {json.dumps(upload_ids)} and added_at >= {cutoff!r}"
+        consistency = self._read_consistency()
+        rows = self._call(
+            "vectors",
+            lambda c: c.query(
+                self.collection,
+                filter=wanted,
+                output_fields=["upload_id", "embedding"],
+                timeout=self.settings.timeout_s,
+                **consistency,
+            ),
+        )
+        return {str(r["upload_id"]): np.asarray(r["embedding"], np.float32) for r in rows}
 
     def add(self, entries: list[IndexEntry]) -> None:
         """Upserts by upload id; raises TransientError until Milvus has every row (the caller retries)."""

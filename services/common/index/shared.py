@@ -139,6 +139,10 @@ class SharedRecentIndex:
             out.append([n for n in row if n.upload_id != own][:k])
         return out
 
+    def vectors(self, upload_ids: list[str]) -> dict[str, NDArray[Any]]:
+        cutoff = time.time() - self.retention_s
+        return {e.upload_id: e.vector for e in self.local.get(upload_ids) if e.added_at >= cutoff}
+
     def add(self, entries: list[IndexEntry]) -> None:
         """Local first (so the next item of this batch sees it), then Redis, or the pending buffer."""
         self.local.add(entries)

@@ -7,7 +7,9 @@ single global vector loses. Features are computed once per image (when it enters
 
 from services.common.imaging import detail_view
 from services.common.verification.features import FeatureExtractor, LocalFeatures
+from services.common.verification.keypoint_index import KeypointHit, KeypointIndex
 from services.common.verification.matching import GeometricMatch, Verification, count_inliers, fuse, match_geometry
+from services.common.verification.shared_keypoints import SharedKeypointIndex
 from services.common.verification.store import FeatureStore
 from services.common.verification.verifier import QueryFeatures, Verifier, rescored
 
@@ -15,8 +17,11 @@ __all__ = [
     "FeatureExtractor",
     "FeatureStore",
     "GeometricMatch",
+    "KeypointHit",
+    "KeypointIndex",
     "LocalFeatures",
     "QueryFeatures",
+    "SharedKeypointIndex",
     "Verification",
     "Verifier",
     "count_inliers",

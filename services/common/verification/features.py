@@ -68,7 +68,10 @@ class FeatureExtractor:
         size = _DESCRIPTOR_BYTES[self.kind]
         if descriptors is None or not keypoints:
             return LocalFeatures(self.kind, np.zeros((0, 2), np.float32), np.zeros((0, size), np.uint8), width, height)
-        points = np.asarray([kp.pt for kp in keypoints], dtype=np.float32)
+        # Strongest first: the keypoint index keeps only each reference's first ``per_image`` descriptors.
+        order = np.argsort([-kp.response for kp in keypoints], kind="stable")
+        points = np.asarray([keypoints[i].pt for i in order], dtype=np.float32)
+        descriptors = descriptors[order]
         if self.kind == "sift":
             descriptors = np.clip(descriptors, 0, 255)
         return LocalFeatures(self.kind, points, descriptors.astype(np.uint8), width, height)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.common.config import VerificationSettings
 from services.common.index.base import Neighbour
 from services.common.verification.features import FeatureExtractor, LocalFeatures
+from services.common.verification.keypoint_index import KeypointHit, KeypointIndex
 from services.common.verification.matching import Verification, count_inliers, fuse
 
 
@@ -41,13 +42,31 @@ class Verifier:
         reach = threshold - band - self.settings.weight
         return [n for n in neighbours[: self.settings.top_k] if n.score >= reach]
 
+    def needs_second_pass(self, best: float | None, threshold: float) -> bool:
+        """No candidate, or none surely above the threshold: look further than the descriptor's nearest."""
+        cfg = self.settings
+        return cfg.enabled and cfg.second_pass and (best is None or best < threshold + cfg.second_pass_margin)
+
+    def keypoint_index(self) -> KeypointIndex:
+        """An empty index with the configured channel settings."""
+        cfg = self.settings
+        return KeypointIndex(
+            cfg.keypoint_per_image, cfg.keypoint_max_distance, cfg.keypoint_neighbours, cfg.keypoint_probes
+        )
+
+    def keypoint_candidates(
+        self, index: KeypointIndex, query: LocalFeatures, exclude: Iterable[str]
+    ) -> list[KeypointHit]:
+        cfg = self.settings
+        return index.search(query, cfg.keypoint_top, cfg.keypoint_min_votes, exclude)
+
     def score(self, cosine: float, inliers: int, query_keypoints: int, reference_keypoints: int) -> float:
         """The fused score of one verified pair; a miss counts against it only when both sides had keypoints
         enough for the check to mean something."""
         cfg = self.settings
         informative = min(query_keypoints, reference_keypoints) >= cfg.miss_min_keypoints
         penalty = cfg.miss_penalty if informative else 0.0
-        return fuse(cosine, inliers, cfg.weight, cfg.inlier_floor, cfg.inlier_cap, penalty)
+        return fuse(cosine, inliers, cfg.weight, cfg.inlier_floor, cfg.inlier_cap, penalty, cfg.cosine_floor)
 
     def verify(
         self, query: QueryFeatures, neighbours: Sequence[Neighbour], references: Mapping[str, LocalFeatures]
