@@ -19,7 +19,7 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
-from services.common.banks.embeddings import SEP, EmbeddingBanks
+from services.common.banks.embeddings import SEP, EmbeddingBanks, EmbeddingHit
 from services.common.banks.near import BankEmbeddingRule
 from services.common.banks.retro import remember_pdq
 from services.common.config import DecisionSettings, Settings
@@ -47,6 +47,8 @@ from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import (
     FeatureStore,
+    KeypointHit,
+    KeypointIndex,
     LocalFeatures,
     QueryFeatures,
     SharedKeypointIndex,
@@ -160,11 +162,13 @@ class Pipeline:
             pdq_threshold=settings.banks.pdq_threshold,
             sync_interval_s=settings.banks.sync_interval_s,
         )
-        self.embedding_banks = EmbeddingBanks(redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s)
         self.indexes: dict[str, RecentIndex] = {}
         self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
         self.verifier = Verifier(settings.verify)
+        self.embedding_banks = EmbeddingBanks(
+            redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s, self.verifier.keypoint_index
+        )
         self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier)
         self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self.keypoints = SharedKeypointIndex(
@@ -423,6 +427,7 @@ class Pipeline:
         """Enabled banks holding an image this upload is a verified near copy of (``banks.near``'s rule)."""
         try:
             hits = self.embedding_banks.search(model_version, embedding)
+            hits += self._bank_keypoint_hits(item, model_version, embedding, hits)
             own = self.banks.enabled_policies(sorted({h.bank for h in hits}))
             thresholds = {
                 f"{h.bank}{SEP}{h.item_id}": self.bank_rule.threshold(model_version, own[h.bank].embedding_threshold)
@@ -456,6 +461,23 @@ class Pipeline:
             if j.matched
             for bank, item_id in [j.key.split(SEP, 1)]
         ]
+
+    def _bank_keypoint_hits(
+        self, item: Item, model_version: str, embedding: NDArray[np.float32], hits: list[EmbeddingHit]
+    ) -> list[EmbeddingHit]:
+        """The second pass over the banks, where no banked embedding is surely a copy: the banked images the
+        upload's keypoints vote for, judged by the same rule as the nearest embeddings."""
+        if item.features is None:
+            return []
+        threshold = self.bank_rule.threshold(model_version, None)
+        if not self.verifier.needs_second_pass(max((h.cosine for h in hits), default=None), threshold):
+            return []
+        seen = {f"{h.bank}{SEP}{h.item_id}" for h in hits}
+
+        def pick(index: KeypointIndex, features: LocalFeatures) -> list[KeypointHit]:
+            return self.verifier.keypoint_candidates(index, features, seen)
+
+        return self.embedding_banks.search_keypoints(model_version, embedding, item.features, pick)
 
     def _fast_path_likely(self, item: Item) -> bool:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""

@@ -285,3 +285,36 @@ def test_banked_embeddings_per_bank_and_model_version(settings: Settings, banks:
     assert banks.enabled_thresholds(["emb"]) == {}
     banks.remove("emb")
     assert replica.search("model:1", vectors[1]) == []
+
+
+def test_the_second_pass_finds_a_banked_image_by_its_keypoints_on_another_replica(
+    settings: Settings, banks: HashBankStore
+) -> None:
+    from skimage import data as skdata
+
+    from services.common.config import VerificationSettings
+    from services.common.imaging import detail_view
+    from services.common.verification import KeypointHit, KeypointIndex, LocalFeatures, Verifier
+
+    verifier = Verifier(VerificationSettings())
+    photos = {name: Image.fromarray(getattr(skdata, name)()).convert("RGB") for name in ("coffee", "rocket", "chelsea")}
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(3, 8)).astype(np.float32)
+    writer = EmbeddingBanks(banks.client, banks.prefix)
+    replica = EmbeddingBanks(_client(settings), settings.redis.key_prefix, 0.0, verifier.keypoint_index)
+    banks.create("kp")
+    writer.add("kp", "model:1", list(photos), vectors, np.zeros((3, 256, 256, 3), dtype=np.uint8))
+    turned = photos["rocket"].transpose(Image.Transpose.ROTATE_90).crop((20, 30, 380, 560))
+    query = verifier.extractor.extract(detail_view(turned, 512))
+
+    def pick(index: KeypointIndex, features: LocalFeatures) -> list[KeypointHit]:
+        return verifier.keypoint_candidates(index, features, ())
+
+    assert replica.search_keypoints("model:1", vectors[0], query, pick) == []  # banked without keypoints
+    writer.add_features("kp", {n: verifier.extractor.extract(detail_view(p, 512)) for n, p in photos.items()})
+    [hit] = replica.search_keypoints("model:1", vectors[0], query, pick)  # the new revision reached the replica
+    assert (hit.bank, hit.item_id) == ("kp", "rocket")
+    expected = float(vectors[1] @ vectors[0] / np.linalg.norm(vectors[1]) / np.linalg.norm(vectors[0]))
+    assert hit.cosine == pytest.approx(expected, abs=1e-5)  # the banked embedding's cosine, for the fused score
+    banks.remove("kp")
+    assert replica.search_keypoints("model:1", vectors[0], query, pick) == []

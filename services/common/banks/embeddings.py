@@ -30,7 +30,7 @@ import redis
 from numpy.typing import NDArray
 
 from services.common.inference import ImageModels
-from services.common.verification import LocalFeatures
+from services.common.verification import KeypointHit, KeypointIndex, LocalFeatures
 
 log = logging.getLogger(__name__)
 SEP = "/"
@@ -48,14 +48,23 @@ class EmbeddingHit:
 class _VersionIndex:
     rev: int
     banks: dict[str, tuple[faiss.IndexFlatIP, list[str]]] = field(default_factory=dict)
+    vectors: dict[str, NDArray[np.float32]] = field(default_factory=dict)  # "<bank>/<item id>" -> embedding
+    keypoints: KeypointIndex | None = None  # built on first use: only uploads the first pass is unsure of need it
     checked_at: float = 0.0
 
 
 class EmbeddingBanks:
-    def __init__(self, client: redis.Redis, prefix: str, sync_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        sync_interval_s: float = 1.0,
+        keypoint_index: Callable[[], KeypointIndex] = KeypointIndex,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.sync_interval_s = sync_interval_s
+        self.keypoint_index = keypoint_index  # an empty index with the channel's settings (Verifier.keypoint_index)
         self._versions: dict[str, _VersionIndex] = {}
 
     def _key(self, model_version: str) -> str:
@@ -86,6 +95,10 @@ class EmbeddingBanks:
         known = {item: f.to_bytes() for item, f in features.items() if f is not None}
         if known:
             self.client.hset(self._features_key(bank), mapping=known)  # type: ignore[arg-type]
+            pipe = self.client.pipeline(transaction=False)
+            for key in self._version_keys():  # every version's keypoint channel now holds more
+                pipe.incr(f"{key}:rev")
+            pipe.execute()
 
     def features(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], LocalFeatures]:
         """(bank, item id) -> keypoints, for the ones banked with keypoints."""
@@ -215,7 +228,22 @@ class EmbeddingBanks:
             index = faiss.IndexFlatIP(len(vectors[0]))
             index.add(np.stack(vectors))
             loaded.banks[bank] = (index, ids)
+            loaded.vectors.update({f"{bank}{SEP}{item}": v for item, v in zip(ids, vectors, strict=True)})
         return loaded
+
+    def _keypoints(self, version: _VersionIndex) -> KeypointIndex:
+        """Every banked image of this version's banks that was banked with keypoints, keyed ``<bank>/<item>``."""
+        if version.keypoints is None:
+            index = self.keypoint_index()
+            for bank in version.banks:
+                for item_id, raw in self.client.hscan_iter(self._features_key(bank), count=1000):
+                    key = f"{bank}{SEP}{item_id.decode()}"
+                    try:
+                        index.add(key, LocalFeatures.from_bytes(raw), 0.0)
+                    except (ValueError, IndexError) as exc:
+                        log.error("unreadable keypoints of banked item %s: %s", key, exc)
+            version.keypoints = index
+        return version.keypoints
 
     def search(self, model_version: str, embedding: NDArray[Any]) -> list[EmbeddingHit]:
         """Each bank's nearest banked image for one embedding, most similar first."""
@@ -228,6 +256,26 @@ class EmbeddingBanks:
             if rows[0, 0] >= 0:
                 hits.append(EmbeddingHit(bank, ids[int(rows[0, 0])], float(scores[0, 0])))
         return sorted(hits, key=lambda h: -h.cosine)
+
+    def search_keypoints(
+        self,
+        model_version: str,
+        embedding: NDArray[Any],
+        features: LocalFeatures,
+        pick: Callable[[KeypointIndex, LocalFeatures], list[KeypointHit]],
+    ) -> list[EmbeddingHit]:
+        """The second pass's channel over the banks: banked images the upload's keypoints vote for (``pick``, the
+        verifier's rule), each with its cosine to the upload under this version."""
+        version = self._index(model_version)
+        query = _normalised(embedding.reshape(1, -1))[0]
+        hits = []
+        for hit in pick(self._keypoints(version), features):
+            vector = version.vectors.get(hit.upload_id)
+            if vector is None or vector.shape != query.shape:
+                continue
+            bank, _, item_id = hit.upload_id.partition(SEP)
+            hits.append(EmbeddingHit(bank, item_id, float(np.dot(vector, query))))
+        return hits
 
 
 def _normalised(vectors: NDArray[Any]) -> NDArray[np.float32]:

@@ -45,9 +45,7 @@ class BankEmbeddingRule:
         return self.settings.embedding_thresholds.get(model_version, self.settings.embedding_threshold)
 
     def reach(self, threshold: float) -> float:
-        """The lowest cosine a full inlier bonus can lift to the threshold: nothing below it is worth verifying."""
-        cfg = self.verifier.settings
-        return threshold - cfg.weight if cfg.enabled else threshold
+        return self.verifier.reach(threshold)
 
     def judge(
         self,

@@ -39,8 +39,18 @@ class Verifier:
             return []
         if neighbours[0].score >= threshold + self.settings.sure_margin:
             return []
-        reach = threshold - band - self.settings.weight
+        reach = self.reach(threshold - band)
         return [n for n in neighbours[: self.settings.top_k] if n.score >= reach]
+
+    def reach(self, threshold: float) -> float:
+        """The lowest cosine that a full inlier bonus can lift to ``threshold``: nothing below is worth verifying.
+        With the cosine floor, geometry alone may carry any cosine that far."""
+        cfg = self.settings
+        if not cfg.enabled:
+            return threshold
+        if cfg.cosine_floor is not None and cfg.cosine_floor + cfg.weight >= threshold:
+            return -1.0
+        return threshold - cfg.weight
 
     def needs_second_pass(self, best: float | None, threshold: float) -> bool:
         """No candidate, or none surely above the threshold: look further than the descriptor's nearest."""

@@ -29,7 +29,7 @@ def _features(extractor: FeatureExtractor, img: Image.Image) -> LocalFeatures:
 
 @pytest.fixture(scope="module")
 def index(extractor: FeatureExtractor) -> KeypointIndex:
-    built = KeypointIndex(per_image=256, max_distance=40, neighbours=4)
+    built = Verifier(VerificationSettings()).keypoint_index()  # as served: the vocabulary's inverted lists
     for name in PHOTOS:
         assert built.add(name, _features(extractor, _photo(name)), 1000.0)
     return built
@@ -67,8 +67,9 @@ def test_a_stranger_gathers_too_few_votes_to_be_a_candidate(extractor: FeatureEx
     assert index.search(stranger, top=5, min_votes=8) == []
 
 
-def test_excluded_and_removed_references_are_not_proposed(extractor: FeatureExtractor) -> None:
-    index = KeypointIndex()
+@pytest.mark.parametrize("probes", [0, 16])  # the exact scan, and the vocabulary's inverted lists
+def test_excluded_and_removed_references_are_not_proposed(extractor: FeatureExtractor, probes: int) -> None:
+    index = KeypointIndex(probes=probes)
     copy = _features(extractor, _meme(_photo("coffee")))
     index.add("coffee", _features(extractor, _photo("coffee")), 10.0)
     index.add("coffee-again", _features(extractor, _photo("coffee")), 20.0)

@@ -109,12 +109,26 @@ def test_candidates_are_the_nearest_unless_the_best_is_already_sure() -> None:
 
 
 def test_candidates_that_no_inlier_bonus_could_lift_into_the_decision_band_are_not_verified() -> None:
-    verifier = Verifier(VerificationSettings(top_k=5, weight=0.5))
+    verifier = Verifier(VerificationSettings(top_k=5, weight=0.5, cosine_floor=None))
     near = [Neighbour("a", 0.40), Neighbour("b", 0.20), Neighbour("c", 0.16), Neighbour("d", 0.10)]
     # threshold 0.69: a full bonus (0.5) lifts 0.20 to 0.70, but 0.16 only to 0.66
     assert [n.upload_id for n in verifier.candidates(near, threshold=0.69)] == ["a", "b"]
     # the review band starts 0.03 below the threshold: 0.16 + 0.5 = 0.66 reaches it
     assert [n.upload_id for n in verifier.candidates(near, threshold=0.69, band=0.03)] == ["a", "b", "c"]
+    # with a cosine floor of 0.25, geometry alone lifts any cosine to 0.75: every one of the top k is worth it
+    floored = Verifier(VerificationSettings(top_k=5, weight=0.5, cosine_floor=0.25))
+    assert [n.upload_id for n in floored.candidates(near, threshold=0.69)] == ["a", "b", "c", "d"]
+    assert floored.reach(0.80) == pytest.approx(0.30)  # 0.25 + 0.5 falls short of 0.80: the cosine must help
+
+
+def test_with_a_cosine_floor_geometry_alone_carries_a_copy_the_descriptor_turned_away() -> None:
+    # a quarter turn: cosine -0.2, yet 60 inliers on one homography
+    assert fuse(-0.2, 60, 0.5, 12, 50, cosine_floor=0.25) == pytest.approx(0.75)
+    assert fuse(-0.2, 60, 0.5, 12, 50) == pytest.approx(0.3)
+    # no geometric support: the floor does not apply, the cosine (and any miss penalty) stands
+    assert fuse(-0.2, 12, 0.5, 12, 50, miss_penalty=0.1, cosine_floor=0.25) == pytest.approx(-0.3)
+    # chance-level geometry (32 inliers, the most two different pictures reached on validation) stays short of 0.6
+    assert fuse(0.0, 32, 0.5, 12, 50, cosine_floor=0.25) < 0.6
 
 
 def test_ratio_matches_are_those_of_opencvs_brute_force_matcher(extractor: FeatureExtractor) -> None:

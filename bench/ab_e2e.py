@@ -1,0 +1,39 @@
+"""One setting off, then on: the e2e stage twice on one stack, in one run, and the throughput ratio."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bench import stage_e2e
+from services.common.stack import LocalStack
+
+
+def saturation(result: dict[str, Any]) -> dict[str, Any]:
+    return next(row for row in result["rows"] if row["case"] == "saturation")
+
+
+def off_then_on(variable: str, labels: tuple[str, str], quick: bool) -> dict[str, Any]:
+    """``variable`` set to false, then true; the rest of the environment as it is."""
+    stack = LocalStack()
+    stack.start()
+    runs: dict[str, dict[str, Any]] = {}
+    previous = os.environ.get(variable)
+    try:
+        for label, value in zip(labels, ("false", "true"), strict=True):
+            os.environ[variable] = value
+            runs[label] = stage_e2e.run(quick=quick, stack=stack)
+    finally:
+        if previous is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = previous
+        stack.stop()
+    off, on = saturation(runs[labels[0]]), saturation(runs[labels[1]])
+    ratio = on["images_per_s"] / off["images_per_s"] if off["images_per_s"] else 0.0
+    return {
+        "variable": variable,
+        "saturation_uploads_per_s": {"without": off["images_per_s"], "with": on["images_per_s"]},
+        "throughput_ratio": round(ratio, 3),
+        "runs": runs,
+    }

@@ -1,0 +1,35 @@
+"""What the second pass costs end to end: the e2e stage with it off, then on, in one run.
+
+    python -m bench.second_pass_cost [--quick]     # writes bench/results/second_pass_cost.json
+
+Same photos, same stack, same moderator batch size; only ``SIEVE_VERIFY_SECOND_PASS`` differs. The stream's
+uploads are mostly unique photos, none surely a copy: the second pass runs for nearly every one of them, which is
+its worst case. The goal (issue 29): throughput with it on stays >= 0.9x of the same code with it off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.ab_e2e import off_then_on
+from bench.common import main_for
+
+GOAL_RATIO = 0.90
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    compared = off_then_on("SIEVE_VERIFY_SECOND_PASS", ("without_second_pass", "with_second_pass"), quick)
+    ratio = compared["throughput_ratio"]
+    return {
+        "stage": "second_pass_cost",
+        "quick": quick,
+        "saturation_uploads_per_s": compared["saturation_uploads_per_s"],
+        "throughput_ratio": ratio,
+        "goal_ratio": GOAL_RATIO,
+        "meets_goal": ratio >= GOAL_RATIO,
+        "runs": compared["runs"],
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_for("second_pass_cost", run))
