@@ -37,3 +37,18 @@ def off_then_on(variable: str, labels: tuple[str, str], quick: bool) -> dict[str
         "throughput_ratio": round(ratio, 3),
         "runs": runs,
     }
+
+
+def cost_of(stage: str, variable: str, labels: tuple[str, str], goal_ratio: float, quick: bool) -> dict[str, Any]:
+    """A feature's end-to-end cost as a result: throughput with it on over without, against ``goal_ratio``."""
+    compared = off_then_on(variable, labels, quick)
+    ratio = compared["throughput_ratio"]
+    return {
+        "stage": stage,
+        "quick": quick,
+        "saturation_uploads_per_s": compared["saturation_uploads_per_s"],
+        "throughput_ratio": ratio,
+        "goal_ratio": goal_ratio,
+        "meets_goal": ratio >= goal_ratio,
+        "runs": compared["runs"],
+    }

@@ -503,6 +503,12 @@ def update_card(results: dict[str, Any], source: Path, version: int = 2) -> Path
         "the queries without an original matched, on the hard validation set (train-split photos, half by group, "
         f"among openarena textures), was {system['at_validation_calibrated_threshold']['threshold']}"
     )
+    rule = system["at_validation_calibrated_threshold"]["threshold"]
+    if rule != results["served_threshold"]:
+        card["duplicate_threshold_note"] += (
+            f"; the served {results['served_threshold']} is kept (set before this run; the higher one, so the "
+            "more conservative on photos the validation set does not hold)"
+        )
     card["verification"] = {
         "settings": results["verification"],
         "validation_at_served_threshold": validation["at_served_threshold"],

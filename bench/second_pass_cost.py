@@ -11,24 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.ab_e2e import off_then_on
+from bench.ab_e2e import cost_of
 from bench.common import main_for
 
 GOAL_RATIO = 0.90
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    compared = off_then_on("SIEVE_VERIFY_SECOND_PASS", ("without_second_pass", "with_second_pass"), quick)
-    ratio = compared["throughput_ratio"]
-    return {
-        "stage": "second_pass_cost",
-        "quick": quick,
-        "saturation_uploads_per_s": compared["saturation_uploads_per_s"],
-        "throughput_ratio": ratio,
-        "goal_ratio": GOAL_RATIO,
-        "meets_goal": ratio >= GOAL_RATIO,
-        "runs": compared["runs"],
-    }
+    return cost_of(
+        "second_pass_cost", "SIEVE_VERIFY_SECOND_PASS", ("without_second_pass", "with_second_pass"), GOAL_RATIO, quick
+    )
 
 
 if __name__ == "__main__":

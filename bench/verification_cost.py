@@ -10,24 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.ab_e2e import off_then_on
+from bench.ab_e2e import cost_of
 from bench.common import main_for
 
 GOAL_RATIO = 0.80
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    compared = off_then_on("SIEVE_VERIFY_ENABLED", ("without_verification", "with_verification"), quick)
-    ratio = compared["throughput_ratio"]
-    return {
-        "stage": "verification_cost",
-        "quick": quick,
-        "saturation_uploads_per_s": compared["saturation_uploads_per_s"],
-        "throughput_ratio": ratio,
-        "goal_ratio": GOAL_RATIO,
-        "meets_goal": ratio >= GOAL_RATIO,
-        "runs": compared["runs"],
-    }
+    return cost_of(
+        "verification_cost", "SIEVE_VERIFY_ENABLED", ("without_verification", "with_verification"), GOAL_RATIO, quick
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from services.common.banks import BankMatch, HashBankStore, UploadSignals, pdq_hex
-from services.common.banks.embeddings import SEP, EmbeddingBanks, EmbeddingHit
-from services.common.banks.near import BankEmbeddingRule
+from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.near import BankEmbeddingRule, NearBankMatcher
 from services.common.banks.retro import remember_pdq
 from services.common.config import DecisionSettings, Settings
 from services.common.errors import BadInput, TransientError
@@ -47,8 +47,6 @@ from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import (
     FeatureStore,
-    KeypointHit,
-    KeypointIndex,
     LocalFeatures,
     QueryFeatures,
     SharedKeypointIndex,
@@ -170,6 +168,7 @@ class Pipeline:
             redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s, self.verifier.keypoint_index
         )
         self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier)
+        self.near_banks = NearBankMatcher(self.banks, self.embedding_banks, self.bank_rule)
         self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self.keypoints = SharedKeypointIndex(
             self.feature_store, self.verifier.keypoint_index(), settings.index.retention_s
@@ -425,59 +424,17 @@ class Pipeline:
         self, item: Item, model_version: str, embedding: NDArray[np.float32]
     ) -> list[BankMatch]:
         """Enabled banks holding an image this upload is a verified near copy of (``banks.near``'s rule)."""
-        try:
-            hits = self.embedding_banks.search(model_version, embedding)
-            hits += self._bank_keypoint_hits(item, model_version, embedding, hits)
-            own = self.banks.enabled_policies(sorted({h.bank for h in hits}))
-            thresholds = {
-                f"{h.bank}{SEP}{h.item_id}": self.bank_rule.threshold(model_version, own[h.bank].embedding_threshold)
-                for h in hits
-                if h.bank in own
-            }
-            near = [
-                Neighbour(f"{h.bank}{SEP}{h.item_id}", h.cosine)
-                for h in hits
-                if h.bank in own and h.cosine >= self.bank_rule.reach(thresholds[f"{h.bank}{SEP}{h.item_id}"])
-            ]
-            keys = [cast(tuple[str, str], tuple(n.upload_id.split(SEP, 1))) for n in near]
-            banked = self.embedding_banks.features(keys) if item.features is not None else {}
-        except redis.RedisError:
-            return []  # the hash banks were checked already; a banked embedding is a second chance
-        if not near:
-            return []
-        began = time.perf_counter()
         query = None
         if item.features is not None and item.image is not None and item.image.detail is not None:
             detail = item.image.detail
             query = QueryFeatures(item.features, lambda: self.verifier.extractor.extract_mirrored(detail))
-        references = {f"{bank}{SEP}{item_id}": f for (bank, item_id), f in banked.items()}
-        judged = self.bank_rule.judge(query, near, thresholds, references)
+        began = time.perf_counter()
+        try:
+            found = self.near_banks.match(model_version, embedding, query)
+        except redis.RedisError:
+            return []  # the hash banks were checked already; a banked embedding is a second chance
         item.timings["bank_verify_ms"] = _ms(began)
-        return [
-            BankMatch(
-                bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers, own[bank].action
-            )
-            for j in judged
-            if j.matched
-            for bank, item_id in [j.key.split(SEP, 1)]
-        ]
-
-    def _bank_keypoint_hits(
-        self, item: Item, model_version: str, embedding: NDArray[np.float32], hits: list[EmbeddingHit]
-    ) -> list[EmbeddingHit]:
-        """The second pass over the banks, where no banked embedding is surely a copy: the banked images the
-        upload's keypoints vote for, judged by the same rule as the nearest embeddings."""
-        if item.features is None:
-            return []
-        threshold = self.bank_rule.threshold(model_version, None)
-        if not self.verifier.needs_second_pass(max((h.cosine for h in hits), default=None), threshold):
-            return []
-        seen = {f"{h.bank}{SEP}{h.item_id}" for h in hits}
-
-        def pick(index: KeypointIndex, features: LocalFeatures) -> list[KeypointHit]:
-            return self.verifier.keypoint_candidates(index, features, seen)
-
-        return self.embedding_banks.search_keypoints(model_version, embedding, item.features, pick)
+        return found
 
     def _fast_path_likely(self, item: Item) -> bool:
         """A read-only look at the banks and exact-match store, as of the batches committed so far."""

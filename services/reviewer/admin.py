@@ -18,12 +18,17 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.banks import Bank, BankMatch, HashBankStore, Signal, UploadSignals, parse_signal
+from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import ImportReport, ListFormat, export_list, guess_format, import_list, read_source
-from services.common.banks.images import image_signals
+from services.common.banks.images import banked_image
+from services.common.banks.near import BankEmbeddingRule, NearBankMatcher
 from services.common.banks.rejudge import RejudgeRequests
 from services.common.banks.signals import SignalType
 from services.common.config import BankSettings, DecisionSettings, FetchSettings, Settings
+from services.common.errors import TransientError
+from services.common.inference import ImageModels
 from services.common.promotions import PromotionLedger
+from services.common.verification import QueryFeatures, Verifier
 from services.reviewer.labels import AuditLog
 
 BANK_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -129,6 +134,7 @@ class AdminStore:
         banks: BankSettings | None = None,
         fetch: FetchSettings | None = None,
         settings: Settings | None = None,
+        models: ImageModels | None = None,
     ) -> None:
         self.client = client
         self.decision = decision
@@ -138,6 +144,13 @@ class AdminStore:
         self.bank_settings = banks or BankSettings()
         self.fetch_settings = fetch or FetchSettings()
         self.bank_store = HashBankStore(client, key_prefix, self.bank_settings.pdq_threshold)
+        self.models = models  # the served embedder, for the match API's near matches (None: hashes only)
+        verifier = Verifier(self.settings.verify)
+        self.near_banks = NearBankMatcher(
+            self.bank_store,
+            EmbeddingBanks(client, key_prefix, self.bank_settings.sync_interval_s, verifier.keypoint_index),
+            BankEmbeddingRule(self.bank_settings, verifier),
+        )
         self.rejudge = RejudgeRequests(client, key_prefix)
         self.ledger = PromotionLedger(client, key_prefix)
 
@@ -247,10 +260,24 @@ class AdminStore:
         return [_match_json(m) for m in self.bank_store.lookup(parse_signal(signal_type, value))]
 
     def lookup_image(self, data: bytes) -> dict[str, Any]:
-        """Hashes the image as the moderator does; raises BadInput for something that is not an allowed image."""
-        signals = image_signals(data, self.settings)
-        found = self.bank_store.match(UploadSignals(**{s.kind: s.value for s in signals}))
-        return {"signals": {s.kind: s.value for s in signals}, "matches": [_match_json(m) for m in found]}
+        """Hashes the image as the moderator does, and (with the embedder at hand) finds banked images it is an
+        edited copy of, by the moderator's rule; raises BadInput for something that is not an allowed image."""
+        image = banked_image(data, self.settings)
+        found = self.bank_store.match(UploadSignals(**{s.kind: s.value for s in image.signals}))
+        near: str = "not_configured"
+        if self.models is not None:
+            try:
+                result = self.models.infer(image.pixels[None])
+                query = QueryFeatures(image.features) if image.features is not None else None
+                found += self.near_banks.match(result.model_version, result.embeddings[0], query)
+                near = result.model_version
+            except TransientError as exc:
+                near = f"unavailable: {exc}"  # the hash matches still answer
+        return {
+            "signals": {s.kind: s.value for s in image.signals},
+            "matches": [_match_json(m) for m in found],
+            "near_matches_by": near,
+        }
 
     def delete_bank(self, name: str, actor: str) -> bool:
         if self.bank(name) is None:
@@ -278,7 +305,7 @@ class AdminStore:
 
 
 def _match_json(match: BankMatch) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "bank": match.bank,
         "signal_type": match.signal_type,
         "distance": match.distance,
@@ -286,6 +313,9 @@ def _match_json(match: BankMatch) -> dict[str, Any]:
         "signal": match.value,
         "action": match.action,
     }
+    if match.signal_type == "embedding":  # the fused score that met the bank's threshold, and its evidence
+        out.update(score=match.score, inliers=match.inliers)
+    return out
 
 
 def _bank_json(bank: Bank) -> dict[str, Any]:

@@ -492,6 +492,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
     """The real thing: Redis queue and admin store, Kafka consumer and producer, file-root image source."""
     import redis
 
+    from services.common.inference import TritonModels
     from services.reviewer.admin import AdminStore
     from services.reviewer.images import ImageSource, load_aligned_view, load_explain_view
     from services.reviewer.labels import AuditLog, FeedbackPublisher, Labeller
@@ -528,7 +529,16 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
     return ReviewerServices(
         queue=queue,
         labeller=labeller,
-        admin=AdminStore(client, prefix, settings.decision, audit, settings.banks, settings.fetch, settings),
+        admin=AdminStore(
+            client,
+            prefix,
+            settings.decision,
+            audit,
+            settings.banks,
+            settings.fetch,
+            settings,
+            TritonModels(settings.triton),
+        ),
         images=ImageSource(
             settings.fetch,
             settings.decode,

@@ -318,3 +318,36 @@ def test_the_second_pass_finds_a_banked_image_by_its_keypoints_on_another_replic
     assert hit.cosine == pytest.approx(expected, abs=1e-5)  # the banked embedding's cosine, for the fused score
     banks.remove("kp")
     assert replica.search_keypoints("model:1", vectors[0], query, pick) == []
+
+
+def test_the_match_api_finds_an_edited_copy_of_a_banked_image(settings: Settings) -> None:
+    from skimage import data as skdata
+
+    from services.common.banks.images import banked_image
+    from services.common.inference import TritonModels
+
+    photo = Image.fromarray(skdata.coffee()).convert("RGB")
+    banked = banked_image(encode_jpeg(photo, 92), settings)
+    store = HashBankStore(_client(settings), settings.redis.key_prefix)
+    store.create("known")
+    store.add_signals("known", banked.signals)
+    EmbeddingBanks(store.client, store.prefix).embed_and_add(
+        "known", TritonModels(settings.triton), ["coffee"], banked.pixels[None], [banked.features]
+    )
+    w, h = photo.size  # an edited copy: a 70% crop under a caption bar, re-encoded; no hash of it is banked
+    edited = Image.new("RGB", (int(w * 0.8), int(h * 0.85) + 60), (255, 255, 255))
+    edited.paste(photo.crop((int(w * 0.1), int(h * 0.1), int(w * 0.9), int(h * 0.95))), (0, 60))
+    rsettings = ReviewerSettings(admin_tokens=[SecretStr(f"root:{ADMIN}")])
+    services = build_services(settings, rsettings)
+    services.ingestor = None
+    with TestClient(create_app(rsettings, services)) as api:
+        res = api.post(
+            "/api/match/image", headers={"Authorization": f"Bearer {ADMIN}"}, content=encode_jpeg(edited, 70)
+        )
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["near_matches_by"].startswith("sieve_embedder:")
+    [match] = [m for m in body["matches"] if m["signal_type"] == "embedding"]
+    assert (match["bank"], match["content_id"]) == ("known", "coffee")
+    assert match["inliers"] > 12 and match["score"] >= settings.banks.embedding_thresholds[body["near_matches_by"]]
+    assert all(m["signal_type"] != "sha256" for m in body["matches"])

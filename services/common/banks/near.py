@@ -8,18 +8,24 @@ minus the miss penalty when both images are keypoint-rich and no geometry agrees
 meaning of a threshold, as the version's duplicate threshold for the recent index. Where either side has no
 keypoints (verification off, an image banked before keypoints were kept) the fused score is the cosine.
 
-One rule for the moderator (the upload against banked images) and for retroactive actioning (a banked image
-against recent uploads).
+One rule for the moderator and the match API (an image against banked images, ``NearBankMatcher``) and for
+retroactive actioning (a banked image against recent uploads).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
+import numpy as np
+from numpy.typing import NDArray
+
+from services.common.banks.embeddings import SEP, EmbeddingBanks, EmbeddingHit
+from services.common.banks.store import BankMatch, HashBankStore
 from services.common.config import BankSettings
 from services.common.index.base import Neighbour
-from services.common.verification import LocalFeatures, QueryFeatures, Verifier
+from services.common.verification import KeypointHit, KeypointIndex, LocalFeatures, QueryFeatures, Verifier
 
 
 @dataclass(frozen=True)
@@ -65,3 +71,58 @@ class BankEmbeddingRule:
             inliers = v.inliers if v is not None else None
             out.append(Judged(c.upload_id, c.score, score, inliers, score >= thresholds[c.upload_id]))
         return out
+
+
+class NearBankMatcher:
+    """An image against every enabled bank's banked images: the nearest embedding per bank, then (where none is
+    surely a copy) the second pass's keypoint channel, all judged by the rule above. One owner for the moderator
+    and the match API."""
+
+    def __init__(self, store: HashBankStore, embeddings: EmbeddingBanks, rule: BankEmbeddingRule) -> None:
+        self.store = store
+        self.embeddings = embeddings
+        self.rule = rule
+
+    def match(self, model_version: str, embedding: NDArray[np.float32], query: QueryFeatures | None) -> list[BankMatch]:
+        """Raises redis.RedisError when the banks cannot be read."""
+        hits = self.embeddings.search(model_version, embedding)
+        if query is not None:
+            hits += self._keypoint_hits(model_version, embedding, query.features, hits)
+        own = self.store.enabled_policies(sorted({h.bank for h in hits}))
+        thresholds = {
+            f"{h.bank}{SEP}{h.item_id}": self.rule.threshold(model_version, own[h.bank].embedding_threshold)
+            for h in hits
+            if h.bank in own
+        }
+        near = [
+            Neighbour(key, h.cosine)
+            for h in hits
+            if (key := f"{h.bank}{SEP}{h.item_id}") in thresholds and h.cosine >= self.rule.reach(thresholds[key])
+        ]
+        if not near:
+            return []
+        keys = [cast(tuple[str, str], tuple(n.upload_id.split(SEP, 1))) for n in near]
+        banked = self.embeddings.features(keys) if query is not None else {}
+        references = {f"{bank}{SEP}{item_id}": f for (bank, item_id), f in banked.items()}
+        return [
+            BankMatch(
+                bank, "embedding", round(1.0 - j.cosine, 4), item_id, "", round(j.score, 4), j.inliers, own[bank].action
+            )
+            for j in self.rule.judge(query, near, thresholds, references)
+            if j.matched
+            for bank, item_id in [j.key.split(SEP, 1)]
+        ]
+
+    def _keypoint_hits(
+        self, model_version: str, embedding: NDArray[np.float32], features: LocalFeatures, hits: list[EmbeddingHit]
+    ) -> list[EmbeddingHit]:
+        verifier = self.rule.verifier
+        threshold = self.rule.threshold(model_version, None)
+        if not verifier.needs_second_pass(max((h.cosine for h in hits), default=None), threshold):
+            return []
+        seen = {f"{h.bank}{SEP}{h.item_id}" for h in hits}
+
+        def pick(index: KeypointIndex, query: LocalFeatures) -> list[KeypointHit]:
+            return verifier.keypoint_candidates(index, query, seen)
+
+        return self.embeddings.search_keypoints(model_version, embedding, features, pick)
