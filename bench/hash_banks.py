@@ -10,9 +10,12 @@ real moderator pipeline (file fetch, decode, hashes, Triton) to its verdict (``P
 real redis-server); an upload counts as caught when the verdict blocks it for a bank match. Bank contents side by
 side: ``exact_only`` (sha256 and 64-bit pHash, what banks held before PDQ: today's figure), ``exact_and_pdq`` (the
 same plus PDQ at SIEVE_BANKS_PDQ_THRESHOLD, not tuned here), ``exact_pdq_and_embedding_cosine_only`` (plus the
-banked images' served embeddings, matched on cosine alone: no keypoints banked) and ``exact_pdq_and_embedding``
-(the same with the banked images' keypoints, so an embedding match is verified and fused as the recent index
-verifies its own, ``services.common.banks.near``). The moderator runs with its default settings (verification on).
+banked images' served embeddings, matched on cosine alone: no keypoints banked), ``exact_pdq_and_embedding`` (the
+same with the banked images' keypoints, so an embedding match is verified and fused as the recent index verifies
+its own, and where no banked embedding is surely a copy, the banked images the upload's keypoints vote for are
+judged too: ``services.common.banks.near``) and, beside it, ``exact_pdq_and_embedding_first_pass_only`` (the
+second pass off). The moderator otherwise runs with its default settings (verification on). Uploads are the
+edits above and the hard benchmark's five families (``hard_*``, services/evaluation/hard_edits.py).
 
 Part 2, latency: 1M PDQ hashes in one bank (random 256-bit values plus the 100 real ones; real PDQ hashes
 cluster more than random ones, which makes multi-index hashing's buckets less even), loaded into Redis through
@@ -176,14 +179,16 @@ def _write(img: Image.Image, path: Path) -> Path:
     return path
 
 
-# Which signals to bank, whether to bank embeddings, and whether with the images' keypoints (without them an
-# embedding match is the cosine alone: how banked embeddings matched before verification).
-BankContents = tuple[Callable[[Signal], bool], bool, bool]
+# Which signals to bank, whether to bank embeddings, whether with the images' keypoints (without them an
+# embedding match is the cosine alone: how banked embeddings matched before verification), and whether the
+# moderator runs the second pass (the banked images its keypoints vote for; on by default).
+BankContents = tuple[Callable[[Signal], bool], bool, bool, bool]
 CONTENTS: dict[str, BankContents] = {
-    "exact_only": (lambda s: s.kind in ("sha256", "phash"), False, False),  # what banks held before this issue
-    "exact_and_pdq": (lambda s: True, False, False),
-    "exact_pdq_and_embedding_cosine_only": (lambda s: True, True, False),
-    "exact_pdq_and_embedding": (lambda s: True, True, True),
+    "exact_only": (lambda s: s.kind in ("sha256", "phash"), False, False, True),  # what banks held before issue 17
+    "exact_and_pdq": (lambda s: True, False, False, True),
+    "exact_pdq_and_embedding_cosine_only": (lambda s: True, True, False, True),
+    "exact_pdq_and_embedding_first_pass_only": (lambda s: True, True, True, False),
+    "exact_pdq_and_embedding": (lambda s: True, True, True, True),
 }
 
 
@@ -239,9 +244,14 @@ def _catch_rates(
     bank_pixels = np.stack([image.pixels for image in images])
     item_ids = [image.item_id for image in images]
     photo_of_item = {item: f"{r.package}:{r.original_path}" for item, r in zip(item_ids, banked, strict=True)}
-    for name, (keep, with_embeddings, with_keypoints) in CONTENTS.items():
+    for name, (keep, with_embeddings, with_keypoints, second_pass) in CONTENTS.items():
         prefix = f"bench-{name}"
-        settings = base.model_copy(update={"redis": base.redis.model_copy(update={"key_prefix": prefix})})
+        settings = base.model_copy(
+            update={
+                "redis": base.redis.model_copy(update={"key_prefix": prefix}),
+                "verify": base.verify.model_copy(update={"second_pass": second_pass}),
+            }
+        )
         store = HashBankStore(client, prefix)
         store.create("known-bad", "bench")
         store.add_signals("known-bad", [s for signals in signals_per_photo for s in signals if keep(s)])

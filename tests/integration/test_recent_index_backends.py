@@ -135,6 +135,20 @@ def test_nothing_past_the_retention_window_matches(open_index: Open) -> None:
     assert [e.upload_id for e in a.entries()] == ["new"]
 
 
+def test_another_replica_returns_the_stored_vectors_of_uploads_in_the_window(open_index: Open) -> None:
+    """The second pass needs the cosine of a candidate the index did not rank: its vector, by upload id."""
+    a, b = open_index(retention_s=3600), open_index(retention_s=3600)
+    now = time.time()
+    a.add([IndexEntry("v1", _vec(1), now), IndexEntry("v2", _vec(2), now), IndexEntry("gone", _vec(3), now - 7200)])
+    assert b.sync()
+    found = b.vectors(["v2", "v1", "gone", "never-added"])
+    assert set(found) == {"v1", "v2"}
+    assert float(np.dot(found["v1"], _vec(1))) == pytest.approx(1.0, abs=1e-4)
+    assert float(np.dot(found["v2"], _vec(1))) == pytest.approx(float(np.dot(_vec(2), _vec(1))), abs=1e-4)
+    assert b.vectors([]) == {}
+    assert open_index("emb:other").vectors(["v1"]) == {}  # another version's index holds none of them
+
+
 def test_model_versions_never_share_an_index(open_index: Open) -> None:
     v1, v2 = open_index("emb:1", 32), open_index("emb:2", 16)
     v1.add([IndexEntry("a", _vec(1), time.time())])
