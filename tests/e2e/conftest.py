@@ -18,11 +18,13 @@ from confluent_kafka import Consumer
 from PIL import Image
 
 from services.common.config import Settings
+from services.common.kafka_io import ensure_topics
 from services.common.photos.build import (
     Manifest,
     PhotoRecord,
 )
 from services.common.transforms import encode_jpeg
+from services.common.uploads import UploadPublisher, event_for_file
 
 SIEVE = [sys.executable, "-m", "services.cli"]
 
@@ -103,6 +105,27 @@ def read_topic(
     finally:
         consumer.close()
     return records
+
+
+def originals_then_copies(
+    settings: Settings,
+    env: dict[str, str],
+    tmp_path: Path,
+    moderators: list[ModeratorProcess],
+    originals: dict[str, Path],
+    copies: dict[str, tuple[Path, str]],
+) -> dict[str, dict[str, object]]:
+    """One moderator; the originals first (all decided), then their copies; every verdict read, by upload id."""
+    ensure_topics(settings.kafka)
+    start_moderator(moderators, env, tmp_path)
+    publisher = UploadPublisher(settings.kafka)
+    publisher.publish(event_for_file(path, uid) for uid, path in originals.items())
+    assert len(read_topic(settings, settings.kafka.topic_verdicts, len(originals))) >= len(originals)
+    publisher.publish(event_for_file(path, uid) for uid, (path, _) in copies.items())
+    records = read_topic(settings, settings.kafka.topic_verdicts, len(originals) + len(copies))
+    verdicts = {str(r["upload_id"]): r for r in records}
+    assert set(verdicts) >= set(copies), moderators[0].log()[-3000:]
+    return verdicts
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,10 @@ from pathlib import Path
 from PIL import Image
 
 from services.common.config import DecisionSettings, Settings, VerificationSettings
-from services.common.kafka_io import ensure_topics
 from services.common.photos.build import Manifest
 from services.common.transforms import encode_jpeg
-from services.common.uploads import UploadPublisher, event_for_file
 from services.evaluation.hard_edits import small_crop, strong_geometry
-from tests.e2e.conftest import ModeratorProcess, pick_photos, read_topic, start_moderator, write_photo
+from tests.e2e.conftest import ModeratorProcess, originals_then_copies, pick_photos, write_photo
 
 
 def _hard_copy(image: Image.Image, seed: int) -> Image.Image:
@@ -41,15 +39,7 @@ def test_hard_copies_are_linked_with_keypoint_evidence(
         cpath.write_bytes(encode_jpeg(edited, 80))
         copies[f"hard-{n:03d}"] = (cpath, uid)
 
-    ensure_topics(settings.kafka)
-    start_moderator(moderators, stack_env, tmp_path)
-    publisher = UploadPublisher(settings.kafka)
-    publisher.publish(event_for_file(path, uid) for uid, path in originals.items())
-    assert len(read_topic(settings, settings.kafka.topic_verdicts, len(originals))) >= len(originals)
-    publisher.publish(event_for_file(path, uid) for uid, (path, _) in copies.items())
-    records_read = read_topic(settings, settings.kafka.topic_verdicts, len(originals) + len(copies))
-    verdicts = {str(r["upload_id"]): r for r in records_read}
-    assert set(verdicts) >= set(copies), moderators[0].log()[-3000:]
+    verdicts = originals_then_copies(settings, stack_env, tmp_path, moderators, originals, copies)
 
     floor = VerificationSettings().inlier_floor
     found = by_keypoints = 0

@@ -8,11 +8,9 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from services.common.config import DecisionSettings, Settings
-from services.common.kafka_io import ensure_topics
 from services.common.photos.build import Manifest
 from services.common.transforms import encode_jpeg
-from services.common.uploads import UploadPublisher, event_for_file
-from tests.e2e.conftest import ModeratorProcess, pick_photos, read_topic, start_moderator, write_photo
+from tests.e2e.conftest import ModeratorProcess, originals_then_copies, pick_photos, write_photo
 
 
 def _pasted_and_turned(photo: Image.Image, backdrop: Image.Image, seed: int) -> Image.Image:
@@ -45,15 +43,7 @@ def test_keypoints_link_copies_the_descriptor_misses_and_nothing_else(
         cpath.write_bytes(encode_jpeg(edited, 75))
         copies[f"turned-{n:03d}"] = (cpath, uid)
 
-    ensure_topics(settings.kafka)
-    start_moderator(moderators, stack_env, tmp_path)
-    publisher = UploadPublisher(settings.kafka)
-    publisher.publish(event_for_file(path, uid) for uid, path in originals.items())
-    assert len(read_topic(settings, settings.kafka.topic_verdicts, len(originals))) >= len(originals)
-    publisher.publish(event_for_file(path, uid) for uid, (path, _) in copies.items())
-    records_read = read_topic(settings, settings.kafka.topic_verdicts, len(originals) + len(copies))
-    verdicts = {str(r["upload_id"]): r for r in records_read}
-    assert set(verdicts) >= set(copies), moderators[0].log()[-3000:]
+    verdicts = originals_then_copies(settings, stack_env, tmp_path, moderators, originals, copies)
 
     by_second_pass = linked = 0
     for uid, (_, original) in copies.items():
