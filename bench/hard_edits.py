@@ -332,8 +332,7 @@ def verified_similarity(
     for q, data in enumerate(queries):
         neighbours = [Neighbour(str(int(i)), float(s)) for i, s in zip(idx[q], scores[q], strict=True)]
         chosen = verifier.candidates(neighbours, threshold, band)
-        wants_second = keypoints is not None and verifier.needs_second_pass(None, threshold)
-        if not chosen and not wants_second:
+        if not chosen and (keypoints is None or not cfg.second_pass):
             continue
         gray = detail_view(pil(data, cfg.detail_side), cfg.detail_side)
         query = QueryFeatures(verifier.extractor.extract(gray), partial(verifier.extractor.extract_mirrored, gray))

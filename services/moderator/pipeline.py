@@ -601,9 +601,11 @@ class Pipeline:
         began = time.perf_counter()
         detail = item.image.detail
         query = QueryFeatures(item.features, lambda: self.verifier.extractor.extract_mirrored(detail))
-        verified = self.verifier.verify(query, chosen, self._reference_features(chosen, out, evidence))
-        item.timings["verify_ms"] = _ms(began)
-        self.metrics.stage("verify", item.timings["verify_ms"] / 1000.0)
+        verified: list[Verification] = []
+        if chosen:  # an upload with no first-pass candidate goes straight to the second pass
+            verified = self.verifier.verify(query, chosen, self._reference_features(chosen, out, evidence))
+            item.timings["verify_ms"] = _ms(began)
+            self.metrics.stage("verify", item.timings["verify_ms"] / 1000.0)
         found: list[Verification] = []
         if self.verifier.needs_second_pass(max((v.score for v in verified), default=best), threshold):
             began = time.perf_counter()
