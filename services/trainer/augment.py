@@ -351,3 +351,211 @@ def pregenerate(
     else:
         results = [_augment_job(j) for j in jobs]
     return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+
+
+# ------------------------------------------------------------------------------ compositions and hard policy
+
+
+def caption_bands(
+    img: Image.Image, top: float, bottom: float, words: Sequence[str], font_name: str, background: tuple[int, int, int]
+) -> Image.Image:
+    """A meme: bands of ``top`` and ``bottom`` (fractions of the height) above and below the photo, captioned."""
+    w, h = img.size
+    top_px, bottom_px = round(h * top), round(h * bottom)
+    canvas = Image.new("RGB", (w, h + top_px + bottom_px), background)
+    canvas.paste(to_rgb(img), (0, top_px))
+    draw = ImageDraw.Draw(canvas)
+    ink = (0, 0, 0) if sum(background) > 380 else (255, 255, 255)
+    for band, centre in ((top_px, top_px // 2), (bottom_px, top_px + h + bottom_px // 2)):
+        if band > 12 and words:
+            font = load_font(font_name, max(10, round(band * 0.4)))
+            draw.text((w // 2, centre), words[0 if centre < h else -1], font=font, fill=ink, anchor="mm")
+    return canvas
+
+
+def tile_grid(
+    img: Image.Image,
+    others: Sequence[Image.Image],
+    cols: int,
+    rows: int,
+    tile: int,
+    gap: int,
+    slot: int,
+    fill: tuple[int, int, int],
+) -> Image.Image:
+    """A collage: the photo in grid cell ``slot``, the other cells filled from ``others`` (cycled)."""
+    canvas = Image.new("RGB", (cols * tile + (cols + 1) * gap, rows * tile + (rows + 1) * gap), fill)
+    fillers = list(others) or [img]
+    for k in range(cols * rows):
+        source = img if k == slot else fillers[k % len(fillers)]
+        cell = ImageOps.fit(to_rgb(source), (tile, tile))
+        canvas.paste(cell, (gap + (k % cols) * (tile + gap), gap + (k // cols) * (tile + gap)))
+    return canvas
+
+
+def paste_into(
+    img: Image.Image, background: Image.Image, width_frac: float, degrees: float, pos: tuple[float, float]
+) -> Image.Image:
+    """Picture in picture: the photo at ``width_frac`` of the background's width, turned by ``degrees``."""
+    back = to_rgb(background).copy()
+    inner = rescale(to_rgb(img), width_frac * back.width / img.width)
+    if degrees:
+        inner = inner.rotate(degrees, resample=Image.Resampling.BILINEAR, expand=True)
+    x = round(max(0, back.width - inner.width) * pos[0])
+    y = round(max(0, back.height - inner.height) * pos[1])
+    back.paste(inner, (x, y))
+    return back
+
+
+def quarter_turn(img: Image.Image, turns: int) -> Image.Image:
+    transposes = (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+    return img if turns % 4 == 0 else img.transpose(transposes[turns % 4 - 1])
+
+
+def gamma(img: Image.Image, g: float) -> Image.Image:
+    table = [round(255 * (v / 255) ** g) for v in range(256)] * 3
+    return to_rgb(img).point(table)
+
+
+def add_noise(img: Image.Image, sigma: float, seed: int) -> Image.Image:
+    arr = np.asarray(to_rgb(img), dtype=np.float32)
+    noisy = arr + np.random.default_rng(seed).normal(0.0, sigma, arr.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def pixelate(img: Image.Image, factor: float) -> Image.Image:
+    w, h = img.size
+    small = img.resize((max(4, round(w * factor)), max(4, round(h * factor))), Image.Resampling.BILINEAR)
+    return small.resize((w, h), Image.Resampling.NEAREST)
+
+
+def hue_shift(img: Image.Image, shift: int) -> Image.Image:
+    h, s, v = to_rgb(img).convert("HSV").split()
+    return Image.merge("HSV", (h.point(lambda x: (x + shift) % 256), s, v)).convert("RGB")
+
+
+class HardAugment:
+    """SSCD-strength chains for the hard fine-tune: 2-5 edits drawn from every family re-uploaders use.
+
+    Unlike ``StrongAugment`` (one pass over fixed probabilities), each view draws a chain: a crop first most of
+    the time, then geometric, photometric and composition edits in random order, so chains of edits (the
+    weakest family) are the common case rather than the rare one. Fonts, words and glyphs are the training
+    ones; the benchmark draws its own. ``others`` are other training photos for collages and backgrounds.
+    """
+
+    categories = DEFAULT_CATEGORIES
+
+    def __init__(self, others: Sequence[Image.Image] = ()) -> None:
+        self.others = list(others)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> tuple[Image.Image, NDArray[np.float32]]:
+        flags: set[str] = set()
+        img = to_rgb(img)
+        if rng.random() < 0.75:
+            img = crop_area(img, rng.uniform(0.18, 0.9), rng.uniform(0.6, 1.6), rng.random(), rng.random())
+        kinds = ["geometry", "photometric", "composition", "overlay", "quality"]
+        steps = rng.sample(kinds, k=rng.choice([1, 2, 2, 3, 3, 4]))
+        for step in steps:
+            img = getattr(self, f"_{step}")(img, rng, flags)
+        if rng.random() < 0.7:
+            img = jpeg(img, rng.randint(12, 85))
+        return img, flag_vector(flags, self.categories)
+
+    def _fill(self, rng: random.Random) -> tuple[int, int, int]:
+        return rng.choice([(0, 0, 0), (255, 255, 255), (128, 128, 128), random_colour(rng)])
+
+    def _geometry(self, img: Image.Image, rng: random.Random, flags: set[str]) -> Image.Image:
+        choice = rng.randrange(5)
+        if choice == 0:
+            img = quarter_turn(img, rng.randint(1, 3))
+        elif choice == 1:
+            img = rotate(img, rng.uniform(-90, 90), self._fill(rng), expand=rng.random() < 0.7)
+        elif choice == 2:
+            img = perspective(img, [rng.uniform(0, 0.3) for _ in range(8)], self._fill(rng))
+        elif choice == 3:
+            img = rescale(img, rng.uniform(0.25, 1.0))
+        else:
+            img = mirror(img)
+        if rng.random() < 0.3:
+            img = mirror(img)
+        return img
+
+    def _photometric(self, img: Image.Image, rng: random.Random, flags: set[str]) -> Image.Image:
+        img = colour(img, rng.uniform(0.5, 1.6), rng.uniform(0.4, 1.7), rng.uniform(0.0, 2.0))
+        choice = rng.randrange(7)
+        if choice == 0:
+            img = gamma(img, rng.choice([rng.uniform(0.35, 0.75), rng.uniform(1.4, 2.5)]))
+        elif choice == 1:
+            img = grayscale(img)
+            flags.add("grayscale")
+        elif choice == 2:
+            img = blur(img, rng.uniform(1.0, 4.0))
+        elif choice == 3:
+            img = add_noise(img, rng.uniform(6, 30), rng.randrange(2**31))
+        elif choice == 4:
+            img = ImageOps.posterize(to_rgb(img), rng.randint(2, 5))
+        elif choice == 5:
+            img = hue_shift(img, rng.randint(20, 235))
+        else:
+            img = pixelate(img, rng.uniform(0.1, 0.4))
+        if rng.random() < 0.2:
+            img = ImageEnhance.Sharpness(img).enhance(rng.uniform(2.0, 5.0))
+        if rng.random() < 0.08:
+            img = ImageOps.invert(to_rgb(img))
+        return img
+
+    def _composition(self, img: Image.Image, rng: random.Random, flags: set[str]) -> Image.Image:
+        choice = rng.randrange(4)
+        if choice == 0:
+            words = [rng.choice(TRAIN_WORDS), rng.choice(TRAIN_WORDS)]
+            background = rng.choice([(255, 255, 255), (0, 0, 0), random_colour(rng)])
+            top, bottom = rng.uniform(0.1, 0.45), rng.choice([0.0, rng.uniform(0.05, 0.3)])
+            flags.add("text_overlay")
+            return caption_bands(img, top, bottom, words, rng.choice(TRAIN_FONTS), background)
+        if choice == 1 and self.others:
+            cols, rows = rng.choice([(2, 1), (1, 2), (2, 2), (3, 1), (1, 3)])
+            others = rng.sample(self.others, k=min(len(self.others), cols * rows))
+            tile, gap = rng.randint(160, 320), rng.randint(0, 16)
+            return tile_grid(img, others, cols, rows, tile, gap, rng.randrange(cols * rows), self._fill(rng))
+        if choice == 2 and self.others:
+            back = ImageOps.fit(to_rgb(rng.choice(self.others)), (rng.randint(400, 720), rng.randint(360, 720)))
+            return paste_into(img, back, rng.uniform(0.35, 0.85), rng.uniform(-20, 20), (rng.random(), rng.random()))
+        if choice == 3:
+            flags.add("screenshot")
+            return screenshot(
+                img,
+                canvas_w=rng.randint(320, 720),
+                aspect=rng.uniform(1.3, 2.2),
+                scale=rng.uniform(0.5, 0.95),
+                background=rng.choice([(255, 255, 255), (24, 24, 28), (240, 242, 245), random_colour(rng)]),
+                header=rng.choice(TRAIN_WORDS),
+                font_name=rng.choice(TRAIN_FONTS),
+                offset=rng.random(),
+            )
+        flags.add("border")
+        return add_border(img, [rng.uniform(0.03, 0.3) for _ in range(4)], self._fill(rng))
+
+    def _overlay(self, img: Image.Image, rng: random.Random, flags: set[str]) -> Image.Image:
+        if rng.random() < 0.6:
+            glyphs = [
+                (rng.choice(TRAIN_EMOJI), rng.uniform(0.1, 0.35), rng.random(), rng.random(), random_colour(rng))
+                for _ in range(rng.randint(1, 7))
+            ]
+            img = overlay_glyphs(img, glyphs)
+            flags.add("emoji_overlay")
+        if rng.random() < 0.6:
+            for _ in range(rng.randint(1, 3)):
+                img = overlay_text(
+                    img,
+                    rng.choice(TRAIN_WORDS),
+                    rng.choice(TRAIN_FONTS),
+                    rng.uniform(0.06, 0.2),
+                    (rng.random(), rng.random()),
+                    rng.choice([(255, 255, 255), (0, 0, 0), random_colour(rng)]),
+                )
+            flags.add("text_overlay")
+        return img
+
+    def _quality(self, img: Image.Image, rng: random.Random, flags: set[str]) -> Image.Image:
+        img = rescale(img, rng.uniform(0.2, 0.6))
+        return jpeg(img, rng.randint(8, 40))

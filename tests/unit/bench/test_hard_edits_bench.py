@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from bench.hard_edits import build_set, merge_identical
 from services.common.calibration import background_similarity, normalised
+from services.evaluation.hard_set import build_set, merge_identical
 from services.evaluation.hard_sources import SourceImage
 
 
