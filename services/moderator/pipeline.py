@@ -167,7 +167,7 @@ class Pipeline:
         self.embedding_banks = EmbeddingBanks(
             redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s, self.verifier.keypoint_index
         )
-        self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier)
+        self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier, self.redis, settings.redis.key_prefix)
         self.near_banks = NearBankMatcher(self.banks, self.embedding_banks, self.bank_rule)
         self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self.keypoints = SharedKeypointIndex(

@@ -149,7 +149,7 @@ class AdminStore:
         self.near_banks = NearBankMatcher(
             self.bank_store,
             EmbeddingBanks(client, key_prefix, self.bank_settings.sync_interval_s, verifier.keypoint_index),
-            BankEmbeddingRule(self.bank_settings, verifier),
+            BankEmbeddingRule(self.bank_settings, verifier, client, key_prefix),
         )
         self.rejudge = RejudgeRequests(client, key_prefix)
         self.ledger = PromotionLedger(client, key_prefix)

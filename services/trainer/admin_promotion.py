@@ -101,6 +101,7 @@ class AdminPromotion:
                 self.log_path,
                 {"request_id": request.request_id, "requested_by": request.requested_by, "reason": request.reason},
                 threshold=_card_threshold(source),
+                bank_threshold=_card_threshold(source, "bank_embedding_threshold"),
                 version=decided.version,
                 serving=decided.serving,
             )
@@ -123,10 +124,11 @@ def _embedder(version_dir: Path) -> EmbedFn | None:
     return embed_fn(module)
 
 
-def _card_threshold(version_dir: Path) -> float | None:
-    """The duplicate threshold the version was calibrated or fine-tuned at, as its model card records it."""
+def _card_threshold(version_dir: Path, field: str = "duplicate_threshold") -> float | None:
+    """A threshold the version was calibrated or fine-tuned at, as its model card records it (the duplicate
+    threshold, or ``bank_embedding_threshold`` for banked images)."""
     card = version_dir / "model_card.json"
     if not card.is_file():
         return None
-    value: Any = json.loads(card.read_text()).get("duplicate_threshold")
+    value: Any = json.loads(card.read_text()).get(field)
     return float(value) if isinstance(value, int | float) else None

@@ -20,7 +20,7 @@ from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.imaging import decode_image
 from services.common.promotions import PromotionLedger
-from services.common.thresholds import recorded_thresholds, with_recorded
+from services.common.thresholds import recorded_thresholds, with_recorded, with_recorded_banks
 from services.common.upload_keys import upload_uri_key
 from services.trainer.admin_promotion import AdminPromotion
 from services.trainer.feedback import FeedbackConsumer, FeedbackStore, LabelledPair
@@ -164,6 +164,12 @@ class RetrainingJob:
             self.settings.decision, recorded_thresholds(self.redis, self.settings.redis.key_prefix)
         )
         threshold = decision.threshold_for(f"{self.repo.model}:{serving}")
+        # The same for banked images: the fine-tune keeps the parent's scale, so its bank threshold carries over
+        # (without it the new version's banked images would match only at the 0.95 fallback).
+        banks = with_recorded_banks(
+            self.settings.banks, recorded_thresholds(self.redis, self.settings.redis.key_prefix, "bank")
+        )
+        bank_threshold = banks.embedding_thresholds.get(f"{self.repo.model}:{serving}")
         serving_module, meta = load_torchscript(artifact)
         candidate, _ = load_torchscript(artifact)
         dim = int(meta.get("embed_dim", 256))
@@ -199,6 +205,7 @@ class RetrainingJob:
         card = {
             "model": self.repo.model,
             "duplicate_threshold": threshold,
+            "bank_embedding_threshold": bank_threshold,
             "finetuned_from": serving,
             "finetune": result.__dict__,
             "gate": verdict.__dict__,
@@ -215,6 +222,7 @@ class RetrainingJob:
                 self.log_path,
                 {"gate": verdict.__dict__, "labels": self.store.count(), "duplicate_threshold": threshold},
                 threshold=threshold,
+                bank_threshold=bank_threshold,
             )
         except PromotionFailed as exc:  # undone: the serving version is unchanged
             outcome["promotion_failed"] = str(exc)

@@ -185,8 +185,9 @@ def promote(
     threshold: float | None = None,
     version: int | None = None,
     serving: int | None = None,
+    bank_threshold: float | None = None,
 ) -> int:
-    """Backfill, record the threshold, install, load. Returns the new version number.
+    """Backfill, record the thresholds (duplicate and bank), install, load. Returns the new version number.
 
     The retraining job stages a new folder and lets the number be the next one; an admin request names the
     version, and ``staged`` is None when its folder is already installed but not loaded. The threshold is
@@ -214,6 +215,8 @@ def promote(
         banked = reembed_banks(settings, client, tag, embed)
         if threshold is not None:
             record_threshold(client, settings.redis.key_prefix, tag, threshold)
+        if bank_threshold is not None:
+            record_threshold(client, settings.redis.key_prefix, tag, bank_threshold, kind="bank")
         if staged is not None:
             repo.install(staged, version)
         try:

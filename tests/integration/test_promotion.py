@@ -15,6 +15,7 @@ from PIL import Image
 
 from services.common.banks import HashBankStore
 from services.common.banks.embeddings import EmbeddingBanks
+from services.common.banks.near import BankEmbeddingRule
 from services.common.config import REPO_ROOT, Settings
 from services.common.imaging import decode_image
 from services.common.index import IndexEntry, open_recent_index
@@ -24,6 +25,7 @@ from services.common.stack.triton import TritonServer
 from services.common.thresholds import recorded_thresholds, with_recorded
 from services.common.transforms import encode_jpeg
 from services.common.upload_keys import upload_uri_key
+from services.common.verification import Verifier
 from services.trainer.promotion import ModelRepository, promote, rollback
 
 
@@ -80,7 +82,9 @@ def test_promote_backfills_then_serves_and_rollback_restores(
         return result.embeddings
 
     log_path = tmp_path / "promotions.jsonl"
-    version = promote(settings, client, repo, staged, embed, 1280, log_path, {"gate": "test"}, threshold=0.905)
+    version = promote(
+        settings, client, repo, staged, embed, 1280, log_path, {"gate": "test"}, threshold=0.905, bank_threshold=0.83
+    )
     assert version == 2
     # The version's threshold travels with it: recorded in Redis, where moderators and the trainer merge it over
     # the configured ones (a version unknown to the configuration would otherwise decide at the global default).
@@ -88,6 +92,13 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     assert recorded == {"sieve_embedder:2": 0.905}
     assert with_recorded(settings.decision, recorded).threshold_for("sieve_embedder:2") == 0.905
     assert with_recorded(settings.decision, recorded).threshold_for("sieve_embedder:1") == 0.90
+    # So does its bank threshold: every matcher of banked images (moderator, re-judging, match API) reads it.
+    assert recorded_thresholds(client, settings.redis.key_prefix, "bank") == {"sieve_embedder:2": 0.83}
+    bank_settings = settings.banks.model_copy(update={"embedding_thresholds": {}})
+    rule = BankEmbeddingRule(bank_settings, Verifier(settings.verify), client, settings.redis.key_prefix)
+    assert rule.threshold("sieve_embedder:2", None) == 0.83 and rule.threshold("sieve_embedder:2", 0.9) == 0.9
+    unrecorded = BankEmbeddingRule(bank_settings, Verifier(settings.verify))
+    assert unrecorded.threshold("sieve_embedder:2", None) == bank_settings.embedding_threshold
     assert models.infer(pixels[:1]).model_version == "sieve_embedder:2"
     v2 = open_recent_index(settings, client, "sieve_embedder:2", 1280)
     assert v2.sync() and len(v2.entries()) == len(paths)  # the new version's index is complete before its first verdict

@@ -79,7 +79,7 @@ class RetroJudge:
         self.prefix = settings.redis.key_prefix
         self.publish = publish
         self.store = HashBankStore(client, self.prefix, settings.banks.pdq_threshold)
-        self.rule = BankEmbeddingRule(settings.banks, Verifier(settings.verify))
+        self.rule = BankEmbeddingRule(settings.banks, Verifier(settings.verify), client, self.prefix)
         self.features = FeatureStore(client, self.prefix, settings.index.retention_s)
 
     def lock(self, bank: str, lock_s: float = 600.0) -> Lock:
