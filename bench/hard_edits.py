@@ -60,12 +60,16 @@ from services.evaluation.metrics import (
     threshold_for_precision,
     top_k,
 )
+from services.trainer.promotion import ModelRepository
 
 TOP_K = 10
 NORMALISATION_BETA, NORMALISATION_K = 1.0, 1  # SSCD's score normalisation, as measured here (not served)
 # The served threshold's rule, on the validation set only: the lowest fused score that keeps precision >= 0.98
 # and matches at most 1% of the queries that have no original (the goal is 3%; the margin is for other photos).
 VALIDATION_PRECISION, VALIDATION_MAX_NEGATIVES = 0.98, 0.01
+# Banked images block uploads, so their threshold is stricter: the same rule at the bank goal (at most 0.5% of
+# unrelated uploads blocked) and precision >= 0.995. A version's card records it as bank_embedding_threshold.
+BANK_PRECISION, BANK_MAX_NEGATIVES = 0.995, 0.005
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -317,8 +321,7 @@ def labels_for(version: int) -> dict[str, str]:
 
 def latest_version() -> int:
     """The version Triton serves from model_repo/ ("latest 1": the highest numbered folder)."""
-    root = MODEL_REPO / "sieve_embedder"
-    return max(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "model.py").exists())
+    return ModelRepository(MODEL_REPO).serving()
 
 
 def report_markdown(results: dict[str, Any]) -> str:
@@ -395,6 +398,13 @@ def update_card(results: dict[str, Any], source: Path) -> Path:
         card["duplicate_threshold_note"] += (
             f"; the served {results['served_threshold']} is kept (set before this run; the higher one, so the "
             "more conservative on photos the validation set does not hold)"
+        )
+    if "bank_threshold_rule" in results:
+        card["bank_embedding_threshold"] = results["bank_threshold_rule"]
+        card["bank_embedding_threshold_note"] = (
+            f"the lowest fused score with precision >= {BANK_PRECISION} and at most {BANK_MAX_NEGATIVES:.1%} of the "
+            "queries without an original matched, on the same hard validation set; promotions record it in Redis "
+            "for banked images (SIEVE_BANKS_EMBEDDING_THRESHOLDS lists the versions that ship in the repository)"
         )
     card["verification"] = {
         "settings": results["verification"],
@@ -495,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rule = threshold_for_precision(
             top[:, 0], idx[:, 0] == truth, truth >= 0, VALIDATION_PRECISION, VALIDATION_MAX_NEGATIVES
         ).threshold
+        bank_rule = threshold_for_precision(
+            top[:, 0], idx[:, 0] == truth, truth >= 0, BANK_PRECISION, BANK_MAX_NEGATIVES
+        ).threshold
+        results["bank_threshold_rule"] = round(float(bank_rule), 4)
         return fused, cost, float(rule)
 
     if model_version in decision.version_thresholds:

@@ -1,8 +1,8 @@
-"""Version 2 of the embedder served by a real Triton equals the same files run in-process.
+"""The embedder version served by a real Triton equals the same files run in-process.
 
-Version 2 (the STN-CNN) is the latest in model_repo/, so the session's Triton serves it. This is
-what makes ``sieve embed`` and ``sieve eval`` trustworthy stand-ins for the served model: whether they reach
-Triton or fall back to the files, the embeddings agree.
+The session's Triton serves the latest version in model_repo/ (an STN-CNN). This is what makes ``sieve embed``
+and ``sieve eval`` trustworthy stand-ins for the served model: whether they reach Triton or fall back to the
+files, the embeddings agree, and the configured threshold is the one the version's card records.
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ from services.common.imaging import decode_image
 from services.common.inference import TritonModels
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import ServedEmbedder, embed_folder, load_version, version_dir
+from services.trainer.promotion import ModelRepository
 
 DATA = Path(skimage.__file__).parent / "data"
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+SERVED = ModelRepository(REPO_ROOT / "model_repo").serving()
+TAG = f"sieve_embedder:{SERVED}"
 
 
 @pytest.fixture()
-def v2_repo(settings: Settings) -> tuple[Path, str]:
-    """(repository, gRPC url) of the session's Triton, which serves model_repo/: version 2 is the latest there."""
-    assert version_dir(2) == REPO_ROOT / "model_repo" / "sieve_embedder" / "2"
+def served_repo(settings: Settings) -> tuple[Path, str]:
+    """(repository, gRPC url) of the session's Triton, which serves model_repo/'s latest version."""
+    assert SERVED >= 2 and version_dir(SERVED) == REPO_ROOT / "model_repo" / "sieve_embedder" / str(SERVED)
     return REPO_ROOT / "model_repo", settings.triton.url
 
 
@@ -45,17 +48,17 @@ def _batch() -> np.ndarray:
     return np.stack([decode_image(encode_jpeg(_photo(n)), DecodeSettings(), 256).pixels for n in PHOTOS])
 
 
-def test_triton_serves_version_2_and_it_equals_the_in_process_torchscript(
-    settings: Settings, v2_repo: tuple[Path, str]
+def test_triton_serves_the_latest_version_and_it_equals_the_in_process_torchscript(
+    settings: Settings, served_repo: tuple[Path, str]
 ) -> None:
-    repo, url = v2_repo
+    repo, url = served_repo
     batch = _batch()
     result = TritonModels(_settings(settings, url).triton).infer(batch)
-    assert result.model_version == "sieve_embedder:2"
+    assert result.model_version == TAG
     assert result.embeddings.shape == (len(PHOTOS), 256)
     assert np.allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-4)
     torch.set_num_threads(2)
-    local = load_version(2, repo / "sieve_embedder")  # the TorchScript original of the served ONNX
+    local = load_version(SERVED, repo / "sieve_embedder")  # the TorchScript original of the served ONNX
     with torch.inference_mode():
         expected = local(torch.from_numpy(batch)).float().numpy()
     assert np.allclose(result.embeddings, expected, atol=1e-4)
@@ -63,31 +66,31 @@ def test_triton_serves_version_2_and_it_equals_the_in_process_torchscript(
 
 
 def test_sieve_embed_gives_the_same_file_through_triton_and_in_process(
-    settings: Settings, v2_repo: tuple[Path, str], tmp_path: Path
+    settings: Settings, served_repo: tuple[Path, str], tmp_path: Path
 ) -> None:
-    repo, url = v2_repo
+    repo, url = served_repo
     folder = tmp_path / "images"
     folder.mkdir()
     for name in PHOTOS:
         (folder / f"{name}.jpg").write_bytes(encode_jpeg(_photo(name)))
     served = ServedEmbedder.connect(_settings(settings, url))
-    assert served.backend == "triton" and served.model_version == "sieve_embedder:2"
+    assert served.backend == "triton" and served.model_version == TAG
     local = ServedEmbedder.in_process(repo / "sieve_embedder")
     assert local.model_version == served.model_version
     embed_folder(folder, tmp_path / "triton.npz", served)
     embed_folder(folder, tmp_path / "local.npz", local)
     a, b = np.load(tmp_path / "triton.npz"), np.load(tmp_path / "local.npz")
     assert list(a["ids"]) == list(b["ids"]) == sorted(f"{n}.jpg" for n in PHOTOS)
-    assert str(a["model_version"]) == "sieve_embedder:2" and str(a["backend"]) == "triton"
+    assert str(a["model_version"]) == TAG and str(a["backend"]) == "triton"
     assert np.allclose(a["embeddings"], b["embeddings"], atol=1e-5)
 
 
-def test_a_near_duplicate_clears_the_v2_threshold_and_an_unrelated_photo_does_not(
-    settings: Settings, v2_repo: tuple[Path, str]
+def test_a_near_duplicate_clears_the_served_threshold_and_an_unrelated_photo_does_not(
+    settings: Settings, served_repo: tuple[Path, str]
 ) -> None:
-    repo, url = v2_repo
-    threshold = settings.decision.version_thresholds["sieve_embedder:2"]
-    card = json.loads((repo / "sieve_embedder" / "2" / "model_card.json").read_text())
+    repo, url = served_repo
+    threshold = settings.decision.version_thresholds[TAG]
+    card = json.loads((repo / "sieve_embedder" / str(SERVED) / "model_card.json").read_text())
     assert abs(card["duplicate_threshold"] - threshold) < 1e-6  # config agrees with the card
     cat, rocket = _photo("chelsea"), _photo("rocket")
     pixels = [cat, NEAR_DUPLICATES["crop80"](cat), rocket]
