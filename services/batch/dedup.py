@@ -664,40 +664,31 @@ def write_tables(out: Path, clusters: Sequence[Cluster], summary: dict[str, Any]
 def model_card_threshold(model_version: str, repo: Path | None = None) -> float | None:
     """The threshold calibrated when the version shipped (``model_card.json``), if the version has a card."""
     from services.common.config import REPO_ROOT
+    from services.common.thresholds import card_threshold
 
-    repo = repo or REPO_ROOT / "model_repo" / "sieve_embedder"
-    card = repo / model_version.rsplit(":", 1)[-1] / "model_card.json"
-    if not card.exists():
-        return None
-    value = json.loads(card.read_text()).get("duplicate_threshold")
-    return float(value) if value is not None else None
+    return card_threshold(repo or REPO_ROOT / "model_repo" / "sieve_embedder", model_version)
 
 
 def moderator_threshold(model_version: str, cfg: DecisionSettings | None = None) -> tuple[float, str]:
-    """The duplicate threshold the moderator applies to this version (``Pipeline.decision_for`` minus Redis).
+    """The duplicate threshold the moderator applies to this version, minus what only Redis holds (admin
+    overrides and thresholds recorded at promotions, which these offline tools do not see)."""
+    from services.common.config import BankSettings
+    from services.common.thresholds import ThresholdResolver
 
-    A version listed in SIEVE_DECISION_VERSION_THRESHOLDS uses its own threshold; any other version the global
-    SIEVE_DECISION_DUPLICATE_THRESHOLD. Admin overrides live in Redis and are not seen by these offline tools.
-    """
-    cfg = cfg or DecisionSettings()
-    if model_version in cfg.version_thresholds:
-        return cfg.threshold_for(model_version), f"SIEVE_DECISION_VERSION_THRESHOLDS[{model_version}]"
-    return cfg.threshold_for(model_version), "SIEVE_DECISION_DUPLICATE_THRESHOLD"
+    resolved = ThresholdResolver(cfg or DecisionSettings(), BankSettings()).duplicate(model_version)
+    return resolved.value, resolved.source
 
 
 def default_near(model_version: str, repo: Path | None = None) -> tuple[float, str]:
-    """The near threshold when ``--near`` is not given, and where it came from.
+    """The near threshold when ``--near`` is not given, and where it came from: the moderator's for this version
+    when the configuration lists it, else the version's model card (thresholds do not carry over between
+    embedding spaces), else the global duplicate threshold (services.common.thresholds resolves it)."""
+    from services.common.config import REPO_ROOT, BankSettings
+    from services.common.thresholds import ThresholdResolver
 
-    The moderator's threshold for this version when the configuration lists the version; otherwise the version's
-    calibrated threshold from its model card (thresholds do not carry over between embedding spaces); otherwise
-    the global duplicate threshold.
-    """
-    cfg = DecisionSettings()
-    if model_version not in cfg.version_thresholds:
-        card = model_card_threshold(model_version, repo)
-        if card is not None:
-            return card, f"model_card.json of {model_version}"
-    return moderator_threshold(model_version, cfg)
+    cards = repo or REPO_ROOT / "model_repo" / "sieve_embedder"
+    resolved = ThresholdResolver(DecisionSettings(), BankSettings(), cards=cards).duplicate(model_version)
+    return resolved.value, resolved.source
 
 
 @dataclass

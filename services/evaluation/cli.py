@@ -21,18 +21,12 @@ def _log(message: str) -> None:
 
 
 def _served_threshold(model_version: str) -> tuple[float, str]:
-    """The threshold the moderator applies to this version: its per-version setting, else the version's model
-    card, else the global default, so folder metrics describe the decisions production would make."""
-    from services.common.config import DecisionSettings
+    """The threshold the moderator applies to this version (or the version's card where no configuration lists
+    it), so folder metrics describe the decisions production would make."""
+    from services.batch.dedup import default_near
     from services.evaluation.embed import EMBEDDER_REPO
 
-    decision = DecisionSettings()
-    if model_version in decision.version_thresholds:
-        return decision.threshold_for(model_version), f"DecisionSettings.version_thresholds[{model_version!r}]"
-    card = EMBEDDER_REPO / model_version.rsplit(":", 1)[-1] / "model_card.json"
-    if card.exists():
-        return float(json.loads(card.read_text())["duplicate_threshold"]), str(card.relative_to(REPO_ROOT))
-    return decision.duplicate_threshold, "DecisionSettings.duplicate_threshold"
+    return default_near(model_version, EMBEDDER_REPO)
 
 
 def _cmd_eval_folders(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from services.common.calibration import VALIDATION_HALF, background_half
 from services.common.hashing import hamming, phash_hex
-from services.common.photos.build import load_photo_set
+from services.common.photos.build import PhotoRecord, load_photo_set
 from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG, jpeg_bytes, wire_pixels
 from services.evaluation.hard_edits import FAMILY_QUALITY, Edit, hard_family_edits
 from services.evaluation.hard_sources import (
@@ -128,6 +128,12 @@ def photo_sources(split: str, limit: int | None, seed: int, half: int | None = N
         records = [r for r in records if background_half(r.group) == half]
     if limit is not None and len(records) > limit:
         records = sorted(random.Random(seed).sample(records, limit), key=lambda r: r.id)
+    return sources_of(records)
+
+
+def sources_of(records: Sequence[PhotoRecord]) -> list[SourceImage]:
+    """Photo-set records as hard-set originals (their bytes as shipped, their group kept)."""
+    manifest = load_photo_set()
     return [SourceImage(f"photos:{r.id}", manifest.path_of(r).read_bytes(), r.group) for r in records]
 
 

@@ -43,7 +43,7 @@ from services.common.schemas import (
     Verdict,
 )
 from services.common.telemetry import extract_context, tracer
-from services.common.thresholds import recorded_thresholds, with_recorded
+from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import (
     FeatureStore,
@@ -161,20 +161,19 @@ class Pipeline:
             sync_interval_s=settings.banks.sync_interval_s,
         )
         self.indexes: dict[str, RecentIndex] = {}
-        self.base_decision = settings.decision
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
         self.verifier = Verifier(settings.verify)
         self.embedding_banks = EmbeddingBanks(
             redis_client, settings.redis.key_prefix, settings.banks.sync_interval_s, self.verifier.keypoint_index
         )
-        self.bank_rule = BankEmbeddingRule(settings.banks, self.verifier, self.redis, settings.redis.key_prefix)
+        self.thresholds = ThresholdResolver(settings.decision, settings.banks, self.redis, settings.redis.key_prefix)
+        self.bank_rule = BankEmbeddingRule(self.thresholds, self.verifier)
         self.near_banks = NearBankMatcher(self.banks, self.embedding_banks, self.bank_rule)
         self.feature_store = FeatureStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
         self.keypoints = SharedKeypointIndex(
             self.feature_store, self.verifier.keypoint_index(), settings.index.retention_s
         )
         self._priorities: dict[str, float] = {}
-        self._overrides: dict[str, float] = {}
         self.sleep = sleep
         self._pool = ThreadPoolExecutor(max_workers=settings.moderator.fetch_workers, thread_name_prefix="fetch")
 
@@ -743,24 +742,14 @@ class Pipeline:
             pass  # only reviewers' neighbour thumbnails and the disagreement check lose this batch
 
     def decision_for(self, model_version: str) -> DecisionSettings:
-        """The decision settings for the version that answered: its calibrated threshold unless an admin set one."""
-        cfg = self.settings.decision
-        if "duplicate_threshold" in self._overrides:
-            return cfg
-        return cfg.for_version(model_version)
+        """The decision settings for the version that answered (services.common.thresholds resolves them)."""
+        return self.thresholds.decision_for(model_version)
 
     def apply_threshold_overrides(self) -> None:
-        """Admins change thresholds through the reviewer API and promotions record a new version's threshold;
+        """Admins change thresholds through the reviewer API and promotions record a new version's thresholds;
         both land in Redis and take effect here."""
-        prefix = self.settings.redis.key_prefix
-        try:
-            raw = self.redis.get(f"{prefix}:config:thresholds")
-        except redis.RedisError:
-            return
-        overrides = json.loads(raw) if raw else {}
-        self._overrides = overrides
-        merged = with_recorded(self.base_decision.model_copy(update=overrides), recorded_thresholds(self.redis, prefix))
-        if merged != self.settings.decision:
+        if self.thresholds.refresh(force=True):
+            merged = self.thresholds.decision
             log.info("decision thresholds now %s", merged.model_dump())
             self.settings = self.settings.model_copy(update={"decision": merged})
 

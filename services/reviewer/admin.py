@@ -28,6 +28,7 @@ from services.common.config import BankSettings, DecisionSettings, FetchSettings
 from services.common.errors import TransientError
 from services.common.inference import ImageModels
 from services.common.promotions import PromotionLedger
+from services.common.thresholds import ThresholdResolver, overrides_key
 from services.common.verification import QueryFeatures, Verifier
 from services.reviewer.labels import AuditLog
 
@@ -139,17 +140,18 @@ class AdminStore:
         self.client = client
         self.decision = decision
         self.audit = audit
-        self.thresholds_key = f"{key_prefix}:config:thresholds"
+        self.thresholds_key = overrides_key(key_prefix)
         self.settings = settings or Settings()
         self.bank_settings = banks or BankSettings()
         self.fetch_settings = fetch or FetchSettings()
         self.bank_store = HashBankStore(client, key_prefix, self.bank_settings.pdq_threshold)
         self.models = models  # the served embedder, for the match API's near matches (None: hashes only)
         verifier = Verifier(self.settings.verify)
+        self.resolver = ThresholdResolver(self.decision, self.bank_settings, client, key_prefix)
         self.near_banks = NearBankMatcher(
             self.bank_store,
             EmbeddingBanks(client, key_prefix, self.bank_settings.sync_interval_s, verifier.keypoint_index),
-            BankEmbeddingRule(self.bank_settings, verifier, client, key_prefix),
+            BankEmbeddingRule(self.resolver, verifier),
         )
         self.rejudge = RejudgeRequests(client, key_prefix)
         self.ledger = PromotionLedger(client, key_prefix)
@@ -159,9 +161,18 @@ class AdminStore:
         return ThresholdOverrides.model_validate_json(raw) if raw else ThresholdOverrides()
 
     def thresholds(self) -> dict[str, Any]:
+        """The overrides, the settings they give, and per model version the thresholds the moderator applies
+        (the same resolver: overrides, recorded at promotion, configured), each with where it comes from."""
         overrides = self._overrides().model_dump(exclude_none=True)
         base = {f: getattr(self.decision, f) for f in EffectiveThresholds.model_fields}
-        return {"key": self.thresholds_key, "overrides": overrides, "effective": {**base, **overrides}}
+        self.resolver.refresh(force=True)
+        per_version = {v: self.resolver.effective(v) for v in self.resolver.versions()}
+        return {
+            "key": self.thresholds_key,
+            "overrides": overrides,
+            "effective": {**base, **overrides},
+            "per_version": per_version,
+        }
 
     def set_thresholds(self, overrides: ThresholdOverrides, actor: str) -> dict[str, Any]:
         """Replaces the overrides; raises ValueError when the result would be inconsistent."""

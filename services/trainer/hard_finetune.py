@@ -11,11 +11,15 @@ Why it looks like this (the full recipe of ``sieve train`` costs ~1 s per 16 ima
 - **A queue of negatives, momentum keys** (MoCo): batches of 64 pairs, 4,096 negatives from the queue.
 - **Keep what the served model knows:** the trunk moves at a low learning rate, and each original's embedding
   is pulled toward the served model's (``anchor_weight``), so photos unlike the training set keep their place.
-- **Honest selection.** Training uses one half of the train split by group (``BACKGROUND_HALF``); the hard
-  benchmark's validation set is built from the other half (services.evaluation.hard_set), exactly as
-  ``bench.hard_edits`` builds it, and scored every ``validate_every`` steps: descriptor-alone µAP on the hard
-  families, with the easier families watched so they do not regress. Step 0 is the served model itself (the
-  same cached front), so "beats the served one" compares like with like. The test set is never touched.
+- **Honest selection.** The served v2 trained on the train split except 68 originals it held out by group
+  (``sieve train``'s validation originals, seed 7). Only those are new to both models, so the selection set is
+  built from them: the hard families (services.evaluation.hard_set, as ``bench.hard_edits`` builds its sets)
+  among openarena textures, scored every ``validate_every`` steps as descriptor-alone µAP, with the easier
+  families watched so they do not regress. A first run selected on the hard benchmark's validation half
+  instead, which v2 had trained on: its µAP fell as the fine-tune forgot photos v2 had memorised, which says
+  nothing about photos neither has seen. Training uses the rest of the train split, as v2 did. Step 0 is the
+  served model itself (the same cached front), so "beats the served one" compares like with like; the promotion
+  gate checks the same set. The test set is never touched.
 - **Resumable.** Views, the validation front and a checkpoint (weights, momentum keys, optimizer, queue, best
   state, history) live under ``var/trainer/hard/``; a stopped run resumes where it stopped, and the batches are
   a pure function of (seed, step).
@@ -46,17 +50,16 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
-from services.common.calibration import BACKGROUND_HALF, VALIDATION_HALF, background_half
 from services.common.config import REPO_ROOT
 from services.common.models.stn import STNEmbedder, build_stn_embedder
 from services.common.photos.build import PhotoRecord, load_photo_set
 from services.evaluation.benchmark import FAMILY_EDITS, FAMILY_JPEG, Benchmark, wire_pixels
-from services.evaluation.hard_set import HardSet, build_set, photo_sources
-from services.evaluation.hard_sources import VALIDATION_DISTRACTORS, fillers, texture_images
+from services.evaluation.hard_set import HardSet, build_set, sources_of
+from services.evaluation.hard_sources import VALIDATION_DISTRACTORS, SourceImage, fillers, texture_images
 from services.evaluation.metrics import micro_ap, predictions
 from services.trainer.augment import HardAugment, flag_vector, limit_side, to_wire
 from services.trainer.export import export_torchscript, load_torchscript
-from services.trainer.train import MemoryQueue, info_nce
+from services.trainer.train import MemoryQueue, info_nce, split_train_val
 
 RUN_DIR = REPO_ROOT / "var" / "trainer" / "hard"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -70,15 +73,19 @@ class HardTuneConfig:
 
     base_version: int = 2
     seed: int = 11
-    views: int = 40
+    # The served version's own train/validation split (``sieve train``'s defaults): its validation originals
+    # are the photos it never saw.
+    split_seed: int = 7
+    val_fraction: float = 0.15
+    views: int = 32
     frozen_until: int = 7
     batch_pairs: int = 64
     temperature: float = 0.07
     queue_size: int = 4096
     queue_start: int = 20
     momentum: float = 0.99
-    lr_trunk: float = 4e-5
-    lr_head: float = 1.5e-4
+    lr_trunk: float = 3e-5
+    lr_head: float = 1e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 40
     total_steps: int = 2000
@@ -146,11 +153,9 @@ class Split:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def training_records() -> list[PhotoRecord]:
-    """The train split's background half by group: the other half is the hard validation set's originals."""
-    manifest = load_photo_set()
-    records = [r for r in manifest.split("train") if background_half(r.group) == BACKGROUND_HALF]
-    return sorted(records, key=lambda r: r.id)
+def split_records(cfg: HardTuneConfig) -> tuple[list[PhotoRecord], list[PhotoRecord]]:
+    """(training, selection) originals: the served version's own split of the train split, by group."""
+    return split_train_val(load_photo_set(), cfg.val_fraction, cfg.split_seed)
 
 
 @dataclass
@@ -219,9 +224,14 @@ class ValidationFront:
     families: list[str]
 
 
+def selection_originals(cfg: HardTuneConfig, quick: bool = False) -> list[SourceImage]:
+    records = split_records(cfg)[1]
+    return sources_of(records[:30] if quick else records)
+
+
 def validation_sets(cfg: HardTuneConfig, split: Split, run_dir: Path, quick: bool = False) -> list[ValidationFront]:
-    """The hard benchmark's validation set (hard families) and the same originals under the easier families."""
-    originals = photo_sources("train", 30 if quick else None, 2, half=VALIDATION_HALF)
+    """The selection originals under the hard families, and the same originals under the easier families."""
+    originals = selection_originals(cfg, quick)
     distractors = texture_images(VALIDATION_DISTRACTORS, limit=100 if quick else None)
     fill = fillers()
     key = _cache_key([cfg.base_version, cfg.frozen_until, quick, [o.id for o in originals], len(distractors)])
@@ -232,7 +242,7 @@ def validation_sets(cfg: HardTuneConfig, split: Split, run_dir: Path, quick: boo
         if not path.exists():
             log(f"{name}: building the set and its front ...")
             hard_set = build_set(
-                name if families is None else "current", originals, distractors, fill, families=families
+                "selection" if families is None else "selection-easier", originals, distractors, fill, families=families
             )
             refs = split.front(np.stack([wire_pixels(d) for d in hard_set.ref_data]))
             queries = split.front(np.stack([wire_pixels(d) for d in hard_set.query_data]))
@@ -340,10 +350,10 @@ class HardFinetune:
         torch.manual_seed(self.cfg.seed)
         served = load_served(self.cfg.base_version)
         split = Split(served, self.cfg.frozen_until)
-        records = training_records()
+        records, held = split_records(self.cfg)
         if self.quick:
             records = records[:24]
-        log(f"{len(records)} training originals (background half of the train split); validation: the other half")
+        log(f"{len(records)} training originals; selection: {len(held)} originals the served version never saw")
         cache = build_views(self.cfg, split, records, self.run_dir)
         sets = validation_sets(self.cfg, split, self.run_dir, self.quick)
 
@@ -520,11 +530,11 @@ class HardFinetune:
 # ------------------------------------------------------------------------------------------------ shipping
 
 
-def hard_validation_benchmark(quick: bool = False) -> Benchmark:
-    """The hard validation set as the promotion gate's benchmark (wire pixels, decoded as the server does)."""
-    originals = photo_sources("train", 30 if quick else None, 2, half=VALIDATION_HALF)
+def hard_validation_benchmark(cfg: HardTuneConfig, quick: bool = False) -> Benchmark:
+    """The selection set as the promotion gate's benchmark (wire pixels, decoded as the server does): data the
+    serving version never saw, which is what the gate asks for."""
     distractors = texture_images(VALIDATION_DISTRACTORS, limit=100 if quick else None)
-    hard_set = build_set("validation", originals, distractors, fillers())
+    hard_set = build_set("selection", selection_originals(cfg, quick), distractors, fillers())
     return Benchmark(
         name="hard-validation",
         reference_ids=hard_set.ref_ids,
@@ -560,7 +570,7 @@ def ship_through_gate(run_dir: Path = RUN_DIR, quick: bool = False, version: int
     torch.set_num_threads(cfg.threads)
     served_module = load_torchscript(MODEL_REPO / str(cfg.base_version) / "model.pt")[0]
     candidate_module = load_torchscript(candidate_path)[0]
-    bench = hard_validation_benchmark(quick)
+    bench = hard_validation_benchmark(cfg, quick)
     empty = np.zeros((0, 256, 256, 3), np.uint8)
     no_labels = PairBatch(empty, empty, np.zeros(0, bool))
     served_card = json.loads((MODEL_REPO / str(cfg.base_version) / "model_card.json").read_text())

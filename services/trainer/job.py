@@ -20,7 +20,7 @@ from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.imaging import decode_image
 from services.common.promotions import PromotionLedger
-from services.common.thresholds import recorded_thresholds, with_recorded, with_recorded_banks
+from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_uri_key
 from services.trainer.admin_promotion import AdminPromotion
 from services.trainer.feedback import FeedbackConsumer, FeedbackStore, LabelledPair
@@ -158,18 +158,17 @@ class RetrainingJob:
             outcome = {"event": "skipped", "why": f"only {len(train.duplicate)} usable labelled pairs"}
             record(self.log_path, outcome)
             return outcome
-        # The serving version's own threshold (configured, or recorded when it was promoted): the fine-tune
-        # pushes "not a duplicate" pairs below it, and the gate decides at it, as the moderator will.
-        decision = with_recorded(
-            self.settings.decision, recorded_thresholds(self.redis, self.settings.redis.key_prefix)
+        # The serving version's own thresholds, resolved as the moderator resolves them: the fine-tune pushes "not a
+        # duplicate" pairs below the duplicate threshold, and the gate decides at it. The fine-tune keeps the
+        # parent's scale, so both carry over to the new version (without a recorded bank threshold its banked
+        # images would match only at the fallback).
+        resolver = ThresholdResolver(
+            self.settings.decision, self.settings.banks, self.redis, self.settings.redis.key_prefix
         )
-        threshold = decision.threshold_for(f"{self.repo.model}:{serving}")
-        # The same for banked images: the fine-tune keeps the parent's scale, so its bank threshold carries over
-        # (without it the new version's banked images would match only at the 0.95 fallback).
-        banks = with_recorded_banks(
-            self.settings.banks, recorded_thresholds(self.redis, self.settings.redis.key_prefix, "bank")
-        )
-        bank_threshold = banks.embedding_thresholds.get(f"{self.repo.model}:{serving}")
+        parent = f"{self.repo.model}:{serving}"
+        threshold = resolver.duplicate(parent, overrides=False).value
+        bank = resolver.bank(parent)
+        bank_threshold = bank.value if bank.source != "SIEVE_BANKS_EMBEDDING_THRESHOLD" else None
         serving_module, meta = load_torchscript(artifact)
         candidate, _ = load_torchscript(artifact)
         dim = int(meta.get("embed_dim", 256))

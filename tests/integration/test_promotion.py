@@ -22,7 +22,7 @@ from services.common.index import IndexEntry, open_recent_index
 from services.common.inference import TritonModels
 from services.common.photos.build import load_photo_set
 from services.common.stack.triton import TritonServer
-from services.common.thresholds import recorded_thresholds, with_recorded
+from services.common.thresholds import ThresholdResolver, recorded_thresholds, with_recorded
 from services.common.transforms import encode_jpeg
 from services.common.upload_keys import upload_uri_key
 from services.common.verification import Verifier
@@ -95,9 +95,10 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     # So does its bank threshold: every matcher of banked images (moderator, re-judging, match API) reads it.
     assert recorded_thresholds(client, settings.redis.key_prefix, "bank") == {"sieve_embedder:2": 0.83}
     bank_settings = settings.banks.model_copy(update={"embedding_thresholds": {}})
-    rule = BankEmbeddingRule(bank_settings, Verifier(settings.verify), client, settings.redis.key_prefix)
+    resolver = ThresholdResolver(settings.decision, bank_settings, client, settings.redis.key_prefix)
+    rule = BankEmbeddingRule(resolver, Verifier(settings.verify))
     assert rule.threshold("sieve_embedder:2", None) == 0.83 and rule.threshold("sieve_embedder:2", 0.9) == 0.9
-    unrecorded = BankEmbeddingRule(bank_settings, Verifier(settings.verify))
+    unrecorded = BankEmbeddingRule(ThresholdResolver(settings.decision, bank_settings), Verifier(settings.verify))
     assert unrecorded.threshold("sieve_embedder:2", None) == bank_settings.embedding_threshold
     assert models.infer(pixels[:1]).model_version == "sieve_embedder:2"
     v2 = open_recent_index(settings, client, "sieve_embedder:2", 1280)

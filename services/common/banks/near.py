@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
-import redis
 from numpy.typing import NDArray
 
 from services.common.banks.embeddings import SEP, EmbeddingBanks, EmbeddingHit
 from services.common.banks.store import BankMatch, HashBankStore
-from services.common.config import BankSettings
 from services.common.index.base import Neighbour
-from services.common.thresholds import RecordedBankThresholds
+from services.common.thresholds import ThresholdResolver
 from services.common.verification import KeypointHit, KeypointIndex, LocalFeatures, QueryFeatures, Verifier
 
 
@@ -42,24 +40,13 @@ class Judged:
 
 
 class BankEmbeddingRule:
-    def __init__(
-        self, settings: BankSettings, verifier: Verifier, client: redis.Redis | None = None, prefix: str = "sieve"
-    ) -> None:
-        """With ``client``, thresholds that promotions recorded for new versions count too."""
-        self.thresholds = RecordedBankThresholds(settings, client, prefix)
+    def __init__(self, thresholds: ThresholdResolver, verifier: Verifier) -> None:
+        self.thresholds = thresholds
         self.verifier = verifier
 
-    @property
-    def settings(self) -> BankSettings:
-        return self.thresholds.settings()
-
     def threshold(self, model_version: str, own: float | None) -> float:
-        """The bank's own threshold, else the version's (configured or recorded at its promotion), else the
-        default."""
-        if own is not None:
-            return own
-        settings = self.settings
-        return settings.embedding_thresholds.get(model_version, settings.embedding_threshold)
+        """The bank's own threshold, else the version's (services.common.thresholds resolves it)."""
+        return self.thresholds.bank(model_version, own).value
 
     def reach(self, threshold: float) -> float:
         return self.verifier.reach(threshold)

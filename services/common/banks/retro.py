@@ -34,6 +34,7 @@ from services.common.banks.signals import Signal
 from services.common.banks.store import BankMatch, HashBankStore
 from services.common.config import Settings
 from services.common.schemas import Action, ReviewReason, ReviewRequest, Verdict
+from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import FeatureStore, QueryFeatures, Verifier
 
@@ -79,7 +80,9 @@ class RetroJudge:
         self.prefix = settings.redis.key_prefix
         self.publish = publish
         self.store = HashBankStore(client, self.prefix, settings.banks.pdq_threshold)
-        self.rule = BankEmbeddingRule(settings.banks, Verifier(settings.verify), client, self.prefix)
+        self.rule = BankEmbeddingRule(
+            ThresholdResolver(settings.decision, settings.banks, client, self.prefix), Verifier(settings.verify)
+        )
         self.features = FeatureStore(client, self.prefix, settings.index.retention_s)
 
     def lock(self, bank: str, lock_s: float = 600.0) -> Lock:

@@ -8,9 +8,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from services.common.banks.near import BankEmbeddingRule
-from services.common.config import BankSettings, VerificationSettings
+from services.common.config import BankSettings, DecisionSettings, VerificationSettings
 from services.common.imaging import detail_view
 from services.common.index.base import Neighbour
+from services.common.thresholds import ThresholdResolver
 from services.common.verification import FeatureExtractor, LocalFeatures, QueryFeatures, Verifier
 
 THRESHOLD = 0.80
@@ -26,7 +27,8 @@ def _features(name: str, crop: bool = False) -> LocalFeatures:
 
 @pytest.fixture(scope="module")
 def rule() -> BankEmbeddingRule:
-    return BankEmbeddingRule(BankSettings(embedding_thresholds={"m:1": THRESHOLD}), Verifier(VerificationSettings()))
+    banks = BankSettings(embedding_thresholds={"m:1": THRESHOLD})
+    return BankEmbeddingRule(ThresholdResolver(DecisionSettings(), banks), Verifier(VerificationSettings()))
 
 
 def test_threshold_is_the_banks_own_then_the_versions_then_the_default(rule: BankEmbeddingRule) -> None:
@@ -34,7 +36,9 @@ def test_threshold_is_the_banks_own_then_the_versions_then_the_default(rule: Ban
     assert rule.threshold("m:1", None) == THRESHOLD
     assert rule.threshold("m:9", None) == BankSettings().embedding_threshold
     assert rule.reach(THRESHOLD) == pytest.approx(THRESHOLD - VerificationSettings().weight)
-    off = BankEmbeddingRule(BankSettings(), Verifier(VerificationSettings(enabled=False)))
+    off = BankEmbeddingRule(
+        ThresholdResolver(DecisionSettings(), BankSettings()), Verifier(VerificationSettings(enabled=False))
+    )
     assert off.reach(THRESHOLD) == THRESHOLD  # nothing to lift a cosine below the threshold
 
 
