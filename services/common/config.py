@@ -270,6 +270,14 @@ class TelemetrySettings(BaseSettings):
     prometheus_host: str = "127.0.0.1"  # 0.0.0.0 in containers, so Prometheus can scrape the pod
 
 
+class AuditSettings(BaseSettings):
+    """One sink for the audit log, whoever writes it (reviewer API, ``sieve banks``, the re-judging worker)."""
+
+    model_config = _cfg("SIEVE_AUDIT_")
+
+    file: Path | None = None  # also append every record to this JSON-lines file
+
+
 class StackSettings(BaseSettings):
     model_config = _cfg("SIEVE_STACK_")
 
@@ -294,6 +302,7 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     banks: BankSettings = Field(default_factory=BankSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     review: ReviewSelectionSettings = Field(default_factory=ReviewSelectionSettings)
     verify: VerificationSettings = Field(default_factory=VerificationSettings)
     trainer: TrainerJobSettings = Field(default_factory=TrainerJobSettings)

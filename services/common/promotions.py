@@ -19,6 +19,8 @@ from typing import Any, cast
 import redis
 from pydantic import BaseModel
 
+from services.common.redis_text import text
+
 
 class PromotionState(StrEnum):
     REQUESTED = "requested"
@@ -61,10 +63,6 @@ def entry_time(request_id: str) -> float:
     return int(request_id.split("-", 1)[0]) / 1000.0
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class PromotionLedger:
     """The stream of requests and the state of each; the only code that knows their Redis layout."""
 
@@ -76,7 +74,7 @@ class PromotionLedger:
     def request(self, model: str, version: str, reason: str, requested_by: str) -> PromotionRecord:
         """Appends the request and records it as requested, so it is listed before the trainer sees it."""
         fields: dict[Any, Any] = {"model": model, "version": version, "reason": reason, "requested_by": requested_by}
-        request_id = _text(self.client.xadd(self.stream, fields))
+        request_id = text(self.client.xadd(self.stream, fields))
         record = self.from_entry(request_id, fields)
         # Only if absent: a fast trainer may already have moved the request on from "requested".
         self.client.hsetnx(self.states, request_id, record.model_dump_json())
@@ -84,7 +82,7 @@ class PromotionLedger:
 
     @staticmethod
     def from_entry(request_id: str, fields: dict[Any, Any]) -> PromotionRecord:
-        values = {_text(k): _text(v) for k, v in fields.items()}
+        values = {text(k): text(v) for k, v in fields.items()}
         at = entry_time(request_id)
         return PromotionRecord(
             request_id=request_id,

@@ -8,16 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import redis
 
-from services.common.banks import HashBankStore, HashKind, MalformedSignal, Signal, parse_signal
-from services.common.banks import audit as bank_audit
-from services.common.banks.embeddings import EmbeddingBanks
-from services.common.banks.exchange import FORMATS, ListFormat, export_list, guess_format, import_list, read_source
-from services.common.banks.images import BankedImage, banked_image, image_signals
+from services.common.audit import AuditLog
+from services.common.banks import HashBankStore, MalformedSignal, Signal, parse_signal
+from services.common.banks.exchange import FORMATS, ListFormat, guess_format, read_source
+from services.common.banks.operations import BankOperations
 from services.common.banks.signals import SIGNAL_TYPES
-from services.common.banks.store import BANK_ACTIONS, BankAction
+from services.common.banks.store import BANK_ACTIONS, Bank
 from services.common.config import Settings
 
 REJUDGE_LOCK_WAIT_S = 600.0  # one step of the reviewer's worker holds the bank's lock for at most this
@@ -26,11 +24,6 @@ REJUDGE_LOCK_WAIT_S = 600.0  # one step of the reviewer's worker holds the bank'
 def _store(settings: Settings) -> HashBankStore:
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
     return HashBankStore(client, settings.redis.key_prefix, settings.banks.pdq_threshold)
-
-
-def image_hashes(path: Path, settings: Settings) -> list[tuple[HashKind, str]]:
-    """The same hashes the moderator computes for an upload, so a banked file matches its re-uploads."""
-    return [(s.kind, s.value) for s in image_signals(path.read_bytes(), settings)]
 
 
 def _signal_args(values: list[str]) -> list[Signal]:
@@ -44,8 +37,14 @@ def _signal_args(values: list[str]) -> list[Signal]:
     return out
 
 
-def _audit(store: HashBankStore, event: str, args: argparse.Namespace, detail: dict[str, object]) -> None:
-    bank_audit.record(store.client, store.prefix, event, f"cli:{args.actor}", args.name or "", detail)
+def _ops(store: HashBankStore, settings: Settings, embedder: bool = False) -> BankOperations:
+    """The same operations the reviewer's admin API runs, with the same audit writer and sink."""
+    models = None
+    if embedder:
+        from services.common.inference import TritonModels
+
+        models = TritonModels(settings.triton)
+    return BankOperations(store, AuditLog(store.client, store.prefix, settings.audit.file), settings, models)
 
 
 def _need_name(args: argparse.Namespace) -> str:
@@ -54,71 +53,59 @@ def _need_name(args: argparse.Namespace) -> str:
     return str(args.name)
 
 
+def _print(value: object) -> None:
+    print(json.dumps(value.__dict__ if isinstance(value, Bank) else value))
+
+
 def _cmd_banks(args: argparse.Namespace) -> int:
     settings = Settings()
     store = _store(settings)
     action = args.action
+    actor = f"cli:{args.actor}"
     if action == "list":
-        banks = [store.get(args.name)] if args.name else store.all_banks()
-        for bank in banks:
-            print(json.dumps(bank.__dict__))
+        for bank in [store.get(args.name)] if args.name else store.all_banks():
+            _print(bank)
         return 0
     name = _need_name(args)
+    ops = _ops(store, settings, embedder=(action == "add" and args.embed and bool(args.files)) or action == "reembed")
     if action == "create":
-        bank_action: BankAction = args.bank_action or "block"
-        print(json.dumps(store.create(name, args.description or "", bank_action).__dict__))
-        _audit(store, "bank_created", args, {"description": args.description or "", "action": bank_action})
+        _print(ops.create(name, args.description or "", args.bank_action or "block", actor))
     elif action == "action":
         if args.bank_action is None:
             raise SystemExit("sieve banks action NAME --action block|review")
-        print(json.dumps(store.set_action(name, args.bank_action).__dict__))
-        _audit(store, "bank_action", args, {"action": args.bank_action})
+        _print(ops.set_action(name, args.bank_action, actor))
     elif action == "add":
-        images = [banked_image(Path(f).read_bytes(), settings) for f in args.files]
-        signals = [s for image in images for s in image.signals]
-        signals += _signal_args(args.signal)
-        result = store.add_signals(name, signals)
-        embedded = _embed(store, settings, name, images) if images and args.embed else ""
-        report = {"bank": name, "added": result.added, "duplicate": result.duplicate, "embedded_with": embedded}
-        print(json.dumps(report))
-        _audit(store, "bank_signals_added", args, report)
+        report: dict[str, object] = {"bank": name}
+        if args.files:
+            report.update(ops.add_images(name, [Path(f).read_bytes() for f in args.files], actor, embed=args.embed))
+            if args.embed and not report["embedded_with"]:
+                print("warning: embeddings not banked (no embedder reachable); hashes were", file=sys.stderr)
+        if args.signal:
+            report.update(ops.add_signals(name, _signal_args(args.signal), actor))
+        _print(report)
         if args.rejudge:
             _rejudge(store, settings, args, name, until_done=True)
     elif action == "reembed":
-        from services.common.inference import TritonModels
-
-        version, count = EmbeddingBanks(store.client, store.prefix).reembed(
-            TritonModels(settings.triton), [b.name for b in store.all_banks()] if name == "all" else [name]
-        )
-        print(json.dumps({"model_version": version, "images": count}))
-        _audit(store, "bank_reembedded", args, {"model_version": version, "images": count})
+        _print(ops.reembed([b.name for b in store.all_banks()] if name == "all" else [name], actor))
     elif action == "rejudge":
         _rejudge(store, settings, args, name, args.until_done)
     elif action == "threshold":
-        value = None if args.threshold is None else float(args.threshold)
-        print(json.dumps(store.set_embedding_threshold(name, value).__dict__))
-        _audit(store, "bank_threshold", args, {"embedding_threshold": value})
+        _print(ops.set_threshold(name, None if args.threshold is None else float(args.threshold), actor))
     elif action in ("enable", "disable"):
-        print(json.dumps(store.set_enabled(name, action == "enable").__dict__))
-        _audit(store, f"bank_{action}d", args, {})
+        _print(ops.set_enabled(name, action == "enable", actor))
     elif action == "remove":
         if args.signal:
-            removed = store.remove_signals(name, _signal_args(args.signal))
-            print(json.dumps({"bank": name, "removed": removed}))
-            _audit(store, "bank_signals_removed", args, {"removed": removed})
-        else:
-            store.remove(name)
+            _print({"bank": name, **ops.remove_signals(name, _signal_args(args.signal), actor)})
+        elif ops.delete(name, actor):
             print(f"removed {name}")
-            _audit(store, "bank_deleted", args, {})
     elif action == "import":
-        return _import(store, settings, args, name)
+        return _import(store, settings, ops, args, name)
     elif action == "export":
-        text = export_list(store, name, args.format or "te", args.signal_type)
+        text = ops.export(name, args.format or "te", args.signal_type, actor)
         if args.output:
             Path(args.output).write_text(text)
         else:
             sys.stdout.write(text)
-        _audit(store, "bank_exported", args, {"format": args.format or "te", "rows": text.count("\n")})
     return 0
 
 
@@ -136,29 +123,14 @@ def _rejudge(store: HashBankStore, settings: Settings, args: argparse.Namespace,
         finally:
             lock.release()
         print(json.dumps({"rejudge": progress.__dict__}), flush=True)
-        _audit(store, "bank_rejudged", args, progress.__dict__)
+        AuditLog(store.client, store.prefix, settings.audit.file).record(
+            "bank_rejudged", f"cli:{args.actor}", name, progress.__dict__
+        )
         if progress.done or not until_done:
             return
 
 
-def _embed(store: HashBankStore, settings: Settings, name: str, images: list[BankedImage]) -> str:
-    """Banks the served model's embedding (and the keypoints) of each image; "" (and a warning) when Triton
-    cannot be reached."""
-    from services.common.errors import TransientError
-    from services.common.inference import TritonModels
-
-    pixels = np.stack([image.pixels for image in images])
-    ids = [image.item_id for image in images]
-    try:
-        return EmbeddingBanks(store.client, store.prefix).embed_and_add(
-            name, TritonModels(settings.triton), ids, pixels, [image.features for image in images]
-        )
-    except TransientError as exc:
-        print(f"warning: embeddings not banked ({exc}); hashes were", file=sys.stderr)
-        return ""
-
-
-def _import(store: HashBankStore, settings: Settings, args: argparse.Namespace, name: str) -> int:
+def _import(store: HashBankStore, settings: Settings, ops: BankOperations, args: argparse.Namespace, name: str) -> int:
     """Prints the report (counts, and every malformed row) as JSON; exit status 2 when any row was malformed."""
     if len(args.files) != 1:
         raise SystemExit("sieve banks import NAME FILE_OR_URL")
@@ -166,10 +138,11 @@ def _import(store: HashBankStore, settings: Settings, args: argparse.Namespace, 
     text = read_source(source, settings.fetch, settings.banks.import_max_bytes)
     fmt: ListFormat = args.format or guess_format(text, source)
     if args.create:
-        store.create(name, args.description or f"imported from {source}", args.bank_action or "block")
-    report = import_list(store, name, text, fmt, source)
+        ops.create(
+            name, args.description or f"imported from {source}", args.bank_action or "block", f"cli:{args.actor}"
+        )
+    report = ops.import_list(name, text, fmt, source, f"cli:{args.actor}")
     print(json.dumps(report.as_dict(), indent=1))
-    _audit(store, "bank_imported", args, report.summary())
     if args.rejudge:
         _rejudge(store, settings, args, name, until_done=True)
     return 2 if report.malformed else 0

@@ -17,12 +17,13 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.common.audit import AuditLog
 from services.common.banks import Bank, BankMatch, HashBankStore, Signal, UploadSignals, parse_signal
 from services.common.banks.embeddings import EmbeddingBanks
-from services.common.banks.exchange import ImportReport, ListFormat, export_list, guess_format, import_list, read_source
+from services.common.banks.exchange import ImportReport, ListFormat, guess_format, read_source
 from services.common.banks.images import banked_image
 from services.common.banks.near import BankEmbeddingRule, NearBankMatcher
-from services.common.banks.rejudge import RejudgeRequests
+from services.common.banks.operations import BankOperations
 from services.common.banks.signals import SignalType
 from services.common.config import BankSettings, DecisionSettings, FetchSettings, Settings
 from services.common.errors import TransientError
@@ -30,7 +31,6 @@ from services.common.inference import ImageModels
 from services.common.promotions import PromotionLedger
 from services.common.thresholds import ThresholdResolver, overrides_key
 from services.common.verification import QueryFeatures, Verifier
-from services.reviewer.labels import AuditLog
 
 BANK_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -78,6 +78,12 @@ class BankHashes(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hashes: list[BankHash] = Field(min_length=1, max_length=10_000)
+
+
+class BankThreshold(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_threshold: float | None = Field(ge=0.0, le=1.0)
 
 
 class BankSignal(BaseModel):
@@ -153,7 +159,7 @@ class AdminStore:
             EmbeddingBanks(client, key_prefix, self.bank_settings.sync_interval_s, verifier.keypoint_index),
             BankEmbeddingRule(self.resolver, verifier),
         )
-        self.rejudge = RejudgeRequests(client, key_prefix)
+        self.ops = BankOperations(self.bank_store, audit, self.settings, models, self.near_banks.embeddings)
         self.ledger = PromotionLedger(client, key_prefix)
 
     def _overrides(self) -> ThresholdOverrides:
@@ -197,52 +203,46 @@ class AdminStore:
         """Creates or updates; True when it was created."""
         created = self.bank(name) is None
         if created:
-            self.bank_store.create(name, spec.description, spec.action)
-        self.bank_store.set_enabled(name, spec.enabled, spec.description)
-        self.bank_store.set_action(name, spec.action)
-        self.audit.record("bank_created" if created else "bank_updated", actor, name, spec.model_dump())
+            self.ops.create(name, spec.description, spec.action, actor)
+            if not spec.enabled:
+                self.ops.set_enabled(name, False, actor)
+        else:
+            self.ops.update(name, spec.enabled, spec.description, spec.action, actor)
         return created
 
     def add_bank_hashes(self, name: str, body: BankHashes, actor: str) -> int:
-        """Raises KeyError for an unknown bank."""
-        added = self.bank_store.add_hashes(name, [(h.kind, h.value) for h in body.hashes])
-        self.audit.record("bank_hashes_added", actor, name, {"count": added})
-        self._request_rejudge(name, added, actor)
-        return added
+        """The older face of ``add_bank_signals`` (hash kinds only). Raises KeyError for an unknown bank and
+        MalformedSignal for a bad hash."""
+        signals = [parse_signal(h.kind, h.value) for h in body.hashes]
+        return int(self.ops.add_signals(name, signals, actor)["added"])
 
-    def _request_rejudge(self, name: str, added: int, actor: str) -> bool:
-        """New signals re-judge recent uploads in the background (``banks.rejudge``); the request returns now."""
-        if added:
-            self.rejudge.request(name, actor)
-        return added > 0
+    def add_bank_images(self, name: str, images: list[bytes], actor: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank and BadInput for something that is not an allowed image."""
+        return self.ops.add_images(name, images, actor)
+
+    def set_bank_threshold(self, name: str, threshold: float | None, actor: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank."""
+        return _bank_json(self.ops.set_threshold(name, threshold, actor))
+
+    def reembed_banks(self, names: list[str], actor: str) -> dict[str, Any]:
+        """Raises KeyError for an unknown bank and TransientError when the embedder cannot be reached."""
+        return self.ops.reembed(names or [b.name for b in self.bank_store.all_banks()], actor)
 
     def request_rejudge(self, name: str, actor: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank."""
-        self.bank_store.get(name)
-        self.rejudge.request(name, actor)
-        self.audit.record("bank_rejudge_requested", actor, name, {})
-        return self.rejudge_progress(name)
+        return self.ops.request_rejudge(name, actor)
 
     def rejudge_progress(self, name: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank."""
-        self.bank_store.get(name)
-        progress = self.rejudge.progress(name)
-        return {"name": name, "pending": name in self.rejudge.pending(), "progress": progress}
+        return self.ops.rejudge_progress(name)
 
     def add_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank and MalformedSignal (nothing added) for a bad signal."""
-        signals = [s.parsed() for s in body.signals]
-        result = self.bank_store.add_signals(name, signals)
-        detail = {"added": result.added, "duplicate": result.duplicate}
-        self.audit.record("bank_signals_added", actor, name, detail)
-        return {**detail, "rejudge_requested": self._request_rejudge(name, result.added, actor)}
+        return self.ops.add_signals(name, [s.parsed() for s in body.signals], actor)
 
     def remove_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank and MalformedSignal for a bad signal."""
-        self.bank_store.get(name)
-        removed = self.bank_store.remove_signals(name, [s.parsed() for s in body.signals])
-        self.audit.record("bank_signals_removed", actor, name, {"removed": removed})
-        return {"removed": removed}
+        return self.ops.remove_signals(name, [s.parsed() for s in body.signals], actor)
 
     def import_bank(self, name: str, body: BankImport, actor: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank; BadInput/TransientError when the URL cannot be fetched."""
@@ -254,17 +254,12 @@ class AdminStore:
             else read_source(source, self.fetch_settings, self.bank_settings.import_max_bytes)
         )
         fmt: ListFormat = body.format or guess_format(text, body.url or "")
-        report: ImportReport = import_list(self.bank_store, name, text, fmt, source)
-        self.audit.record("bank_imported", actor, name, report.summary())
-        requested = self._request_rejudge(name, report.added, actor)
-        return {**report.as_dict(max_malformed=10_000), "rejudge_requested": requested}
+        report: ImportReport = self.ops.import_list(name, text, fmt, source, actor)
+        return {**report.as_dict(max_malformed=10_000), "rejudge_requested": report.added > 0}
 
     def export_bank(self, name: str, fmt: ListFormat, kind: SignalType | None, actor: str) -> str:
         """Raises KeyError for an unknown bank."""
-        self.bank_store.get(name)
-        text = export_list(self.bank_store, name, fmt, kind)
-        self.audit.record("bank_exported", actor, name, {"format": fmt, "rows": text.count("\n")})
-        return text
+        return self.ops.export(name, fmt, kind, actor)
 
     def lookup_signal(self, signal_type: str, value: str) -> list[dict[str, Any]]:
         """Raises MalformedSignal."""
@@ -291,11 +286,7 @@ class AdminStore:
         }
 
     def delete_bank(self, name: str, actor: str) -> bool:
-        if self.bank(name) is None:
-            return False
-        self.bank_store.remove(name)
-        self.audit.record("bank_deleted", actor, name, {})
-        return True
+        return self.ops.delete(name, actor)
 
     def request_promotion(self, request: PromotionRequest, actor: str) -> str:
         record = self.ledger.request(request.model, request.version, request.reason, actor)
@@ -338,7 +329,3 @@ def _bank_json(bank: Bank) -> dict[str, Any]:
         "size": bank.size,
         "created_at": round(bank.created_at, 3),
     }
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -38,6 +38,7 @@ from services.reviewer.admin import (
     BankImport,
     BankSignals,
     BankSpec,
+    BankThreshold,
     PromotionRequest,
     ThresholdOverrides,
 )
@@ -84,6 +85,9 @@ class AdminAPI(Protocol):
     def bank(self, name: str) -> dict[str, Any] | None: ...
     def put_bank(self, name: str, spec: BankSpec, actor: str) -> bool: ...
     def add_bank_hashes(self, name: str, body: BankHashes, actor: str) -> int: ...
+    def add_bank_images(self, name: str, images: list[bytes], actor: str) -> dict[str, Any]: ...
+    def set_bank_threshold(self, name: str, threshold: float | None, actor: str) -> dict[str, Any]: ...
+    def reembed_banks(self, names: list[str], actor: str) -> dict[str, Any]: ...
     def add_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]: ...
     def remove_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]: ...
     def import_bank(self, name: str, body: BankImport, actor: str) -> dict[str, Any]: ...
@@ -364,10 +368,45 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
 
     @app.post("/api/admin/banks/{name}/hashes")
     def add_bank_hashes(name: BankName, body: BankHashes, admin: Admin) -> dict[str, Any]:
-        try:
+        """Hash kinds only; the same operation as POST .../signals (kept for existing clients)."""
+        with _signal_errors():
             return {"name": name, "added": services.admin.add_bank_hashes(name, body, admin.reviewer_id)}
+
+    @app.post("/api/admin/banks/{name}/images")
+    async def add_bank_images(name: BankName, request: Request, admin: Admin) -> dict[str, Any]:
+        """Banks the image in the body (any allowed format) as ``sieve banks add`` does: its hashes, and with the
+        embedder at hand its embedding and keypoints, so edited copies match too; re-judging is requested."""
+        data = await request.body()
+        if len(data) > MATCH_IMAGE_MAX_BYTES:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "image too large")
+        try:
+            added = await run_in_threadpool(services.admin.add_bank_images, name, [data], admin.reviewer_id)
         except KeyError as exc:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except BadInput as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+        return {"name": name, **added}
+
+    @app.put("/api/admin/banks/{name}/threshold")
+    def set_bank_threshold(name: BankName, body: BankThreshold, admin: Admin) -> dict[str, Any]:
+        """The bank's own embedding threshold; null goes back to the model version's."""
+        try:
+            return {
+                "name": name,
+                **services.admin.set_bank_threshold(name, body.embedding_threshold, admin.reviewer_id),
+            }
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+
+    @app.post("/api/admin/banks/{name}/reembed")
+    def reembed_bank(name: BankName, admin: Admin) -> dict[str, Any]:
+        """Every banked image of the bank embedded again by the served version (``all``: every bank)."""
+        try:
+            return services.admin.reembed_banks([] if name == "all" else [name], admin.reviewer_id)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such bank") from exc
+        except TransientError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
 
     @app.post("/api/admin/banks/{name}/signals")
     def add_bank_signals(name: BankName, body: BankSignals, admin: Admin) -> dict[str, Any]:
@@ -492,12 +531,13 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
     """The real thing: Redis queue and admin store, Kafka consumer and producer, file-root image source."""
     import redis
 
+    from services.common.audit import AuditLog
     from services.common.inference import TritonModels
     from services.reviewer.admin import AdminStore
     from services.reviewer.images import ImageSource, load_aligned_view, load_explain_view
-    from services.reviewer.labels import AuditLog, FeedbackPublisher, Labeller
+    from services.reviewer.labels import FeedbackPublisher, Labeller
     from services.reviewer.metrics import ReviewerMetrics
-    from services.reviewer.queue import QueueKeys, ReviewIngestor, ReviewQueue
+    from services.reviewer.queue import ReviewIngestor, ReviewQueue
 
     client = redis.Redis.from_url(
         settings.redis.url.get_secret_value(),
@@ -514,7 +554,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
         skip_ttl_s=rsettings.skip_ttl_s,
         uri_ttl_s=settings.index.retention_s,
     )
-    audit = AuditLog(client, QueueKeys(prefix), rsettings.audit_file)
+    audit = AuditLog(client, prefix, rsettings.audit_file or settings.audit.file)
     publisher = FeedbackPublisher(settings.kafka, rsettings.publish_timeout_s)
     labeller = Labeller(client, prefix, publisher, audit, rsettings.categories, rsettings.dedup_ttl_s)
 

@@ -14,18 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import redis
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.audit import AuditLog
 from services.common.config import KafkaSettings
 from services.common.kafka_io import AckedProducer
+from services.common.redis_text import text
 from services.common.schemas import FeedbackLabel, ReviewRequest, utcnow
 from services.common.telemetry import inject_headers, tracer
 from services.reviewer.queue import QueueKeys
@@ -150,47 +149,6 @@ class LabelOutcome:
     repeated: bool  # True: this reviewer had already labelled the item; nothing new was published
 
 
-class AuditLog:
-    """Append-only record of who did what: the Redis stream, and optionally a JSON-lines file."""
-
-    def __init__(self, client: redis.Redis, keys: QueueKeys, file: Path | None = None) -> None:
-        self.client = client
-        self.key = keys.audit
-        self.file = file
-        self._lock = threading.Lock()
-
-    def record(self, event: str, actor: str, subject: str, detail: Mapping[str, Any]) -> None:
-        detail_json = json.dumps(detail, sort_keys=True, default=str)
-        self.client.xadd(self.key, {"event": event, "actor": actor, "subject": subject, "detail": detail_json})
-        self.append_file(event, actor, subject, detail_json)
-
-    def append_file(self, event: str, actor: str, subject: str, detail_json: str) -> None:
-        if self.file is None:
-            return
-        line = json.dumps(
-            {"ts": round(time.time(), 3), "event": event, "actor": actor, "subject": subject, "detail": detail_json}
-        )
-        with self._lock, self.file.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-
-    def recent(self, count: int = 100) -> list[dict[str, Any]]:
-        """Newest first."""
-        out: list[dict[str, Any]] = []
-        for entry_id, fields in self.client.xrevrange(self.key, count=count) or []:
-            f = {_text(k): _text(v) for k, v in (fields or {}).items()}
-            out.append(
-                {
-                    "id": _text(entry_id),
-                    "ts": int(_text(entry_id).split("-", 1)[0]) / 1000.0,
-                    "event": f.get("event", ""),
-                    "actor": f.get("actor", ""),
-                    "subject": f.get("subject", ""),
-                    "detail": json.loads(f.get("detail") or "{}"),
-                }
-            )
-        return out
-
-
 class FeedbackPublisher:
     """Publishes FeedbackLabels keyed by upload_id and waits for the broker's acknowledgement."""
 
@@ -232,7 +190,7 @@ class Labeller:
         """Raises InvalidLabel, NotClaimed, or TransientError/RedisError (retry: the same label is kept)."""
         k = self.keys
         compared = compared_neighbour(body, request)
-        compared_uri = _text(self.client.get(k.upload_uri(compared)) or "") if compared else ""
+        compared_uri = text(self.client.get(k.upload_uri(compared)) or "") if compared else ""
         label = build_label(body, request, reviewer_id, self.categories, compared_uri or None)
         uid = request.upload_id
         with _tracer.start_as_current_span("reviewer.label") as span:
@@ -241,7 +199,7 @@ class Labeller:
                 keys=[k.labels(uid), k.owner, k.claims],
                 args=[uid, reviewer_id, label.model_dump_json(), self.record_ttl_s],
             )
-            status, stored = _text(status), _text(stored)
+            status, stored = text(status), text(stored)
             if status == "not_claimed":
                 raise NotClaimed(f"{reviewer_id} holds no live claim on {uid}")
             if status == "existing":
@@ -284,7 +242,3 @@ class Labeller:
             if int(first):
                 self.audit.append_file("label", reviewer_id, uid, detail)
             return LabelOutcome(label, repeated=False)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

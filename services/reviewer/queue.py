@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from services.common.config import KafkaSettings
 from services.common.kafka_io import consumer_config
+from services.common.redis_text import text
 from services.common.schemas import ReviewRequest
 from services.common.telemetry import extract_context, tracer
 from services.common.upload_keys import upload_uri_key
@@ -261,7 +262,7 @@ class ReviewQueue:
         )
         if not reply:
             return None
-        upload_id, expires, new = _text(reply[0]), int(reply[1]), bool(int(reply[2]))
+        upload_id, expires, new = text(reply[0]), int(reply[1]), bool(int(reply[2]))
         request = self.request(upload_id)
         if request is None:  # labelled between the claim and this read by a concurrent label call
             return None
@@ -287,7 +288,7 @@ class ReviewQueue:
         pipe.zscore(k.claims, upload_id)
         pipe.hkeys(k.labels(upload_id))
         raw, done, owner, expires, labellers = pipe.execute()
-        labelled_by = sorted(_text(r) for r in labellers or [])
+        labelled_by = sorted(text(r) for r in labellers or [])
         if raw is None:
             if done is None:
                 return None
@@ -295,7 +296,7 @@ class ReviewQueue:
         request = ReviewRequest.model_validate_json(raw)
         now_ms = int(time.time() * 1000)
         if owner is not None and expires is not None and int(expires) > now_ms:
-            return QueueItem(request, "claimed", _text(owner), int(expires), labelled_by)
+            return QueueItem(request, "claimed", text(owner), int(expires), labelled_by)
         return QueueItem(request, "pending", None, None, labelled_by)
 
     def upload_uris(self, upload_ids: Sequence[str]) -> dict[str, str]:
@@ -303,7 +304,7 @@ class ReviewQueue:
         if not upload_ids:
             return {}
         values = self.client.mget([self.keys.upload_uri(u) for u in upload_ids])
-        return {u: _text(v) for u, v in zip(upload_ids, values, strict=True) if v}
+        return {u: text(v) for u, v in zip(upload_ids, values, strict=True) if v}
 
     def remember_uri(self, upload_id: str, image_uri: str) -> None:
         self.client.set(self.keys.upload_uri(upload_id), image_uri, ex=self.uri_ttl_s)
@@ -318,10 +319,6 @@ class ReviewQueue:
             return bool(self.client.ping())
         except redis.RedisError:
             return False
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ReviewIngestor:

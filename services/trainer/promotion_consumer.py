@@ -17,6 +17,7 @@ from typing import Any, cast
 import redis
 
 from services.common.promotions import FINAL_STATES, PromotionLedger, PromotionRecord, PromotionState
+from services.common.redis_text import text
 
 log = logging.getLogger(__name__)
 GROUP = "trainer"
@@ -94,7 +95,7 @@ class PromotionConsumer:
             if fields is None:  # trimmed from the stream while pending: nothing left to run
                 self.client.xack(self.ledger.stream, GROUP, entry_id)
                 continue
-            stale.append((_text(entry_id), fields))
+            stale.append((text(entry_id), fields))
         return stale
 
     def _read_new(self, block_ms: int | None, count: int) -> list[tuple[str, dict[Any, Any]]]:
@@ -102,7 +103,7 @@ class PromotionConsumer:
             list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]] | None,
             self.client.xreadgroup(GROUP, self.consumer, {self.ledger.stream: ">"}, count=count, block=block_ms),
         )
-        return [(_text(entry_id), fields) for _, entries in reply or [] for entry_id, fields in entries]
+        return [(text(entry_id), fields) for _, entries in reply or [] for entry_id, fields in entries]
 
     def process(self, entry_id: str, fields: dict[Any, Any]) -> PromotionRecord | None:
         """Runs one request; None when it stays pending (to be retried once it is idle long enough)."""
@@ -133,7 +134,3 @@ class PromotionConsumer:
 
     def _ack(self, entry_id: str) -> None:
         self.client.xack(self.ledger.stream, GROUP, entry_id)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

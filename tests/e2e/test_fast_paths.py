@@ -7,11 +7,11 @@ from pathlib import Path
 import redis
 
 from services.common.banks import HashBankStore
+from services.common.banks.images import image_signals
 from services.common.config import Settings
 from services.common.kafka_io import ensure_topics
 from services.common.photos.build import Manifest
 from services.common.uploads import UploadPublisher, event_for_file
-from services.ops.cli import image_hashes
 from tests.e2e.conftest import ModeratorProcess, pick_photos, read_topic, start_moderator, write_photo
 
 
@@ -27,7 +27,7 @@ def test_bank_match_blocks_and_exact_reupload_skips_the_model(
     )
     banks = HashBankStore(redis.Redis.from_url(settings.redis.url.get_secret_value()), settings.redis.key_prefix)
     banks.create("known-bad", "test bank")
-    banks.add_hashes("known-bad", image_hashes(banned, settings))
+    banks.add_hashes("known-bad", [(s.kind, s.value) for s in image_signals(banned.read_bytes(), settings)])
     ensure_topics(settings.kafka)
     publisher = UploadPublisher(settings.kafka)
     publisher.publish([event_for_file(banned, "banned-1"), event_for_file(original, "first")])

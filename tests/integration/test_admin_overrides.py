@@ -6,12 +6,11 @@ import json
 
 import redis
 
+from services.common.audit import AuditLog
 from services.common.config import Settings
 from services.common.thresholds import record_threshold
 from services.moderator.pipeline import Pipeline
 from services.reviewer.admin import AdminStore, ThresholdOverrides
-from services.reviewer.labels import AuditLog
-from services.reviewer.queue import QueueKeys
 
 
 class _NoModels:
@@ -53,7 +52,7 @@ def test_the_admin_api_shows_the_thresholds_the_moderator_applies_to_a_promoted_
     record_threshold(client, prefix, promoted, 0.61)
     record_threshold(client, prefix, promoted, 0.74, kind="bank")
     pipeline = Pipeline(settings, _NoModels(), client)  # type: ignore[arg-type]
-    admin = AdminStore(client, prefix, settings.decision, AuditLog(client, QueueKeys(prefix)), settings.banks)
+    admin = AdminStore(client, prefix, settings.decision, AuditLog(client, prefix), settings.banks)
     try:
         shown = admin.thresholds()["per_version"]
         assert shown[promoted]["duplicate_threshold"] == pipeline.decision_for(promoted).duplicate_threshold == 0.61

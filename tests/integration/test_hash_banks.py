@@ -13,8 +13,8 @@ from PIL import Image
 from pydantic import SecretStr
 
 from services.cli import main as sieve
+from services.common.audit import audit_key
 from services.common.banks import HashBankStore, Signal, UploadSignals
-from services.common.banks.audit import audit_key
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.exchange import export_list, import_list
 from services.common.banks.images import image_signals
@@ -158,8 +158,10 @@ def test_an_hma_pdq_list_round_trips_unchanged(settings: Settings, banks: HashBa
     banks.create("csv")
     assert import_list(banks, "csv", csv_text, "csv", "list.csv").added == 3
     assert export_list(banks, "csv", "csv") == csv_text
-    events = [json.loads(f[b"detail"]) for _, f in banks.client.xrange(audit_key(banks.prefix))]
-    assert {k: events[0][k] for k in ("added", "duplicate", "malformed")} == {
+    entries = [f for _, f in banks.client.xrange(audit_key(banks.prefix))]
+    assert [f[b"event"] for f in entries] == [b"bank_created", b"bank_imported", b"bank_exported"]  # --create too
+    imported = json.loads(entries[1][b"detail"])
+    assert {k: imported[k] for k in ("added", "duplicate", "malformed")} == {
         "added": 203,
         "duplicate": 0,
         "malformed": 0,

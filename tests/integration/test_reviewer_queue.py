@@ -18,13 +18,14 @@ from confluent_kafka import Consumer, TopicPartition
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+from services.common.audit import AuditLog
 from services.common.banks import HashBankStore
 from services.common.config import Settings
 from services.common.errors import TransientError
 from services.common.kafka_io import AckedProducer, ensure_topics
 from services.common.schemas import DuplicateMatch, FeedbackLabel, ReviewReason, ReviewRequest
 from services.reviewer.app import build_services, create_app
-from services.reviewer.labels import AuditLog, FeedbackPublisher, LabelBody, Labeller, NotClaimed
+from services.reviewer.labels import FeedbackPublisher, LabelBody, Labeller, NotClaimed
 from services.reviewer.queue import Claim, QueueKeys, ReviewIngestor, ReviewQueue
 from services.reviewer.settings import ReviewerSettings
 
@@ -193,7 +194,9 @@ def test_concurrent_claimers_never_get_the_same_item(client: redis.Redis, settin
 def test_an_expired_claim_goes_back_to_the_queue(client: redis.Redis, settings: Settings) -> None:
     queue = _queue(client, settings, ttl_s=1)
     publisher = FeedbackPublisher(settings.kafka)
-    labeller = Labeller(client, settings.redis.key_prefix, publisher, AuditLog(client, queue.keys), ["safe", "nsfw"])
+    labeller = Labeller(
+        client, settings.redis.key_prefix, publisher, AuditLog(client, settings.redis.key_prefix), ["safe", "nsfw"]
+    )
     queue.ingest([_request(1, 0.5)])
     first = queue.claim("alice")
     assert first is not None and first.new
@@ -286,7 +289,9 @@ class _FailOncePublisher(FeedbackPublisher):
 def test_a_retry_after_a_failed_publish_sends_the_reserved_label(client: redis.Redis, settings: Settings) -> None:
     queue = _queue(client, settings)
     publisher = _FailOncePublisher(settings.kafka)
-    labeller = Labeller(client, settings.redis.key_prefix, publisher, AuditLog(client, queue.keys), ["safe", "nsfw"])
+    labeller = Labeller(
+        client, settings.redis.key_prefix, publisher, AuditLog(client, settings.redis.key_prefix), ["safe", "nsfw"]
+    )
     queue.ingest([_request(3, 0.5)])
     claim = queue.claim("alice")
     assert claim is not None
@@ -340,7 +345,7 @@ def test_admin_settings_land_in_redis_for_the_moderator(client: redis.Redis, set
             "promotion_requested",
             "bank_deleted",
             "bank_updated",
-            "bank_hashes_added",
+            "bank_signals_added",  # the /hashes route is the signals operation, restricted to hash kinds
             "bank_created",
             "thresholds",
         ]

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import redis
 
-from services.common.banks import audit
+from services.common.audit import AuditLog
 from services.common.banks.retro import RetroJudge, RetroProgress
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class RejudgeWorker:
     ) -> None:
         self.judge = judge
         self.requests = RejudgeRequests(judge.client, judge.prefix)
+        self.audit = AuditLog(judge.client, judge.prefix, judge.settings.audit.file)
         self.max_signals = max_signals
         self.poll_s = poll_s
         self.lock_s = lock_s
@@ -90,9 +91,7 @@ class RejudgeWorker:
                     self.requests.finish(bank, generation)
                     continue
                 self.requests.record(bank, progress)
-                audit.record(
-                    self.judge.client, self.judge.prefix, "bank_rejudged", "rejudge-worker", bank, progress.__dict__
-                )
+                self.audit.record("bank_rejudged", "rejudge-worker", bank, progress.__dict__)
                 if progress.done:
                     self.requests.finish(bank, generation)
                 steps += 1
