@@ -321,6 +321,7 @@ SETTINGS_GROUPS: dict[str, type[BaseSettings]] = {
     "index": IndexSettings,
     "milvus": MilvusSettings,
     "banks": BankSettings,
+    "audit": AuditSettings,
     "review": ReviewSelectionSettings,
     "verify": VerificationSettings,
     "trainer": TrainerJobSettings,
