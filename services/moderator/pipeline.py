@@ -653,19 +653,16 @@ class Pipeline:
         """References that share keypoints with the upload (a crop inside a meme, a chain of edits the descriptor
         lost), with their cosines from the index, verified and fused exactly like the first pass's."""
         assert item.event is not None and item.features is not None
-        hits = self.verifier.keypoint_candidates(self.keypoints.index, item.features, verified | {item.event.upload_id})
-        if not hits:
-            return []
+        exclude = verified | {item.event.upload_id}
         try:
-            vectors = index.vectors([h.upload_id for h in hits])
+            extra = self.verifier.keypoint_neighbours(
+                self.keypoints.index, item.features, embedding, exclude, index.vectors
+            )
         except TransientError:
             evidence.reasons.append("second_pass_unavailable")
             return []
-        extra = [
-            Neighbour(h.upload_id, float(np.dot(vectors[h.upload_id], embedding)))
-            for h in hits
-            if h.upload_id in vectors
-        ]
+        if not extra:
+            return []
         found = self.verifier.verify(query, extra, self._reference_features(extra, out, evidence))
         item.span.set_attribute("sieve.second_pass_candidates", len(extra))
         return found

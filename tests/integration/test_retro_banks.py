@@ -111,8 +111,54 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     assert verified["item_id"] == "item-5" and verified["inliers"] > 25 and verified["score"] >= 0.8
 
 
-def _features(name: str, crop: bool = False) -> LocalFeatures:
+@pytest.mark.parametrize("second_pass", [True, False])
+def test_a_copy_the_descriptor_lost_among_nearer_uploads_is_found_by_its_keypoints(
+    settings: Settings, second_pass: bool
+) -> None:
+    """A turned copy uploaded before its original was banked: 60 unrelated uploads are nearer the banked image
+    by cosine, so the cosine search never reaches it; the keypoint channel (the moderator's second pass, from the
+    banked image's side) does, and the rule judges it as the moderator would."""
+    settings = settings.model_copy(update={"verify": settings.verify.model_copy(update={"second_pass": second_pass})})
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    prefix, ttl = settings.redis.key_prefix, settings.index.retention_s
+    rng = np.random.default_rng(11)
+    basis = np.linalg.qr(rng.normal(size=(16, 16)))[0].T.astype(np.float32)
+    banked, turned_cosine = basis[0], 0.35
+    turned = turned_cosine * basis[0] + np.sqrt(1 - turned_cosine**2) * basis[1]
+    nearer = [c * basis[0] + np.sqrt(1 - c**2) * basis[2 + i % 14] for i, c in enumerate(np.linspace(0.4, 0.7, 60))]
+    index = open_recent_index(settings, client, VERSION, 16)
+    now = time.time()
+    index.add([IndexEntry("up-turned", turned.astype(np.float32), now)])
+    index.add([IndexEntry(f"up-near-{i}", v.astype(np.float32), now) for i, v in enumerate(nearer)])
+    pipe = client.pipeline()
+    for upload_id in ["up-turned", *(f"up-near-{i}" for i in range(60))]:
+        pipe.set(upload_action_key(prefix, upload_id), "allow")
+    pipe.execute()
+    FeatureStore(client, prefix, ttl).put_many({"up-turned": _features("astronaut", turn=True)})
+
+    store = HashBankStore(client, prefix)
+    store.create("turned")
+    embedded = EmbeddingBanks(client, prefix)
+    embedded.add("turned", VERSION, ["item-a"], banked[None], np.zeros((1, 256, 256, 3), np.uint8))
+    embedded.add_features("turned", {"item-a": _features("astronaut")})
+    ensure_topics(settings.kafka)
+    progress = RetroJudge(client, settings, kafka_publisher(settings)).run("turned")
+    assert progress.done
+    if not second_pass:
+        assert progress.found == 0 and client.get(upload_action_key(prefix, "up-turned")) == b"allow"
+        return
+    assert (progress.found, progress.published) == (1, 1)
+    [verdict] = [r for r in read_topic(settings, settings.kafka.topic_verdicts, 1, timeout_s=60)]
+    assert verdict["upload_id"] == "up-turned" and verdict["action"] == "block"
+    match = verdict["bank_matches"][0]  # type: ignore[index]
+    assert match["signal_type"] == "embedding" and match["inliers"] > 40
+    assert match["score"] >= settings.banks.embedding_thresholds[VERSION]
+
+
+def _features(name: str, crop: bool = False, turn: bool = False) -> LocalFeatures:
     img = Image.fromarray(getattr(skdata, name)()).convert("RGB")
+    if turn:
+        img = img.transpose(Image.Transpose.ROTATE_90)
     if crop:
         w, h = img.size
         img = img.crop((int(w * 0.1), int(h * 0.1), int(w * 0.85), int(h * 0.85)))

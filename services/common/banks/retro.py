@@ -18,6 +18,7 @@ review (a review request goes out with it, so a reviewer does see it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -33,10 +34,12 @@ from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal
 from services.common.banks.store import BankMatch, HashBankStore
 from services.common.config import Settings
+from services.common.errors import TransientError
 from services.common.schemas import Action, ReviewReason, ReviewRequest, Verdict
 from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import FeatureStore, QueryFeatures, Verifier
+from services.common.verification.shared_keypoints import SharedKeypointIndex
 
 
 def recent_pdq_key(prefix: str) -> str:
@@ -181,9 +184,20 @@ class RetroJudge:
             index = open_recent_index(self.settings, self.client, version, vectors.shape[1])
             index.sync()
             banked = embedded.features([(bank, item) for item in item_ids])
-            for item_id, neighbours in zip(item_ids, index.search(vectors, 50), strict=True):
+            keypoints = self._keypoint_channel() if banked else None
+            for item_id, vector, neighbours in zip(item_ids, vectors, index.search(vectors, 50), strict=True):
                 near = [n for n in neighbours if n.score >= self.rule.reach(threshold)]
                 query = banked.get((bank, item_id))
+                if query is not None and keypoints is not None:
+                    # The moderator's second pass, from the other side: uploads that share keypoints with the
+                    # banked image (a rotated or collaged copy whose cosine the descriptor lost), with their
+                    # cosines from the index, judged by the same rule.
+                    # Where the index's embeddings are out of reach, the cosine-near candidates stand alone.
+                    seen = {n.upload_id for n in near}
+                    with contextlib.suppress(TransientError):
+                        near += self.rule.verifier.keypoint_neighbours(
+                            keypoints.index, query, vector, seen, index.vectors
+                        )
                 references = self.features.get_many([n.upload_id for n in near]) if query is not None else {}
                 thresholds = {n.upload_id: threshold for n in near}
                 q = QueryFeatures(query) if query is not None else None
@@ -194,6 +208,15 @@ class RetroJudge:
                         )
                         found.setdefault(j.key, (_Recent(j.key, version, {}), match))
         return found, searched
+
+    def _keypoint_channel(self) -> SharedKeypointIndex | None:
+        """The recent uploads' keypoints, replayed from the features log (None: the second pass is off)."""
+        verifier = self.rule.verifier
+        if not (verifier.settings.enabled and verifier.settings.second_pass):
+            return None
+        channel = SharedKeypointIndex(self.features, verifier.keypoint_index(), self.settings.index.retention_s)
+        channel.sync()
+        return channel
 
     def _settle(self, bank: str, found: dict[str, tuple[_Recent, BankMatch]], progress: RetroProgress) -> None:
         """Publishes for uploads not yet re-judged for this bank; marks them only once the broker has them."""

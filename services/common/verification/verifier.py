@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 from services.common.config import VerificationSettings
 from services.common.index.base import Neighbour
@@ -69,6 +73,24 @@ class Verifier:
     ) -> list[KeypointHit]:
         cfg = self.settings
         return index.search(query, cfg.keypoint_top, cfg.keypoint_min_votes, exclude)
+
+    def keypoint_neighbours(
+        self,
+        index: KeypointIndex,
+        query: LocalFeatures,
+        embedding: NDArray[np.float32],
+        exclude: Iterable[str],
+        vectors: Callable[[list[str]], Mapping[str, NDArray[Any]]],
+    ) -> list[Neighbour]:
+        """The second pass's candidates: references that share the query's keypoints, each with its cosine to
+        ``embedding`` from ``vectors`` (the recent index's stored embeddings). Raises what ``vectors`` raises."""
+        hits = self.keypoint_candidates(index, query, exclude)
+        if not hits:
+            return []
+        stored = vectors([h.upload_id for h in hits])
+        return [
+            Neighbour(h.upload_id, float(np.dot(stored[h.upload_id], embedding))) for h in hits if h.upload_id in stored
+        ]
 
     def score(self, cosine: float, inliers: int, query_keypoints: int, reference_keypoints: int) -> float:
         """The fused score of one verified pair; a miss counts against it only when both sides had keypoints
