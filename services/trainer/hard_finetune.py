@@ -339,10 +339,11 @@ class HardFinetune:
         with self.curve.open("a") as handle:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def _plan(self, step_s: float, validate_s: float, budget_s: float, spent_s: float) -> int:
+    def _plan(self, step_s: float, validate_s: float, budget_s: float, spent_s: float, done: int) -> int:
+        """Total steps: those done, and as many more as the rest of the budget holds at the measured rate."""
         cfg = self.cfg
         per_step = step_s + validate_s / cfg.validate_every
-        return max(cfg.validate_every, int((0.95 * budget_s - spent_s) / per_step))
+        return max(cfg.validate_every, done + int((0.95 * budget_s - spent_s) / per_step))
 
     def run(self, time_budget_s: float | None = None) -> dict[str, Any]:
         began = time.monotonic()
@@ -407,11 +408,16 @@ class HardFinetune:
             stats = self._step(split, model, keys, opt, queue, sample_batch(cache, cfg, step), anchors, step)
             step += 1
             step_times.append(time.monotonic() - t0)
-            if time_budget_s is not None and step == 10 and state is None:
-                step_s = float(np.median(step_times[3:]))
-                total = self._plan(step_s, validate_s, time_budget_s, time.monotonic() - began)
-                cfg = self.cfg = replace(cfg, total_steps=total)
-                log(f"time budget {time_budget_s:.0f}s: {step_s:.2f}s a step -> {total} steps")
+            # Plan the run from the measured step time, then re-plan at every validation through the first
+            # quarter: one measurement taken while something else held the cores once planned a quarter of the
+            # steps the budget allowed. The cosine schedule follows the current plan.
+            replan = step == 10 or (step % cfg.validate_every == 0 and step < cfg.total_steps // 4)
+            if time_budget_s is not None and state is None and replan:
+                step_s = float(np.median(step_times[-min(len(step_times) - 3, 50) :]))
+                total = max(step + 1, self._plan(step_s, validate_s, time_budget_s, time.monotonic() - began, step))
+                if total != cfg.total_steps:
+                    cfg = self.cfg = replace(cfg, total_steps=total)
+                    log(f"time budget {time_budget_s:.0f}s: {step_s:.2f}s a step -> {total} steps")
             self._record({"step": step, **stats, "seconds": round(step_times[-1], 3)})
             if step % 10 == 0:
                 log(
