@@ -125,4 +125,4 @@ def test_the_plan_fills_the_rest_of_the_budget_at_the_measured_rate(tmp_path: Pa
     run = HardFinetune(HardTuneConfig(validate_every=100), tmp_path)
     assert run._plan(1.0, 10.0, 1000.0, 100.0, 0) == 772  # (950 - 100) s at 1.1 s a step
     assert run._plan(1.0, 10.0, 1000.0, 100.0, 200) == 972  # steps already done count
-    assert run._plan(5.0, 10.0, 1000.0, 900.0, 50) == 150  # never fewer than one validation's worth
+    assert run._plan(5.0, 10.0, 1000.0, 900.0, 50) == 100  # never fewer than one validation's worth
