@@ -45,6 +45,7 @@ from services.common.schemas import (
 from services.common.telemetry import extract_context, tracer
 from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_action_key, upload_uri_key
+from services.common.verdicts import build_verdict, over_model
 from services.common.verification import (
     FeatureStore,
     LocalFeatures,
@@ -122,15 +123,6 @@ def _upload_signals(item: Item) -> UploadSignals:
         phash=item.phash if informative_phash(item.phash) else None,
         pdq=item.pdq or None,
     )
-
-
-def _bank_evidence(matches: list[BankMatch]) -> list[BankMatchEvidence]:
-    return [m.evidence() for m in matches]
-
-
-def _bank_reasons(matches: list[BankMatch]) -> list[str]:
-    """``bank_match:<bank>`` for a bank that blocks, ``bank_review:<bank>`` for one that sends to review."""
-    return [f"bank_{'match' if m.action == 'block' else 'review'}:{m.bank}" for m in matches]
 
 
 def _now_ns() -> int:
@@ -333,9 +325,8 @@ class Pipeline:
                 banks, item.bank_check_failed = [], True
             if any(m.action == "block" for m in banks):
                 item.timings["hash_ms"] = _ms(began)
-                verdict = self._fast_verdict(
-                    item, Action.BLOCK, [], {}, "", _bank_reasons(banks), _bank_evidence(banks)
-                )
+                outcome = over_model(Action.BLOCK, banks)
+                verdict = self._fast_verdict(item, outcome.action, [], {}, "", outcome.reasons, outcome.evidence)
                 out.verdicts.append((verdict, item.span))
                 continue
             if banks:  # only review banks: the model still judges it, and a reviewer sees it whatever it says
@@ -384,14 +375,14 @@ class Pipeline:
         assert item.event is not None
         item.span.set_attribute("sieve.action", action.value)
         item.span.set_attribute("sieve.fast_path", reasons[0].split(":", 1)[0])
-        return Verdict(
-            upload_id=item.event.upload_id,
-            event_id=item.event.event_id,
-            model_version=model_version or "none",
-            action=action,
+        return build_verdict(
+            item.event.upload_id,
+            item.event.event_id,
+            model_version,
+            action,
+            reasons,
             duplicate_of=matches,
             flags=flags,
-            reasons=reasons,
             timings=item.timings,
             bank_matches=bank_matches or [],
         )
@@ -536,26 +527,24 @@ class Pipeline:
             reasons = decision.reasons + extra
             skip = selected.get(item.event.upload_id)
             banked = item.bank_review + item_banks.get(item.event.upload_id, [])
-            blocked = any(m.action == "block" for m in banked)
-            watched = bool(banked) and not blocked  # only review banks matched: a reviewer must see it
-            if banked:  # a near copy of a banked image: the bank's action, and a blocked one needs no reviewer
-                action = Action.BLOCK if blocked or action is Action.BLOCK else Action.REVIEW
-                reasons = _bank_reasons(banked) + reasons
+            # A near copy of a banked image: the bank's action (a blocked one needs no reviewer).
+            outcome = over_model(action, banked)
+            action, reasons, watched = outcome.action, outcome.reasons + reasons, outcome.watched
             if decision.review_reason is not None and skip and not banked:
                 reasons.append(skip)
                 if action is Action.REVIEW:
                     action = Action.ALLOW  # REVIEW always means a reviewer will see it; this one will not
-            verdict = Verdict(
-                upload_id=item.event.upload_id,
-                event_id=item.event.event_id,
-                model_version=model_version,
-                action=action,
+            verdict = build_verdict(
+                item.event.upload_id,
+                item.event.event_id,
+                model_version,
+                action,
+                reasons,
                 duplicate_of=decision.duplicate_of,
                 flags=decision.flags,
-                reasons=reasons,
                 timings=item.timings,
                 evidence=item_evidence.get(item.event.upload_id, []),
-                bank_matches=_bank_evidence(banked),
+                bank_matches=outcome.evidence,
             )
             out.hashes[verdict.upload_id] = (item.sha256, item.phash)
             if item.pdq:

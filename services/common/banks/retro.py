@@ -22,7 +22,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -32,12 +32,13 @@ from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.near import BankEmbeddingRule
 from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal
-from services.common.banks.store import BankMatch, HashBankStore
+from services.common.banks.store import BankAction, BankMatch, HashBankStore
 from services.common.config import Settings
 from services.common.errors import TransientError
 from services.common.schemas import Action, ReviewReason, ReviewRequest, Verdict
 from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_action_key, upload_uri_key
+from services.common.verdicts import build_verdict, over_model, with_bank_action
 from services.common.verification import FeatureStore, QueryFeatures, Verifier
 from services.common.verification.shared_keypoints import SharedKeypointIndex
 
@@ -248,15 +249,16 @@ class RetroJudge:
 
     @staticmethod
     def _verdict(recent: _Recent, match: BankMatch, action: Action) -> Verdict:
-        evidence = replace(match, action="block" if action is Action.BLOCK else "review").evidence()
-        return Verdict(
-            upload_id=recent.upload_id,
-            event_id=f"retro:{match.bank}:{recent.upload_id}",
-            model_version=recent.model_version or "none",
-            action=action,
+        policy: BankAction = "block" if action is Action.BLOCK else "review"
+        outcome = over_model(Action.ALLOW, [with_bank_action(match, policy)], retroactive=True)
+        return build_verdict(
+            recent.upload_id,
+            f"retro:{match.bank}:{recent.upload_id}",
+            recent.model_version,
+            outcome.action,
+            outcome.reasons,
             flags=recent.flags,
-            reasons=[f"retroactive_bank_match:{match.bank}"],
-            bank_matches=[evidence],
+            bank_matches=outcome.evidence,
         )
 
 
