@@ -48,16 +48,20 @@ def _flip(value: str, bits: int, rng: np.random.Generator) -> str:
     return raw.hex()
 
 
-def test_match_names_every_enabled_bank(banks: HashBankStore) -> None:
+def _names(banks: HashBankStore, sha256: str, phash: str | None = None) -> list[str]:
+    return [m.bank for m in banks.match(UploadSignals(sha256=sha256, phash=phash))]
+
+
+def test_a_hash_matches_every_enabled_bank_holding_it(banks: HashBankStore) -> None:
     banks.create("a")
     banks.create("b")
     banks.add_hashes("a", [("sha256", "1" * 64)])
     banks.add_hashes("b", [("sha256", "1" * 64), ("phash", "f0f0f0f0f0f0f0f0")])
-    assert banks.match_names("1" * 64, None) == ["a", "b"]
-    assert banks.match_names("2" * 64, "f0f0f0f0f0f0f0f0") == ["b"]
-    assert banks.match_names("2" * 64, None) == []
+    assert _names(banks, "1" * 64) == ["a", "b"]
+    assert _names(banks, "2" * 64, "f0f0f0f0f0f0f0f0") == ["b"]
+    assert _names(banks, "2" * 64) == []
     banks.set_enabled("a", False)
-    assert banks.match_names("1" * 64, None) == ["b"]
+    assert _names(banks, "1" * 64) == ["b"]
     assert [(b.name, b.enabled, b.size) for b in banks.all_banks()] == [("a", False, 1), ("b", True, 2)]
 
 
@@ -82,7 +86,7 @@ def test_remove_drops_the_bank_and_its_hashes(banks: HashBankStore) -> None:
     banks.create("gone")
     banks.add_hashes("gone", [("sha256", "3" * 64)])
     banks.remove("gone")
-    assert banks.match_names("3" * 64, None) == []
+    assert _names(banks, "3" * 64) == []
     with pytest.raises(KeyError):
         banks.get("gone")
     with pytest.raises(KeyError):
@@ -280,11 +284,11 @@ def test_banked_embeddings_per_bank_and_model_version(settings: Settings, banks:
     [hit] = replica.search("model:1", vectors[1] + 0.01)
     assert (hit.bank, hit.item_id) == ("emb", "i1") and hit.cosine > 0.99
     assert replica.search("model:2", vectors[1]) == []  # another version's space is empty
-    assert banks.enabled_thresholds(["emb"]) == {"emb": None}
+    assert banks.enabled_policies(["emb"])["emb"].embedding_threshold is None
     banks.set_embedding_threshold("emb", 0.9)
-    assert banks.enabled_thresholds(["emb"]) == {"emb": 0.9}
+    assert banks.enabled_policies(["emb"])["emb"].embedding_threshold == 0.9
     banks.set_enabled("emb", False)
-    assert banks.enabled_thresholds(["emb"]) == {}
+    assert banks.enabled_policies(["emb"]) == {}
     banks.remove("emb")
     assert replica.search("model:1", vectors[1]) == []
 

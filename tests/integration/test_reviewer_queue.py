@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from services.common.audit import AuditLog
-from services.common.banks import HashBankStore
+from services.common.banks import HashBankStore, UploadSignals
 from services.common.config import Settings
 from services.common.errors import TransientError
 from services.common.kafka_io import AckedProducer, ensure_topics
@@ -330,9 +330,9 @@ def test_admin_settings_land_in_redis_for_the_moderator(client: redis.Redis, set
         hashes = {"hashes": [{"kind": "sha256", "value": "b" * 64}]}
         assert api.post("/api/admin/banks/known-bad/hashes", headers=h, json=hashes).status_code == 200
         store = HashBankStore(client, prefix)
-        assert store.match_names("b" * 64, None) == ["known-bad"]
+        assert [m.bank for m in store.match(UploadSignals(sha256="b" * 64))] == ["known-bad"]
         assert api.put("/api/admin/banks/known-bad", headers=h, json={"enabled": False}).status_code == 200
-        assert store.match_names("b" * 64, None) == []
+        assert [m.bank for m in store.match(UploadSignals(sha256="b" * 64))] == []
         assert api.delete("/api/admin/banks/known-bad", headers=h).status_code == 204
         assert store.all_banks() == []
 

@@ -200,10 +200,6 @@ class HashBankStore:
                 out[name] = BankPolicy(None if threshold is None else float(threshold), _action(meta))
         return out
 
-    def enabled_thresholds(self, names: list[str]) -> dict[str, float | None]:
-        """Enabled banks among ``names`` with their own embedding threshold (None: the version's default)."""
-        return {n: p.embedding_threshold for n, p in self.enabled_policies(names).items()}
-
     def remove(self, name: str) -> None:
         """Deletes the bank and every signal in it."""
         self.get(name)
@@ -412,10 +408,6 @@ class HashBankStore:
     def lookup(self, signal: Signal) -> list[BankMatch]:
         """One signal, as another service asks (HMA's lookup): the banks holding it or, for PDQ, a near one."""
         return self.match(UploadSignals(**{signal.kind: signal.value}))
-
-    def match_names(self, sha256: str, phash: str | None) -> list[str]:
-        """Enabled banks holding either exact hash (the pre-PDQ interface)."""
-        return [m.bank for m in self.match(UploadSignals(sha256=sha256, phash=phash))]
 
 
 def _action(meta: dict[str, Any]) -> BankAction:

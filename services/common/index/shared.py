@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 import uuid
@@ -190,7 +189,3 @@ class SharedRecentIndex:
         entries (a stream left by an earlier attempt would otherwise be replayed on top)."""
         self.store.client.delete(self.store.stream_key)
         self.store.write_snapshot(Snapshot(entries=entries, stream_id="0-0"))
-
-    def reload_jitter_s(self, base_s: float) -> float:
-        """Spread periodic reloads so that N replicas never hit Redis in the same instant."""
-        return base_s * (0.5 + random.random())
