@@ -169,6 +169,12 @@ class RedisIndexStore:
     def trim_before(self, stream_id: str) -> int:
         return int(self.client.xtrim(self.stream_key, minid=stream_id, approximate=False))
 
+    def stream_length(self) -> int:
+        return int(self.client.xlen(self.stream_key))
+
+    def clear_stream(self) -> None:
+        self.client.delete(self.stream_key)
+
     def acquire_compactor_lock(self, owner: str, ttl_s: int) -> bool:
         return bool(self.client.set(self.lock_key, owner, nx=True, ex=ttl_s))
 

@@ -14,7 +14,7 @@ import redis
 from numpy.typing import NDArray
 
 from services.common.errors import TransientError
-from services.common.index.base import IndexEntry, Neighbour, Snapshot
+from services.common.index.base import IndexEntry, IndexStore, Neighbour, Snapshot
 from services.common.index.faiss_index import FaissVectorIndex
 from services.common.index.redis_store import RedisIndexStore
 
@@ -47,7 +47,7 @@ class SharedRecentIndex:
     ) -> None:
         self.model_version = model_version
         self.snapshot_every = snapshot_every
-        self.store = RedisIndexStore(client, prefix, model_version)
+        self.store: IndexStore = RedisIndexStore(client, prefix, model_version)
         self.local = FaissVectorIndex(dim, ivf_from=ivf_from, nprobe=nprobe)
         self.retention_s = retention_s
         self.stream_id = "0-0"
@@ -173,7 +173,7 @@ class SharedRecentIndex:
         if self.local.reindex_in_background():  # past SIEVE_INDEX_IVF_FROM
             log.info("index %s: training IVF for %d entries in the background", self.model_version, len(self))
         try:
-            if self.store.client.xlen(self.store.stream_key) >= self.snapshot_every:
+            if self.store.stream_length() >= self.snapshot_every:
                 self.compact()
         except redis.RedisError:
             pass
@@ -187,5 +187,5 @@ class SharedRecentIndex:
     def replace(self, entries: list[IndexEntry]) -> None:
         """A snapshot at stream position 0 and no stream: replicas that later open this version load exactly these
         entries (a stream left by an earlier attempt would otherwise be replayed on top)."""
-        self.store.client.delete(self.store.stream_key)
+        self.store.clear_stream()
         self.store.write_snapshot(Snapshot(entries=entries, stream_id="0-0"))
