@@ -146,12 +146,7 @@ class Pipeline:
         self.metrics = metrics or ModeratorMetrics()
         self.processed = ProcessedEvents(redis_client, settings.redis.key_prefix, settings.moderator.dedup_ttl_s)
         self.exact = ExactMatchStore(redis_client, settings.redis.key_prefix, settings.index.retention_s)
-        self.banks = HashBankStore(
-            redis_client,
-            settings.redis.key_prefix,
-            pdq_threshold=settings.banks.pdq_threshold,
-            sync_interval_s=settings.banks.sync_interval_s,
-        )
+        self.banks = HashBankStore.configured(redis_client, settings.redis.key_prefix, settings.banks)
         self.indexes: dict[str, RecentIndex] = {}
         self.selector = ReviewSelector(redis_client, settings.redis.key_prefix, settings.review)
         self.verifier = Verifier(settings.verify)

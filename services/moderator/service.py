@@ -22,6 +22,7 @@ from services.common.fetch import FetcherRegistry
 from services.common.health import HealthServer
 from services.common.inference import ImageModels, TritonModels
 from services.common.kafka_io import AckedProducer, consumer_config, ensure_topics
+from services.common.redis_client import connect
 from services.common.telemetry import inject_headers, tracer
 from services.moderator.metrics import ModeratorMetrics
 from services.moderator.pipeline import BatchOutput, Item, Pipeline
@@ -49,11 +50,7 @@ class Moderator:
         on_batch: Callable[[BatchOutput], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(
-            settings.redis.url.get_secret_value(),
-            socket_timeout=settings.redis.socket_timeout_s,
-            socket_connect_timeout=settings.redis.socket_timeout_s,
-        )
+        self.redis = connect(settings.redis)
         self.metrics = ModeratorMetrics()
         self.models = models or TritonModels(settings.triton, max_batch=64)
         self.pipeline = Pipeline(settings, self.models, self.redis, fetcher, self.metrics)

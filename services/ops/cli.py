@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import redis
-
 from services.common.audit import AuditLog
 from services.common.banks import HashBankStore, MalformedSignal, Signal, parse_signal
 from services.common.banks.exchange import FORMATS, ListFormat, guess_format, read_source
@@ -17,13 +15,14 @@ from services.common.banks.operations import BankOperations
 from services.common.banks.signals import SIGNAL_TYPES
 from services.common.banks.store import BANK_ACTIONS, Bank
 from services.common.config import Settings
+from services.common.redis_client import connect
 
 REJUDGE_LOCK_WAIT_S = 600.0  # one step of the reviewer's worker holds the bank's lock for at most this
 
 
 def _store(settings: Settings) -> HashBankStore:
-    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
-    return HashBankStore(client, settings.redis.key_prefix, settings.banks.pdq_threshold)
+    # Imports and re-embedding move large lists: a longer command timeout than the services', never none.
+    return HashBankStore.configured(connect(settings.redis, timeout_s=60.0), settings.redis.key_prefix, settings.banks)
 
 
 def _signal_args(values: list[str]) -> list[Signal]:
@@ -155,7 +154,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     if settings.index.backend != "faiss":
         print(f"the {settings.index.backend} backend keeps no snapshot: nothing to compact")
         return 0
-    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    client = connect(settings.redis, timeout_s=60.0)
     index = SharedRecentIndex(
         client, settings.redis.key_prefix, args.model_version, args.dim, settings.index.retention_s
     )

@@ -150,7 +150,7 @@ class AdminStore:
         self.settings = settings or Settings()
         self.bank_settings = banks or BankSettings()
         self.fetch_settings = fetch or FetchSettings()
-        self.bank_store = HashBankStore(client, key_prefix, self.bank_settings.pdq_threshold)
+        self.bank_store = HashBankStore.configured(client, key_prefix, self.bank_settings)
         self.models = models  # the served embedder, for the match API's near matches (None: hashes only)
         verifier = Verifier(self.settings.verify)
         self.resolver = ThresholdResolver(self.decision, self.bank_settings, client, key_prefix)

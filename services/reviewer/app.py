@@ -31,6 +31,7 @@ from services.common.banks.retro import RetroJudge, kafka_publisher
 from services.common.banks.signals import SignalType
 from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
+from services.common.redis_client import connect
 from services.common.schemas import FeedbackLabel, ReviewRequest
 from services.reviewer.admin import (
     BANK_NAME_PATTERN,
@@ -529,7 +530,6 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
 
 def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerServices:
     """The real thing: Redis queue and admin store, Kafka consumer and producer, file-root image source."""
-    import redis
 
     from services.common.audit import AuditLog
     from services.common.inference import TritonModels
@@ -539,12 +539,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
     from services.reviewer.metrics import ReviewerMetrics
     from services.reviewer.queue import ReviewIngestor, ReviewQueue
 
-    client = redis.Redis.from_url(
-        settings.redis.url.get_secret_value(),
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.socket_timeout_s,
-        health_check_interval=30,
-    )
+    client = connect(settings.redis)
     prefix = settings.redis.key_prefix
     queue = ReviewQueue(
         client,

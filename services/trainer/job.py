@@ -20,6 +20,7 @@ from services.common.errors import BadInput, TransientError
 from services.common.fetch import FetcherRegistry
 from services.common.imaging import decode_image
 from services.common.promotions import PromotionLedger
+from services.common.redis_client import connect
 from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_uri_key
 from services.trainer.admin_promotion import AdminPromotion
@@ -39,7 +40,7 @@ class RetrainingJob:
         self.store = FeedbackStore(self.cfg.workdir / "feedback")
         self.repo = ModelRepository(settings.stack.model_repo)
         self.log_path = self.cfg.workdir / "promotions.jsonl"
-        self.redis = redis.Redis.from_url(settings.redis.url.get_secret_value())
+        self.redis = connect(settings.redis, timeout_s=60.0)  # backfills write whole windows
         self.fetcher = FetcherRegistry(settings.fetch)
         self.stop = threading.Event()
         self._trained_at_count = self.store.count()
@@ -243,7 +244,7 @@ def status(settings: Settings) -> dict[str, Any]:
     history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     requests: list[dict[str, Any]] | str
     try:
-        client = redis.Redis.from_url(settings.redis.url.get_secret_value(), socket_connect_timeout=5)
+        client = connect(settings.redis)
         requests = [r.model_dump(mode="json") for r in PromotionLedger(client, settings.redis.key_prefix).recent(10)]
     except redis.RedisError as exc:
         requests = f"unavailable: {exc}"

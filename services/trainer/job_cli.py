@@ -25,11 +25,10 @@ def _cmd(args: argparse.Namespace) -> int:
     elif args.action == "status":
         print(json.dumps(status(settings), indent=2, default=str))
     elif args.action == "promotions":
-        import redis
-
+        from services.common.redis_client import connect
         from services.trainer.job import promotion_consumer
 
-        client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+        client = connect(settings.redis, timeout_s=60.0)
         done = promotion_consumer(settings, client).drain()
         print(json.dumps([r.model_dump(mode="json") for r in done], indent=2))
     elif args.action == "rollback":

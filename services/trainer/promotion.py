@@ -246,7 +246,7 @@ def reembed_banks(settings: Settings, client: redis.Redis, to_version: str, embe
     embedded = EmbeddingBanks(client, prefix)
     if to_version.rpartition(":")[0] not in embedded.models():
         return 0
-    names = [bank.name for bank in HashBankStore(client, prefix).all_banks()]
+    names = [bank.name for bank in HashBankStore.configured(client, prefix, settings.banks).all_banks()]
     count = embedded.banked_images(names)
     if count == 0:
         return 0

@@ -83,7 +83,7 @@ class RetroJudge:
         self.settings = settings
         self.prefix = settings.redis.key_prefix
         self.publish = publish
-        self.store = HashBankStore(client, self.prefix, settings.banks.pdq_threshold)
+        self.store = HashBankStore.configured(client, self.prefix, settings.banks)
         self.rule = BankEmbeddingRule(
             ThresholdResolver(settings.decision, settings.banks, client, self.prefix), Verifier(settings.verify)
         )

@@ -31,6 +31,7 @@ import redis
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.pdq_index import PdqIndex
 from services.common.banks.signals import Signal, SignalType
+from services.common.config import BankSettings
 from services.common.schemas import BankMatchEvidence
 
 HashKind = SignalType  # the name earlier callers used
@@ -123,6 +124,11 @@ class HashBankStore:
         self._cursor = "0-0"
         self._synced_at = 0.0
         self._lock = threading.RLock()  # the moderator matches from its infer-ahead thread too
+
+    @classmethod
+    def configured(cls, client: redis.Redis, prefix: str, banks: BankSettings) -> HashBankStore:
+        """The store as every service opens it: the configured PDQ distance and sync interval."""
+        return cls(client, prefix, banks.pdq_threshold, banks.sync_interval_s)
 
     # -- keys -------------------------------------------------------------------------------------------
 
