@@ -345,7 +345,9 @@ class HardFinetune:
         per_step = step_s + validate_s / cfg.validate_every
         return max(cfg.validate_every, done + int((0.95 * budget_s - spent_s) / per_step))
 
-    def run(self, time_budget_s: float | None = None) -> dict[str, Any]:
+    def run(self, time_budget_s: float | None = None, finish: bool = False) -> dict[str, Any]:
+        """Trains (or resumes) to the planned step; ``finish``: stop at the checkpoint's step and export the best
+        validated state (a run cut short by the clock keeps what it learned)."""
         began = time.monotonic()
         torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
@@ -390,6 +392,9 @@ class HardFinetune:
             opt.load_state_dict(state["optimizer"])
             queue.load(state["queue"])
             history, best, step = state["history"], state["best"], int(state["step"])
+            if finish:
+                cfg = self.cfg = replace(cfg, total_steps=step)
+                log(f"finishing at step {step}: the best validated state is step {best['step']}")
         else:
             self.curve.unlink(missing_ok=True)
             t0 = time.monotonic()
@@ -651,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--run-dir", default=str(RUN_DIR))
     parser.add_argument("--fresh", action="store_true", help="drop the checkpoint (cached views are kept)")
+    parser.add_argument("--finish", action="store_true", help="stop at the checkpoint and export the best state")
     parser.add_argument("--quick", action="store_true", help="24 originals and a small validation set")
     parser.add_argument("--ship", action="store_true", help="only: put the trained state through the gate and ship")
     parser.add_argument("--ship-version", type=int, default=None, help="default: the next free version number")
@@ -664,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     if args.fresh:
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    summary = HardFinetune(cfg, run_dir, quick=args.quick).run(args.time_budget)
+    summary = HardFinetune(cfg, run_dir, quick=args.quick).run(args.time_budget, finish=args.finish)
     print(json.dumps({k: summary[k] for k in ("served", "selected", "beats_served")}, indent=2))
     return 0
 
