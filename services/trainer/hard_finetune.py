@@ -59,7 +59,7 @@ from services.evaluation.hard_sources import VALIDATION_DISTRACTORS, SourceImage
 from services.evaluation.metrics import micro_ap, predictions
 from services.trainer.augment import HardAugment, flag_vector, limit_side, to_wire
 from services.trainer.export import export_torchscript, load_torchscript
-from services.trainer.train import MemoryQueue, info_nce, split_train_val
+from services.trainer.train import MemoryQueue, info_nce, momentum_update, split_train_val
 
 RUN_DIR = REPO_ROOT / "var" / "trainer" / "hard"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -498,8 +498,7 @@ class HardFinetune:
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         with torch.no_grad():
-            for pk, pq in zip(keys.parameters(), model.parameters(), strict=True):
-                pk.mul_(cfg.momentum).add_(pq.detach(), alpha=1.0 - cfg.momentum)
+            momentum_update(keys, model, cfg.momentum)
             queue.push(torch.cat([ka, kb]), torch.cat([ids, ids]))
             positive = (za * kb).sum(1).mean().item()
         return {

@@ -254,6 +254,13 @@ def info_nce(
     return (losses[0] + losses[1]) / 2
 
 
+def momentum_update(keys: torch.nn.Module, model: torch.nn.Module, momentum: float) -> None:
+    """The key network follows the trained one as an exponential moving average (MoCo's momentum encoder)."""
+    with torch.no_grad():
+        for pk, pq in zip(keys.parameters(), model.parameters(), strict=True):
+            pk.mul_(momentum).add_(pq.detach(), alpha=1.0 - momentum)
+
+
 # ------------------------------------------------------------------------------------------------ loop
 
 
@@ -450,8 +457,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         with torch.no_grad():
-            for pk, pq in zip(keys.parameters(), model.parameters(), strict=True):
-                pk.mul_(cfg.momentum).add_(pq.detach(), alpha=1.0 - cfg.momentum)
+            momentum_update(keys, model, cfg.momentum)
             queue.push(torch.cat([ka, kb]), torch.cat([ids, ids]))
             positive = (za * kb).sum(1).mean().item()
             scale = torch.sqrt(torch.abs(torch.linalg.det(ta[:, :, :2]))).mean().item()
