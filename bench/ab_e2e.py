@@ -15,12 +15,18 @@ def saturation(result: dict[str, Any]) -> dict[str, Any]:
 
 def off_then_on(variable: str, labels: tuple[str, str], quick: bool) -> dict[str, Any]:
     """``variable`` set to false, then true; the rest of the environment as it is."""
+    return one_then_other(variable, {labels[0]: "false", labels[1]: "true"}, quick)
+
+
+def one_then_other(variable: str, cases: dict[str, str], quick: bool) -> dict[str, Any]:
+    """The e2e stage once per value of ``variable`` (first case first), on one stack; ratio: second over first."""
+    labels = list(cases)
     stack = LocalStack()
     stack.start()
     runs: dict[str, dict[str, Any]] = {}
     previous = os.environ.get(variable)
     try:
-        for label, value in zip(labels, ("false", "true"), strict=True):
+        for label, value in cases.items():
             os.environ[variable] = value
             runs[label] = stage_e2e.run(quick=quick, stack=stack)
     finally:
@@ -33,6 +39,7 @@ def off_then_on(variable: str, labels: tuple[str, str], quick: bool) -> dict[str
     ratio = on["images_per_s"] / off["images_per_s"] if off["images_per_s"] else 0.0
     return {
         "variable": variable,
+        "cases": cases,
         "saturation_uploads_per_s": {"without": off["images_per_s"], "with": on["images_per_s"]},
         "throughput_ratio": round(ratio, 3),
         "runs": runs,

@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, ConsumerGroupState, ConsumerGroupTopicPart
 from confluent_kafka.admin import AdminClient
 from PIL import Image
 
+from bench.profile import Profiler
 from services.common.config import REPO_ROOT, Settings
 from services.common.kafka_io import RDKAFKA_LOG, ensure_topics
 from services.common.photos.build import load_photo_set
@@ -64,6 +65,7 @@ class StreamResult:
     rss_mb: dict[str, float] = field(default_factory=dict)
     cpu_cores: dict[str, float] = field(default_factory=dict)  # mean cores each process tree used while measured
     notes: list[str] = field(default_factory=list)
+    profile: dict[str, Any] | None = None  # bench.profile's summary, when SIEVE_BENCH_PROFILE is set
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -207,6 +209,9 @@ def run_stream(
     launched = time.monotonic()
     wait_for_group(settings, replicas, partitions=int(env["SIEVE_KAFKA_PARTITIONS"]), timeout_s=180)
     startup = time.monotonic() - launched
+    profiler = Profiler.from_env(label)
+    if profiler is not None:
+        profiler.start(procs[0].proc.pid)
     # Throughput is measured at steady state: the clock starts once every replica has joined and owns partitions.
     began = time.monotonic()
 
@@ -315,6 +320,7 @@ def run_stream(
     finally:
         duration = time.monotonic() - began
         stop.set()
+        profile = profiler.stop() if profiler is not None else None
         for p in procs:
             p.stop()
         consumer.close()
@@ -339,4 +345,5 @@ def run_stream(
             for k in cpu_last
             if cpu_last[k][0] > cpu_first[k][0]
         },
+        profile=profile,
     )

@@ -246,6 +246,8 @@ class ModeratorSettings(BaseSettings):
     retry_backoff_s: float = 0.5
     retry_backoff_max_s: float = 30.0
     fetch_workers: int = 8
+    # Processes for the CPU stages (decode-and-hash, verification); 0 runs them in this process.
+    worker_processes: int = 2
     dedup_ttl_s: int = 7 * 24 * 3600
     health_port: int = 0  # 0: no HTTP health endpoint (liveness /healthz, readiness /readyz)
 

@@ -13,6 +13,10 @@ class BadInput(Exception):
         self.kind = kind
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type[BadInput], tuple[ErrorKind, str]]:
+        # Raised in worker processes (the moderator's prepare pool): it must survive pickling.
+        return BadInput, (self.kind, self.detail)
+
 
 class TransientError(Exception):
     """A dependency (Triton, Redis, broker, an image host) failed; the work is retried with backoff."""
@@ -21,3 +25,6 @@ class TransientError(Exception):
         super().__init__(f"{dependency}: {detail}")
         self.dependency = dependency
         self.detail = detail
+
+    def __reduce__(self) -> tuple[type[TransientError], tuple[str, str]]:
+        return TransientError, (self.dependency, self.detail)

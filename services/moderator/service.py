@@ -100,6 +100,7 @@ class Moderator:
     def run(self, idle_exit_s: float | None = None) -> None:
         cfg = self.settings
         ensure_topics(cfg.kafka)
+        self.pipeline.workers.start()
         try:
             self.pipeline.banks.sync(force=True)  # the banks' PDQ index, before the first upload waits on it
         except redis.RedisError:

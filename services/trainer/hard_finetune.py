@@ -653,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="total steps (ignored when a budget is given)")
     parser.add_argument("--views", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--base-version", type=int, default=None, help="the served version to start from")
+    parser.add_argument("--frozen-until", type=int, default=None, help="features[:N] stay frozen (cached)")
+    parser.add_argument("--seed", type=int, default=None, help="augmentation seed (a new one draws new views)")
     parser.add_argument("--run-dir", default=str(RUN_DIR))
     parser.add_argument("--fresh", action="store_true", help="drop the checkpoint (cached views are kept)")
     parser.add_argument("--finish", action="store_true", help="stop at the checkpoint and export the best state")
@@ -664,7 +667,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(ship_through_gate(Path(args.run_dir), args.quick, args.ship_version), indent=2))
         return 0
     cfg = HardTuneConfig()
-    overrides = {"total_steps": args.steps, "views": args.views, "threads": args.threads}
+    overrides = {
+        "total_steps": args.steps,
+        "views": args.views,
+        "threads": args.threads,
+        "base_version": args.base_version,
+        "frozen_until": args.frozen_until,
+        "seed": args.seed,
+    }
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     run_dir = Path(args.run_dir)
     if args.fresh:

@@ -17,15 +17,16 @@ from skimage import data as skdata
 from services.common.banks import HashBankStore, Signal
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.rejudge import RejudgeRequests, RejudgeWorker
-from services.common.banks.retro import RetroJudge, kafka_publisher, remember_pdq
+from services.common.banks.retro import RetroJudge, kafka_publisher
 from services.common.config import Settings
+from services.common.exact_store import ExactMatchStore, KnownUpload
 from services.common.imaging import detail_view
 from services.common.index import IndexEntry, open_recent_index
 from services.common.kafka_io import ensure_topics
+from services.common.recent_pdq import RecentPdqLog
 from services.common.schemas import Action, Verdict
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verification import FeatureExtractor, FeatureStore, LocalFeatures
-from services.moderator.exact import ExactMatchStore, KnownUpload
 from services.reviewer.app import build_services, create_app
 from services.reviewer.settings import ReviewerSettings
 from tests.e2e.conftest import read_topic
@@ -53,7 +54,7 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     ExactMatchStore(client, prefix, ttl).remember("a" * 64, None, KnownUpload("up-bytes", "allow", VERSION, {}))
     pipe = client.pipeline()
     allowed = Verdict(upload_id="up-pdq", event_id="e", model_version=VERSION, action=Action.ALLOW)
-    remember_pdq(pipe, prefix, ttl, "up-pdq", pdq, allowed)
+    RecentPdqLog(client, prefix, ttl).append(pipe, "up-pdq", pdq, allowed.model_version, allowed.flags)
     for upload_id in ("up-bytes", "up-pdq", "up-embedding", "up-other", "up-lookalike", "up-copy"):
         pipe.set(upload_action_key(prefix, upload_id), "allow")
     pipe.execute()

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from services.common.banks.signals import Signal, pdq_hex
+from services.common.banks.signals import Signal
 from services.common.config import Settings
-from services.common.hashing import informative_phash, md5_hex, phash_hex, sha256_hex
-from services.common.imaging import DecodedImage, decode_image
-from services.common.verification import FeatureExtractor, LocalFeatures
+from services.common.hashing import informative_phash
+from services.common.prepared import PreparedImage, PrepareSpec, prepare_image
+from services.common.verification import LocalFeatures
 
 
 @dataclass(frozen=True)
@@ -28,36 +28,23 @@ class BankedImage:
         return self.signals[0].item_id
 
 
-def _decode(data: bytes, settings: Settings, detail_side: int) -> DecodedImage:
-    """Decoded exactly as the moderator decodes uploads, so a banked image's PDQ is what its re-uploads hash to."""
-    return decode_image(data, settings.decode, settings.triton.input_size, detail_side, pdq=True)
-
-
-def _signals(data: bytes, decoded: DecodedImage, settings: Settings, item_id: str) -> list[Signal]:
-    sha = sha256_hex(data)
-    item = item_id or sha[:16]
-    signals = [Signal("sha256", sha, item), Signal("md5", md5_hex(data), item)]
-    phash = phash_hex(decoded.pixels)
-    if informative_phash(phash):
-        signals.append(Signal("phash", phash, item))
-    assert decoded.pdq_view is not None
-    pdq, quality = pdq_hex(decoded.pdq_view)
-    if quality >= settings.banks.pdq_min_quality:
-        signals.append(Signal("pdq", pdq, item))
+def _signals(prepared: PreparedImage, item_id: str) -> list[Signal]:
+    item = item_id or prepared.sha256[:16]
+    signals = [Signal("sha256", prepared.sha256, item), Signal("md5", prepared.md5, item)]
+    if informative_phash(prepared.phash):
+        signals.append(Signal("phash", prepared.phash, item))
+    if prepared.pdq:
+        signals.append(Signal("pdq", prepared.pdq, item))
     return signals
 
 
 def image_signals(data: bytes, settings: Settings, item_id: str = "") -> list[Signal]:
     """sha256, md5, the 64-bit pHash (when informative) and PDQ (when its quality is enough to match on)."""
-    return _signals(data, _decode(data, settings, 0), settings, item_id)
+    return _signals(prepare_image(data, PrepareSpec.of(settings, keypoints=False)), item_id)
 
 
 def banked_image(data: bytes, settings: Settings, item_id: str = "") -> BankedImage:
-    """Everything banking an image needs, from one decode; keypoints on the same detail view as uploads'."""
-    verify = settings.verify
-    decoded = _decode(data, settings, verify.detail_side if verify.enabled else 0)
-    features = None
-    if decoded.detail is not None:
-        features = FeatureExtractor(verify.kind, verify.max_features).extract(decoded.detail)
-    pixels = np.ascontiguousarray(decoded.pixels, dtype=np.uint8)
-    return BankedImage(_signals(data, decoded, settings, item_id), pixels, features)
+    """Everything banking an image needs, from the moderator's own ``prepare_image``: the same decode, hashes
+    and keypoints an upload of it gets."""
+    prepared = prepare_image(data, PrepareSpec.of(settings))
+    return BankedImage(_signals(prepared, item_id), prepared.pixels, prepared.features)

@@ -2,9 +2,9 @@
 
 Recent uploads are found three ways, all bounded by the retention window:
 
-- exact: the exact-duplicate store (``<prefix>:exact:<sha256|phash>:<value>``) names the first upload of each hash;
-- PDQ: the moderator appends each decided upload's PDQ to ``<prefix>:recent:pdq`` (trimmed to the window); a run
-  builds a ``PdqIndex`` of those and searches it with each banked PDQ;
+- exact: the exact-duplicate store (``services.common.exact_store``) names the first upload of each hash;
+- PDQ: the moderator appends each decided upload's PDQ to the recent PDQ log (``services.common.recent_pdq``,
+  trimmed to the window); a run builds a ``PdqIndex`` of those and searches it with each banked PDQ;
 - embeddings: banked images' embeddings are searched in the shared recent-images index of their model version,
   and the neighbours verified with keypoints under the moderator's rule (``banks.near``).
 
@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import redis
 from redis.lock import Lock
@@ -35,25 +34,14 @@ from services.common.banks.signals import Signal
 from services.common.banks.store import BankAction, BankMatch, HashBankStore
 from services.common.config import Settings
 from services.common.errors import TransientError
+from services.common.exact_store import ExactMatchStore
+from services.common.recent_pdq import RecentPdqLog
 from services.common.schemas import Action, ReviewReason, ReviewRequest, Verdict
 from services.common.thresholds import ThresholdResolver
 from services.common.upload_keys import upload_action_key, upload_uri_key
 from services.common.verdicts import build_verdict, over_model, with_bank_action
 from services.common.verification import FeatureStore, QueryFeatures, Verifier
 from services.common.verification.shared_keypoints import SharedKeypointIndex
-
-
-def recent_pdq_key(prefix: str) -> str:
-    return f"{prefix}:recent:pdq"
-
-
-def remember_pdq(
-    pipe: redis.client.Pipeline, prefix: str, retention_s: int, upload_id: str, pdq: str, verdict: Verdict
-) -> None:
-    """Called by the moderator for each decided upload with a PDQ: what a later re-judge searches."""
-    fields = {"u": upload_id, "p": pdq, "m": verdict.model_version, "f": json.dumps(verdict.flags)}
-    minid = f"{int((time.time() - retention_s) * 1000)}-0"
-    pipe.xadd(recent_pdq_key(prefix), fields, minid=minid, approximate=True)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -88,6 +76,8 @@ class RetroJudge:
             ThresholdResolver(settings.decision, settings.banks, client, self.prefix), Verifier(settings.verify)
         )
         self.features = FeatureStore(client, self.prefix, settings.index.retention_s)
+        self.exact = ExactMatchStore(client, self.prefix, settings.index.retention_s)
+        self.recent = RecentPdqLog(client, self.prefix, settings.index.retention_s)
 
     def lock(self, bank: str, lock_s: float = 600.0) -> Lock:
         """Held around each ``run`` step: two processes (the reviewer's worker, ``sieve banks rejudge``) stepping
@@ -106,8 +96,8 @@ class RetroJudge:
     def run(self, bank: str, max_signals: int = 100_000, chunk: int = 1000) -> RetroProgress:
         self.store.get(bank)
         cursor = int(cast(bytes | None, self.client.hget(self._state_key(bank), "cursor")) or 0)
-        ordered = list(self._signals_after(bank, cursor))
-        total = int(self.client.hlen(f"{self.prefix}:bank:{bank}:signals"))
+        ordered = self.store.signals_after(bank, cursor)
+        total = self.store.signal_count(bank)
         recent = self._recent_pdq()
         progress = RetroProgress(bank, cursor, total, 0, 0, 0, False)
         searched = self._embedding_matches(bank)  # banked images not searched yet (few: every run looks)
@@ -125,33 +115,22 @@ class RetroJudge:
         progress.done = len(todo) == len(ordered)
         return progress
 
-    def _signals_after(self, bank: str, cursor: int) -> list[tuple[int, Signal]]:
-        out = []
-        for key, raw in self.client.hscan_iter(f"{self.prefix}:bank:{bank}:signals", count=5000):
-            seq = int(json.loads(raw)["seq"])
-            if seq > cursor:
-                kind, _, value = key.decode().partition(":")
-                out.append((seq, Signal(cast(Any, kind), value, json.loads(raw)["id"])))
-        return sorted(out, key=lambda r: r[0])
-
     def _exact_matches(self, bank: str, signals: list[Signal]) -> dict[str, tuple[_Recent, BankMatch]]:
-        wanted = [s for s in signals if s.kind in ("sha256", "phash")]
-        if not wanted:
-            return {}
-        raw = cast(list[bytes | None], self.client.mget([f"{self.prefix}:exact:{s.kind}:{s.value}" for s in wanted]))
         found: dict[str, tuple[_Recent, BankMatch]] = {}
-        for s, value in zip(wanted, raw, strict=True):
-            if value:
-                data = json.loads(value)
-                recent = _Recent(data["upload_id"], data["model_version"], data["flags"])
-                found.setdefault(recent.upload_id, (recent, BankMatch(bank, s.kind, 0, s.item_id, s.value)))
+        for kind in ("sha256", "phash"):
+            wanted = [s for s in signals if s.kind == kind]
+            first = self.exact.first_uploads(kind, [s.value for s in wanted])
+            for s in wanted:
+                known = first.get(s.value)
+                if known is not None:
+                    recent = _Recent(known.upload_id, known.model_version, known.flags)
+                    found.setdefault(recent.upload_id, (recent, BankMatch(bank, s.kind, 0, s.item_id, s.value)))
         return found
 
     def _recent_pdq(self) -> PdqIndex:
         index = PdqIndex(self.settings.banks.pdq_threshold)
-        for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(recent_pdq_key(self.prefix))):
-            meta = json.dumps([fields[b"m"].decode(), json.loads(fields[b"f"])])
-            index.add(fields[b"p"].decode(), fields[b"u"].decode(), meta)
+        for entry in self.recent.entries():
+            index.add(entry.pdq, entry.upload_id, json.dumps([entry.model_version, entry.flags]))
         return index
 
     def _pdq_matches(self, bank: str, recent: PdqIndex, signals: list[Signal]) -> dict[str, tuple[_Recent, BankMatch]]:

@@ -283,14 +283,23 @@ class HashBankStore:
 
     def signals(self, name: str, kind: SignalType | None = None) -> Iterator[Signal]:
         """The bank's signals in the order they were added."""
+        return (s for _, s in self.signals_after(name, -1, kind))
+
+    def signals_after(self, name: str, seq: int, kind: SignalType | None = None) -> list[tuple[int, Signal]]:
+        """(sequence number, signal) of the signals added after ``seq``, in the order they were added."""
         rows: list[tuple[int, Signal]] = []
         pattern = f"{kind}:*" if kind else "*"
         for key, raw in self.client.hscan_iter(self._signals_key(name), match=pattern, count=5000):
-            k, _, value = (key.decode() if isinstance(key, bytes) else str(key)).partition(":")
             record = json.loads(raw)
+            if int(record["seq"]) <= seq:
+                continue
+            k, _, value = (key.decode() if isinstance(key, bytes) else str(key)).partition(":")
             rows.append((int(record["seq"]), Signal(cast(SignalType, k), value, record["id"], record["meta"])))
         rows.sort(key=lambda r: r[0])
-        return (s for _, s in rows)
+        return rows
+
+    def signal_count(self, name: str) -> int:
+        return int(self.client.hlen(self._signals_key(name)))
 
     # -- PDQ index, kept in step with the log -------------------------------------------------------------
 

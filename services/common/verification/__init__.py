@@ -11,7 +11,7 @@ from services.common.verification.keypoint_index import KeypointHit, KeypointInd
 from services.common.verification.matching import GeometricMatch, Verification, count_inliers, fuse, match_geometry
 from services.common.verification.shared_keypoints import SharedKeypointIndex
 from services.common.verification.store import FeatureStore
-from services.common.verification.verifier import QueryFeatures, Verifier, rescored
+from services.common.verification.verifier import QueryFeatures, Verifier, rescored, verify_upload
 
 __all__ = [
     "FeatureExtractor",
@@ -29,4 +29,5 @@ __all__ = [
     "fuse",
     "match_geometry",
     "rescored",
+    "verify_upload",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,3 +129,25 @@ def rescored(neighbours: Sequence[Neighbour], verified: Sequence[Verification]) 
     fused = {v.upload_id: v.score for v in verified}
     out = [Neighbour(n.upload_id, fused.get(n.upload_id, n.score)) for n in neighbours]
     return sorted(out, key=lambda n: -n.score)
+
+
+_verifiers: dict[str, Verifier] = {}
+
+
+def verify_upload(
+    settings: VerificationSettings,
+    features: LocalFeatures,
+    detail: NDArray[np.uint8] | None,
+    neighbours: Sequence[Neighbour],
+    references: Mapping[str, LocalFeatures],
+) -> tuple[list[Verification], float]:
+    """One upload's candidates verified, and the milliseconds it took: plain data in and out, so it runs in a
+    worker process. Mirrored keypoints are extracted from ``detail`` only if a candidate needs them."""
+    began = time.perf_counter()
+    key = settings.model_dump_json()
+    verifier = _verifiers.get(key)
+    if verifier is None:
+        verifier = _verifiers[key] = Verifier(settings)
+    extract = verifier.extractor.extract_mirrored
+    query = QueryFeatures(features, (lambda: extract(detail)) if detail is not None else None)
+    return verifier.verify(query, neighbours, references), round((time.perf_counter() - began) * 1000.0, 3)

@@ -1,4 +1,7 @@
-"""Exact re-uploads skip the model: the first upload of each sha256 (and pHash) is remembered in Redis."""
+"""Exact re-uploads skip the model: the first upload of each sha256 (and pHash) is remembered in Redis.
+
+The one owner of ``<prefix>:exact:<sha256|phash>:<value>``: the moderator writes and reads it, re-judging reads it.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +32,15 @@ class ExactMatchStore:
         raw = cast(list[bytes | None], self.client.mget(keys))
         for value, kind in zip(raw, ("sha256", "phash"), strict=False):
             if value:
-                data = json.loads(value)
-                return KnownUpload(data["upload_id"], data["action"], data["model_version"], data["flags"]), kind
+                return _known(value), kind
         return None
+
+    def first_uploads(self, kind: str, values: list[str]) -> dict[str, KnownUpload]:
+        """value -> the first upload with that hash (``kind``: sha256 or phash), for the values remembered."""
+        if not values:
+            return {}
+        raw = cast(list[bytes | None], self.client.mget([f"{self.prefix}:{kind}:{v}" for v in values]))
+        return {v: _known(value) for v, value in zip(values, raw, strict=True) if value}
 
     def remember(self, sha256: str, phash: str | None, known: KnownUpload) -> None:
         """First writer wins (NX): a later identical upload always points at the original."""
@@ -41,3 +50,8 @@ class ExactMatchStore:
         if phash:
             pipe.set(f"{self.prefix}:phash:{phash}", value, nx=True, ex=self.ttl_s)
         pipe.execute()
+
+
+def _known(value: bytes) -> KnownUpload:
+    data = json.loads(value)
+    return KnownUpload(data["upload_id"], data["action"], data["model_version"], data["flags"])
