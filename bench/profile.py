@@ -20,7 +20,7 @@ from typing import Any
 
 ENV = "SIEVE_BENCH_PROFILE"
 _STAGE = re.compile(r"services/moderator/stages/(intake|prepare|fast_path|infer|candidates|verify|assemble|commit)\.py")
-# In the worker processes no stage module is on the stack: their entry points name the stage.
+# In worker processes no stage module is on the stack: the pure functions they run name the stage.
 _WORKER_ENTRY = {"prepare_image": "prepare", "verify_upload": "verify"}
 _FRAME = re.compile(r"^(?P<func>[^ ]+) \((?P<file>[^:]+)(?::\d+)?\)$")
 
@@ -74,8 +74,10 @@ def summarise(path: Path, top: int = 20) -> dict[str, Any]:
         n = int(count)
         total += n
         frames = stack.split(";")
-        processes[frames[0][:60]] += n
-        names = [_name(f) for f in frames[1:]]
+        markers = [f for f in frames if f.startswith("process ")]  # one per process, parent first
+        processes[_process(markers[-1]) if markers else "?"] += n
+        frames = [f for f in frames if not f.startswith("process ")]
+        names = [_name(f) for f in frames]
         if names:
             self_time[names[-1]] += n
         for name in set(names):
@@ -85,7 +87,7 @@ def summarise(path: Path, top: int = 20) -> dict[str, Any]:
             m = _STAGE.search(f)
             entry = _WORKER_ENTRY.get(_name(f).split(" ", 1)[0])
             if m or entry:
-                stage = m.group(1) if m else f"{entry} (worker process)"
+                stage = m.group(1) if m else f"{entry}: {_name(f).split(' ', 1)[0]}"
                 break
         stages[stage] += n
 
@@ -99,6 +101,11 @@ def summarise(path: Path, top: int = 20) -> dict[str, Any]:
         "top_self": share(self_time),
         "top_inclusive": share(inclusive),
     }
+
+
+def _process(marker: str) -> str:
+    """The process's role, not its pid: the moderator itself or one of its spawned workers."""
+    return "worker process" if "multiprocessing" in marker else marker.split(":", 1)[-1].strip('"')[:80]
 
 
 def _name(frame: str) -> str:

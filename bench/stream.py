@@ -209,7 +209,7 @@ def run_stream(
     launched = time.monotonic()
     wait_for_group(settings, replicas, partitions=int(env["SIEVE_KAFKA_PARTITIONS"]), timeout_s=180)
     startup = time.monotonic() - launched
-    profiler = Profiler.from_env(label)
+    profiler = Profiler.from_env(ns)
     if profiler is not None:
         profiler.start(procs[0].proc.pid)
     # Throughput is measured at steady state: the clock starts once every replica has joined and owns partitions.

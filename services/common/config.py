@@ -246,8 +246,10 @@ class ModeratorSettings(BaseSettings):
     retry_backoff_s: float = 0.5
     retry_backoff_max_s: float = 30.0
     fetch_workers: int = 8
-    # Processes for the CPU stages (decode-and-hash, verification); 0 runs them in this process.
-    worker_processes: int = 2
+    # Processes for the CPU stages (decode-and-hash, verification); 0 runs them in this process. On two cores
+    # shared with Triton, two workers measured 0.99x of in-process (bench/results/worker_processes.json): the
+    # cores, not the GIL, are the limit there. Give them to replicas with cores to spare.
+    worker_processes: int = 0
     dedup_ttl_s: int = 7 * 24 * 3600
     health_port: int = 0  # 0: no HTTP health endpoint (liveness /healthz, readiness /readyz)
 
