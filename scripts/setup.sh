@@ -3,8 +3,9 @@
 #   scripts/setup.sh          what `make run` (`sieve demo`) needs: Redis and Java (Debian packages), the Python
 #                             environment with the project's own dependencies, the Kafka broker's jars (Maven
 #                             Central) and the real-photo set (Debian packages and scikit-image)
-#   scripts/setup.sh --test   that, plus what only the tests, linters and benchmarks need (`make test`): the dev
-#                             extras, Debian's Chromium, the helm CLI, the benchmark-only packages, the Milvus server
+#   scripts/setup.sh --test   that, plus training and what only the tests, linters and benchmarks need (`make test`):
+#                             the train (torch) and dev extras, Debian's Chromium, the helm CLI, the
+#                             benchmark-only packages, the Milvus server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,8 +55,8 @@ if ((TEST)); then
   bash scripts/install_browser.sh # Debian's Chromium, for the reviewer page's browser test
   test_stamp=".venv/.sieve-test-installed-$hash"
   if [ ! -f "$test_stamp" ]; then
-    echo "[setup] adding the test, lint and benchmark tools to .venv (the dev extras)"
-    .venv/bin/pip install -q -e ".[dev]"
+    echo "[setup] adding training (torch) and the test, lint and benchmark tools to .venv (the train and dev extras)"
+    .venv/bin/pip install -q -e ".[dev,train]"
     # bench/dedup_compare.py loads only imagededup's hashing module; its package metadata pulls torchvision.
     .venv/bin/pip install -q --no-deps "imagededup==0.3.3.post2"
     # bench/hard_edits.py runs SSCD as the peer to beat, from this package unmodified (benchmark only: its licence

@@ -171,10 +171,23 @@ def _register_plugin(module: str, sub: argparse._SubParsersAction[argparse.Argum
     importlib.import_module(module).add_subcommands(sub)
 
 
+TRAIN_EXTRA_HINT = (
+    "sieve {command} needs torch, which the serving install leaves out: pip install -e '.[train]' "
+    "(make setup-test installs it; in containers, the trainer image has it)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        words = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")]
+        print(TRAIN_EXTRA_HINT.format(command=words[0] if words else "this command"), file=sys.stderr)
+        return 3
     return result
 
 

@@ -8,6 +8,7 @@ bytes are served only when they decode as an allowed image format (a text file u
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import io
 from collections.abc import Callable
 from typing import Any
@@ -38,17 +39,31 @@ class ImageRefused(Exception):
 
 
 def load_view_function(spec: str) -> Callable[..., Any] | None:
-    """``"package.module:function"`` -> the function; empty -> None (the page hides that view).
+    """``"package.module:function"`` -> the function, imported on its first call; empty -> None (the page hides
+    that view).
 
-    A setting rather than an import, so the reviewer runs without torch when the views are switched off.
+    The default views draw with torch (the STN's warp, Grad-CAM), which the serving image leaves out: the reviewer
+    starts without it, and a view asked for where torch is missing answers 501 saying what to install.
     """
     if not spec:
         return None
     module_name, _, attr = spec.partition(":")
-    fn = getattr(importlib.import_module(module_name), attr)
-    if not callable(fn):
-        raise TypeError(f"{spec} is not callable")
-    return fn  # type: ignore[no-any-return]
+    if importlib.util.find_spec(module_name) is None:
+        raise ModuleNotFoundError(f"{spec}: no module {module_name}")
+    loaded: list[Callable[..., Any]] = []
+
+    def view(*args: Any) -> Any:
+        if not loaded:
+            try:
+                fn = getattr(importlib.import_module(module_name), attr)
+            except ModuleNotFoundError as exc:
+                raise ImageRefused(501, f"this view needs {exc.name}: pip install 'sieve[train]'") from exc
+            if not callable(fn):
+                raise TypeError(f"{spec} is not callable")
+            loaded.append(fn)
+        return loaded[0](*args)
+
+    return view
 
 
 def load_aligned_view(spec: str) -> AlignedView | None:

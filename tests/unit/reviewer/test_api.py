@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from services.common.config import DecodeSettings, FetchSettings
 from services.reviewer.app import ReviewerServices, create_app
-from services.reviewer.images import AlignedView, ImageSource, load_aligned_view
+from services.reviewer.images import AlignedView, ImageRefused, ImageSource, load_aligned_view
 from services.reviewer.labels import InvalidLabel, LabelBody, build_label, label_kind
 from services.reviewer.settings import ReviewerSettings
 from tests.unit.reviewer.fakes import (
@@ -180,9 +180,22 @@ def test_aligned_view_is_204_when_the_model_has_no_spatial_transformer(tmp_path:
         assert res.status_code == 204 and res.content == b""
 
 
-def test_aligned_view_setting_loads_a_dotted_function() -> None:
+def test_aligned_view_setting_loads_a_dotted_function_on_first_use() -> None:
     assert load_aligned_view("") is None
-    assert load_aligned_view("tests.unit.reviewer.fakes:fake_aligned_view") is fake_aligned_view
+    view = load_aligned_view("tests.unit.reviewer.fakes:fake_aligned_view")
+    png = io.BytesIO()
+    Image.new("RGB", (4, 2), (9, 8, 7)).save(png, "PNG")
+    assert view is not None and view(png.getvalue()) == fake_aligned_view(png.getvalue())
+    with pytest.raises(ModuleNotFoundError):
+        load_aligned_view("tests.unit.reviewer.no_such_module:view")  # a misspelt setting fails at start
+
+
+def test_a_view_whose_package_is_missing_answers_501_saying_what_to_install() -> None:
+    view = load_aligned_view("tests.unit.reviewer.view_needing_a_missing_package:view")  # starts fine
+    assert view is not None
+    with pytest.raises(ImageRefused) as refused:
+        view(b"x")
+    assert refused.value.status == 501 and "sieve[train]" in refused.value.detail
 
 
 def test_item_view_shows_reason_scores_and_ranked_neighbours(client: TestClient) -> None:

@@ -1,0 +1,85 @@
+"""The main job runs without torch: serving and moderating must not import it (issue 28's guard).
+
+Each entry point runs in a fresh interpreter that imports what its command imports, builds the objects that need
+no server (the moderator's pipeline stages, the reviewer's app, the demo's samples), prepares an image through the
+moderator's own decode-and-hash function and a worker process, and then reports whether ``torch`` was imported.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from services.common.config import REPO_ROOT
+
+PROGRAMS = {
+    "moderator": """
+import io, numpy as np
+from PIL import Image
+from services.common.config import Settings
+from services.common.prepared import PrepareSpec, prepare_image
+from services.common.inference import TritonModels
+from services.moderator.service import Moderator
+from services.moderator.stages.workers import Workers
+buf = io.BytesIO(); Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)).save(buf, "PNG")
+spec = PrepareSpec.of(Settings())
+prepare_image(buf.getvalue(), spec)
+workers = Workers(1)
+workers.call(prepare_image, buf.getvalue(), spec)
+workers.close()
+""",
+    "reviewer": """
+from services.common.config import Settings
+from services.reviewer.app import build_services, create_app
+from services.reviewer.settings import ReviewerSettings
+rsettings = ReviewerSettings()
+create_app(rsettings, build_services(Settings(), rsettings))  # clients only: nothing connects until used
+""",
+    "demo": """
+import services.demo.run
+import services.demo.samples
+""",
+}
+
+
+@pytest.mark.parametrize("entry", sorted(PROGRAMS))
+def test_entry_point_does_not_import_torch(entry: str) -> None:
+    report = "import sys, json\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))"
+    program = PROGRAMS[entry] + "\n" + report + "\n"
+    wrapped = "if __name__ == '__main__':\n" + "\n".join("    " + line for line in program.splitlines())
+    done = subprocess.run(
+        [sys.executable, "-c", wrapped], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [], f"{entry} imported torch"
+
+
+WITHOUT_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+sys.meta_path.insert(0, NoTorch())
+from services.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_torch_command_without_torch_says_what_to_install(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / name)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "explain", str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "sieve explain needs torch" in done.stderr and "[train]" in done.stderr
+    assert "Traceback" not in done.stderr
