@@ -108,6 +108,10 @@ class ReviewRequest(_Strict):
     scores: dict[str, float] = Field(default_factory=dict)
     neighbours: list[DuplicateMatch] = Field(default_factory=list)
     model_version: str
+    # What the reviewer is shown as evidence: the banks that sent it (which signal, how near) and the neighbours'
+    # keypoint verification (inliers beside the score).
+    bank_matches: list[BankMatchEvidence] = Field(default_factory=list)
+    evidence: list[MatchEvidence] = Field(default_factory=list)
 
 
 class FeedbackLabel(_Strict):

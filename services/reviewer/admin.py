@@ -220,6 +220,12 @@ class AdminStore:
         """Raises KeyError for an unknown bank and BadInput for something that is not an allowed image."""
         return self.ops.add_images(name, images, actor)
 
+    def banked_image(self, bank: str, item_id: str) -> bytes | None:
+        return self.ops.banked_image_png(bank, item_id)
+
+    def has_banked_image(self, bank: str, item_id: str) -> bool:
+        return self.ops.embeddings.has_pixels(bank, item_id)
+
     def set_bank_threshold(self, name: str, threshold: float | None, actor: str) -> dict[str, Any]:
         """Raises KeyError for an unknown bank."""
         return _bank_json(self.ops.set_threshold(name, threshold, actor))

@@ -87,6 +87,8 @@ class AdminAPI(Protocol):
     def put_bank(self, name: str, spec: BankSpec, actor: str) -> bool: ...
     def add_bank_hashes(self, name: str, body: BankHashes, actor: str) -> int: ...
     def add_bank_images(self, name: str, images: list[bytes], actor: str) -> dict[str, Any]: ...
+    def banked_image(self, bank: str, item_id: str) -> bytes | None: ...
+    def has_banked_image(self, bank: str, item_id: str) -> bool: ...
     def set_bank_threshold(self, name: str, threshold: float | None, actor: str) -> dict[str, Any]: ...
     def reembed_banks(self, names: list[str], actor: str) -> dict[str, Any]: ...
     def add_bank_signals(self, name: str, body: BankSignals, actor: str) -> dict[str, Any]: ...
@@ -144,6 +146,10 @@ def _item_view(item: QueueItem, neighbour_uris: dict[str, str], services: Review
             return None
         return f"/api/items/{quote(r.upload_id, safe='')}/explain?neighbour={quote(neighbour, safe='')}"
 
+    def banked_url(bank: str, item_id: str) -> str:
+        return f"/api/banks/{quote(bank, safe='')}/items/{quote(item_id, safe='')}/image"
+
+    verified = {e.upload_id: e for e in r.evidence}
     remaining = None
     if item.claim_expires_at_ms is not None:
         remaining = max(0.0, round(item.claim_expires_at_ms / 1000.0 - time.time(), 1))
@@ -164,8 +170,26 @@ def _item_view(item: QueueItem, neighbour_uris: dict[str, str], services: Review
                 "score": n.score,
                 "image_url": image_url(neighbour_uris.get(n.upload_id)),
                 "explain_url": explain_url(n.upload_id),
+                "inliers": verified[n.upload_id].inliers if n.upload_id in verified else None,
+                "cosine": verified[n.upload_id].cosine if n.upload_id in verified else None,
             }
             for n in sorted(r.neighbours, key=lambda n: -n.score)
+        ],
+        "banks": [
+            {
+                "bank": m.bank,
+                "action": m.action,
+                "signal_type": m.signal_type,
+                "distance": m.distance,
+                "score": m.score,
+                "inliers": m.inliers,
+                "item_id": m.item_id,
+                # Images banked as images keep their pixels; a list of hashes has nothing to show.
+                "image_url": banked_url(m.bank, m.item_id)
+                if services.admin.has_banked_image(m.bank, m.item_id)
+                else None,
+            }
+            for m in r.bank_matches
         ],
         "state": item.state,
         "claimed_by": item.claimed_by,
@@ -302,6 +326,14 @@ def create_app(rsettings: ReviewerSettings, services: ReviewerServices) -> FastA
         except ImageRefused as exc:
             raise HTTPException(exc.status, exc.detail) from exc
         return Response(data, media_type=mime, headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/banks/{bank}/items/{item_id}/image")
+    def banked_image(bank: BankName, item_id: UploadId, _principal: Reviewer) -> Response:
+        """The banked image an item matched, as it was banked, for the reviewer to compare."""
+        png = services.admin.banked_image(bank, item_id)
+        if png is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "banked as hashes only: no image")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     @app.get("/api/items/{upload_id}/aligned")
     def aligned(upload_id: UploadId, _principal: Reviewer) -> Response:

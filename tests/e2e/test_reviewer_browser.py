@@ -19,14 +19,24 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from PIL import Image
 
-from services.common.config import Settings
+from services.common.banks.embeddings import EmbeddingBanks
+from services.common.config import DecodeSettings, Settings
+from services.common.imaging import decode_image
 from services.common.kafka_io import AckedProducer, ensure_topics
 from services.common.photos.build import Manifest
-from services.common.schemas import DuplicateMatch, FeedbackLabel, ReviewReason, ReviewRequest
+from services.common.schemas import (
+    BankMatchEvidence,
+    DuplicateMatch,
+    FeedbackLabel,
+    MatchEvidence,
+    ReviewReason,
+    ReviewRequest,
+)
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.reviewer.queue import QueueKeys
 from tests.e2e.conftest import SIEVE, pick_photos, read_topic, write_photo
@@ -103,9 +113,10 @@ def reviewer_server(stack_env: dict[str, str], settings: Settings, tmp_path: Pat
     assert TOKEN not in log_path.read_text(errors="replace"), "the service logged a token"
 
 
-def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[ReviewRequest, ReviewRequest]:
-    """Two review requests over real photos: a near-duplicate with its original as top neighbour, and a flag."""
-    p1, p2, p3 = pick_photos(manifest, 3, seed=11)
+def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[ReviewRequest, ...]:
+    """Three review requests over real photos: a near-duplicate with its original as top neighbour (verified with
+    keypoints), a flag, and a near copy of an image banked in a watch list."""
+    p1, p2, p3, p4 = pick_photos(manifest, 4, seed=11)
     original = write_photo(manifest, p1, folder, "orig-0412")
     other = write_photo(manifest, p2, folder, "orig-0977")
     flagged = write_photo(manifest, p3, folder, "up-flag-0031")
@@ -117,6 +128,17 @@ def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[Review
     keys = QueueKeys(settings.redis.key_prefix)
     for uid, path in (("orig-0412", original), ("orig-0977", other)):
         client.set(keys.upload_uri(uid), path.as_uri())
+    # A watch-list bank holding an image (its model input kept, as `sieve banks add` keeps it), and an upload the
+    # moderator sent to review as a near copy of it.
+    banked = write_photo(manifest, p4, folder, "banked-0001")
+    pixels = decode_image(banked.read_bytes(), DecodeSettings(), 256).pixels
+    vector = np.ones((1, 8), dtype=np.float32)
+    EmbeddingBanks(client, settings.redis.key_prefix).add(
+        "watch-list", "sieve_embedder:2", ["banked-0001"], vector, pixels[None]
+    )
+    with Image.open(banked) as img:
+        near_copy = folder / "up-bank-0050.jpg"
+        near_copy.write_bytes(encode_jpeg(NEAR_DUPLICATES["crop90_jpeg50"](img.convert("RGB")), 85))
     client.close()
     duplicate = ReviewRequest(
         upload_id="up-copy-0007",
@@ -129,6 +151,7 @@ def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[Review
             DuplicateMatch(upload_id="orig-0977", score=0.41),
         ],
         model_version="sieve_embedder:2",
+        evidence=[MatchEvidence(upload_id="orig-0412", cosine=0.774, inliers=42, score=0.913)],
     )
     flag = ReviewRequest(
         upload_id="up-flag-0031",
@@ -139,11 +162,30 @@ def _plant(settings: Settings, manifest: Manifest, folder: Path) -> tuple[Review
         neighbours=[DuplicateMatch(upload_id="orig-0977", score=0.38)],
         model_version="sieve_embedder:2",
     )
+    watched = ReviewRequest(
+        upload_id="up-bank-0050",
+        image_uri=near_copy.as_uri(),
+        reason=ReviewReason.BANK_MATCH,
+        priority=0.3,
+        scores={"nsfw": 0.02, "safe": 0.9, "violence": 0.01, "spam": 0.01},
+        model_version="sieve_embedder:2",
+        bank_matches=[
+            BankMatchEvidence(
+                bank="watch-list",
+                signal_type="embedding",
+                distance=0.19,
+                item_id="banked-0001",
+                score=0.874,
+                inliers=37,
+                action="review",
+            )
+        ],
+    )
     producer = AckedProducer(settings.kafka)
-    for r in (duplicate, flag):
+    for r in (duplicate, flag, watched):
         producer.produce(settings.kafka.topic_review, r.upload_id, r.model_dump_json().encode())
     producer.flush(30)
-    return duplicate, flag
+    return duplicate, flag, watched
 
 
 def _publish_to_docs(shot: Path) -> None:
@@ -160,9 +202,9 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
         pytest.fail("no /usr/bin/chromium: run scripts/install_browser.sh")
     from playwright.sync_api import expect, sync_playwright
 
-    duplicate, flag = _plant(settings, photo_set, tmp_path)
+    duplicate, flag, watched = _plant(settings, photo_set, tmp_path)
     deadline = time.monotonic() + 60
-    while json.loads(_get(f"{reviewer_server}/api/queue/stats", TOKEN)[1] or b"{}").get("pending") != 2:
+    while json.loads(_get(f"{reviewer_server}/api/queue/stats", TOKEN)[1] or b"{}").get("pending") != 3:
         assert time.monotonic() < deadline, "the service did not ingest the review requests"
         time.sleep(0.3)
 
@@ -187,6 +229,9 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
             expect(page.locator("#item-id")).to_have_text(duplicate.upload_id)  # the highest priority first
             expect(page.locator(".nb")).to_have_count(2)
             expect(page.locator(".nb.top .id")).to_have_text("orig-0412")
+            expect(page.locator(".nb.top .inliers")).to_have_text("42 inliers")  # the keypoint evidence
+            expect(page.locator(".nb .inliers")).to_have_count(1)  # the other neighbour was not verified
+            expect(page.locator("#bank-evidence")).to_be_hidden()
             # The served version 2 has a spatial transformer: its canonical-pose view of the upload is shown.
             expect(page.locator("#aligned-fig")).to_be_visible()
             loaded = page.eval_on_selector_all(
@@ -213,16 +258,28 @@ def test_a_reviewer_labels_in_the_browser_and_the_label_reaches_kafka(
             page.wait_for_selector("body[data-item-loaded='true']")
             page.screenshot(path=str(tmp_path / "reviewer-second.png"), full_page=True)
             page.keyboard.press("2")  # the second category: nsfw
-            expect(page.locator("#empty")).to_be_visible(timeout=30_000)
+            expect(page.locator("#item-id")).to_have_text(watched.upload_id, timeout=30_000)
             expect(page.locator("#status")).to_contain_text("up-flag-0031 labelled: nsfw")
+            page.wait_for_selector("body[data-item-loaded='true']")
+            # Sent by a watch-list bank: which bank, by which signal, how near, and the banked image beside it.
+            expect(page.locator("#bank-evidence .bank")).to_have_count(1)
+            expect(page.locator("#bank-evidence .bank-head")).to_contain_text("watch-list")
+            expect(page.locator("#bank-evidence .bank-how")).to_have_text(
+                "embedding · score 0.874 · 37 inliers · item banked-0001"
+            )
+            banked = page.eval_on_selector(".bank-image", "e => e.complete ? [e.naturalWidth, e.naturalHeight] : []")
+            assert banked == [256, 256], banked  # the banked model input, served by the reviewer
+            page.screenshot(path=str(tmp_path / "reviewer-bank.png"), full_page=True)
+            page.keyboard.press("1")  # the first category: safe
+            expect(page.locator("#empty")).to_be_visible(timeout=30_000)
             page.screenshot(path=str(tmp_path / "reviewer-after.png"), full_page=True)
         finally:
             browser.close()
     assert problems == [], problems
 
-    records = read_topic(settings, settings.kafka.topic_feedback, expected=2, timeout_s=60)
+    records = read_topic(settings, settings.kafka.topic_feedback, expected=3, timeout_s=60)
     labels = {r["upload_id"]: FeedbackLabel.model_validate(r) for r in records}
-    assert len(records) == 2, records
+    assert len(records) == 3, records
     assert labels[duplicate.upload_id].duplicate_of == "orig-0412"
     # Everything the retraining job needs to make a training pair, with no further look-up.
     assert labels[duplicate.upload_id].image_uri == duplicate.image_uri

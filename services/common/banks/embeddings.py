@@ -164,6 +164,16 @@ class EmbeddingBanks:
                 count += len(chunk)
         return count
 
+    def pixels(self, bank: str, item_id: str) -> NDArray[np.uint8] | None:
+        """The model input a banked image was stored as (256 x 256 RGB), or None when it was banked as hashes."""
+        raw = cast(bytes | None, self.client.hget(self._pixels_key(bank), item_id))
+        if raw is None:
+            return None
+        return np.frombuffer(raw, dtype=np.uint8).reshape(256, 256, 3)
+
+    def has_pixels(self, bank: str, item_id: str) -> bool:
+        return bool(self.client.hexists(self._pixels_key(bank), item_id))
+
     def banked_images(self, banks: list[str]) -> int:
         """How many images (not hashes) these banks hold: what a re-embedding has to go through."""
         pipe = self.client.pipeline(transaction=False)

@@ -9,10 +9,12 @@ reviewer's worker steps it; ``sieve banks rejudge`` can step it by hand).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from services.common.audit import AuditLog
 from services.common.banks.embeddings import EmbeddingBanks
@@ -138,6 +140,15 @@ class BankOperations:
         text = export_list(self.store, name, fmt, kind)
         self.audit.record("bank_exported", actor, name, {"format": fmt, "rows": text.count("\n")})
         return text
+
+    def banked_image_png(self, name: str, item_id: str) -> bytes | None:
+        """What reviewers see of a banked item: the image as it was banked (the model's input), as PNG."""
+        pixels = self.embeddings.pixels(name, item_id)
+        if pixels is None:
+            return None
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "PNG")
+        return out.getvalue()
 
     def reembed(self, names: Sequence[str], actor: str) -> dict[str, Any]:
         """Every banked image of these banks embedded again by the served version (after a model change made

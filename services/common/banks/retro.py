@@ -250,6 +250,8 @@ def _review(verdict: Verdict, uri: bytes | None) -> ReviewRequest:
         priority=1.0,
         scores=verdict.flags,
         model_version=verdict.model_version,
+        bank_matches=verdict.bank_matches,
+        evidence=verdict.evidence,
     )
 
 

@@ -107,6 +107,8 @@ class Assembler:
                     scores=decision.flags,
                     neighbours=decision.neighbours,
                     model_version=model_version,
+                    bank_matches=outcome.evidence,
+                    evidence=checked.matches,
                 )
                 out.reviews.append((request, item.span))
 

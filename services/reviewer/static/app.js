@@ -7,7 +7,50 @@ const REASONS = {
   uncertain_flag: "A classifier score is inside the uncertainty band.",
   near_threshold_duplicate: "The closest match is near the duplicate threshold.",
   duplicate_classifier_disagreement: "The duplicate match and the classifier disagree.",
+  bank_match: "It matches an image in a watch-list bank.",
 };
+
+function bankDistance(m) {
+  if (m.signal_type === "embedding") {
+    const score = m.score == null ? (1 - m.distance).toFixed(3) : m.score.toFixed(3);
+    return "score " + score + (m.inliers == null ? "" : " · " + m.inliers + " inliers");
+  }
+  if (m.signal_type === "pdq") return m.distance + " bits apart";
+  return "identical " + m.signal_type;
+}
+
+function renderBanks(banks) {
+  const box = $("bank-evidence");
+  box.replaceChildren();
+  box.hidden = !banks.length;
+  const loads = [];
+  banks.forEach((m) => {
+    const row = document.createElement("div");
+    row.className = "bank";
+    row.dataset.bank = m.bank;
+    const head = document.createElement("div");
+    head.className = "bank-head";
+    const name = document.createElement("strong");
+    name.textContent = m.bank;
+    const action = document.createElement("span");
+    action.className = "badge bank-action";
+    action.textContent = m.action;
+    head.append(name, action);
+    const how = document.createElement("div");
+    how.className = "bank-how";
+    how.textContent = m.signal_type + " · " + bankDistance(m) + " · item " + m.item_id;
+    row.append(head, how);
+    if (m.image_url) {
+      const img = document.createElement("img");
+      img.className = "bank-image";
+      img.alt = "banked image " + m.item_id;
+      row.appendChild(img);
+      loads.push(showImage(img, m.image_url));
+    }
+    box.appendChild(row);
+  });
+  return loads;
+}
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
@@ -174,6 +217,13 @@ function renderNeighbours(neighbours) {
     num.textContent = n.score.toFixed(3);
     sim.append(num, meter(n.score));
     card.append(frame, id, sim);
+    if (n.inliers != null) {
+      const inliers = document.createElement("div");
+      inliers.className = "inliers";
+      inliers.title = "keypoints matched in one consistent geometry (cosine " + n.cosine.toFixed(3) + ")";
+      inliers.textContent = n.inliers + " inliers";
+      card.appendChild(inliers);
+    }
     if (i === 0) {
       const tag = document.createElement("div");
       tag.className = "tag";
@@ -229,7 +279,7 @@ async function renderItem(item) {
   const dupButton = document.querySelector('[data-action="duplicate"]');
   dupButton.disabled = !item.neighbours.length;
   document.querySelector('[data-action="not_duplicate"]').disabled = !item.neighbours.length;
-  const loads = renderNeighbours(item.neighbours);
+  const loads = renderNeighbours(item.neighbours).concat(renderBanks(item.banks || []));
   const upload = $("img-upload");
   $("upload-dims").textContent = "";
   loads.push(

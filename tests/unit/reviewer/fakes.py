@@ -96,6 +96,12 @@ class FakeAdmin:
     def thresholds(self) -> dict[str, Any]:
         return {"key": "k", "overrides": self.overrides, "effective": self.overrides}
 
+    def banked_image(self, bank: str, item_id: str) -> bytes | None:
+        return None
+
+    def has_banked_image(self, bank: str, item_id: str) -> bool:
+        return False
+
     def set_thresholds(self, overrides: ThresholdOverrides, actor: str) -> dict[str, Any]:
         self.overrides = overrides.model_dump(exclude_none=True)
         return self.thresholds()

@@ -206,3 +206,42 @@ def test_item_view_shows_reason_scores_and_ranked_neighbours(client: TestClient)
     assert 0 < item["claim_expires_in_s"] <= 60
     assert client.post("/api/items/up-1/release", headers=H).status_code == 200
     assert client.post("/api/items/up-1/release", headers=H).status_code == 409
+
+
+class _AdminWithOneBankedImage(FakeAdmin):
+    def banked_image(self, bank: str, item_id: str) -> bytes | None:
+        return _png() if (bank, item_id) == ("watch", "img-7") else None
+
+    def has_banked_image(self, bank: str, item_id: str) -> bool:
+        return (bank, item_id) == ("watch", "img-7")
+
+
+def test_item_view_shows_bank_evidence_and_keypoint_inliers(tmp_path: Path) -> None:
+    from services.common.schemas import BankMatchEvidence, MatchEvidence
+
+    request = make_request("up-9").model_copy(
+        update={
+            "evidence": [MatchEvidence(upload_id="nb-1", cosine=0.71, inliers=33, score=0.88)],
+            "bank_matches": [
+                BankMatchEvidence(
+                    bank="watch", signal_type="embedding", distance=0.2, item_id="img-7", action="review"
+                ),
+                BankMatchEvidence(bank="hashes", signal_type="pdq", distance=12, item_id="h-1", action="review"),
+            ],
+        }
+    )
+    queue = FakeQueue([request])
+    rsettings = ReviewerSettings(reviewer_tokens=[SecretStr(f"alice:{TOKEN}")])
+    images = ImageSource(FetchSettings(file_roots=[str(tmp_path)]), DecodeSettings())
+    services = ReviewerServices(queue, FakeLabeller(queue, rsettings.categories), _AdminWithOneBankedImage(), images)
+    with TestClient(create_app(rsettings, services)) as c:
+        item = c.post("/api/claim", headers=H).json()["item"]
+        inliers = {n["upload_id"]: n["inliers"] for n in item["neighbours"]}
+        assert inliers == {"nb-1": 33, "nb-2": None}
+        banks = {b["bank"]: b for b in item["banks"]}
+        assert banks["watch"]["signal_type"] == "embedding" and banks["hashes"]["distance"] == 12
+        assert banks["hashes"]["image_url"] is None  # banked as hashes: nothing to show
+        shown = c.get(banks["watch"]["image_url"], headers=H)
+        assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
+        assert c.get("/api/banks/hashes/items/h-1/image", headers=H).status_code == 404
+        assert c.get(banks["watch"]["image_url"]).status_code == 401  # reviewers only
