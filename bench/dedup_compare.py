@@ -217,7 +217,7 @@ def build_compare_set(folder: Path, originals: int, max_distractors: int | None 
 def _components(nodes: list[str], pairs: list[tuple[str, str]]) -> list[list[str]]:
     """Connected components of the match graph, the same grouping for every method (size >= 2 only).
 
-    Written here rather than imported from services.batch.dedup, so that a hash method's child process does
+    Written here rather than imported from services.tools.dedup, so that a hash method's child process does
     not import torch and its peak RSS is its own.
     """
     parent = {n: n for n in nodes}
@@ -267,8 +267,8 @@ def run_method(method: str, folder: Path, work: Path, repo: Path | None = None) 
     began = time.perf_counter()
     info: dict[str, Any] = {}
     if method == "sieve":
-        from services.batch.dedup import DedupOptions, default_near, run_dedup
         from services.evaluation.embed import ServedEmbedder
+        from services.tools.dedup import DedupOptions, default_near, run_dedup
 
         embedder = ServedEmbedder.in_process(repo) if repo is not None else ServedEmbedder.connect()
         near, near_source = default_near(embedder.model_version, repo)
@@ -650,7 +650,7 @@ def _graph_child(count: int, dim: int, out: Path) -> int:
     0.99 to their group's centre), shard files of 1024 as the real run writes them. Embedding 100k real images on
     these shared cores would take hours; this measures the part whose cost grows quadratically.
     """
-    from services.batch.dedup import FileEntry, ShardCache, ShardRows, build_graph, make_clusters
+    from services.tools.dedup import FileEntry, ShardCache, ShardRows, build_graph, make_clusters
 
     rng = np.random.default_rng(11)
     folder = WORK / f"dedup-graph-{count}-{dim}"

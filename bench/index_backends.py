@@ -7,7 +7,7 @@ One LocalStack(index="milvus") (Kafka, Redis, Triton and one Milvus standalone s
 each size, each backend is driven through the product's own ``RecentIndex`` classes, as the moderator drives them:
 
 - **insert**: ``add`` of the window in bulk (10k rows a call), then the last rows in moderator-sized batches (32 a
-  call) into the index that is already built, as in steady state. FAISS is ``SharedRecentIndex.add`` (local
+  call) into the index that is already built, as in steady state. FAISS is ``FaissRedisIndex.add`` (local
   FAISS, the Redis stream append and the read-back of the stream); Milvus is ``MilvusRecentIndex.add`` (upserts).
 - **index build** (reported apart from the insert): FAISS trains its IVF (``FaissVectorIndex.reindex``, the job
   the moderator's ``maintain`` starts past SIEVE_INDEX_IVF_FROM) and compacts the stream into a snapshot; Milvus
@@ -63,8 +63,8 @@ from bench.common import (
 from services.common.config import DecisionSettings, IndexSettings, MilvusSettings, Settings
 from services.common.index import RecentIndex, open_recent_index
 from services.common.index.base import IndexEntry, Neighbour
+from services.common.index.faiss_redis import FaissRedisIndex
 from services.common.index.redis_store import RedisIndexStore
-from services.common.index.shared import SharedRecentIndex
 from services.common.stack import LocalStack
 
 MODEL_VERSION = "sieve_embedder:2"  # the served embedder (model_repo/sieve_embedder/2), as the moderator names it
@@ -433,7 +433,7 @@ def faiss_case(case: Case, client: redis.Redis, redis_pid: int, say: Progress) -
     rss0 = rss_bytes()
     redis0 = rss_tree(redis_pid)
     index = product_index(client, prefix, "faiss")
-    assert isinstance(index, SharedRecentIndex)
+    assert isinstance(index, FaissRedisIndex)
     index.sync()
     say(f"faiss {case.n:,}: bulk insert")
     bulk = fill(index.add, case.window, 0, case.n - case.moderator_rows, BULK_ROWS, say)
@@ -909,7 +909,7 @@ def _notes() -> list[str]:
         "and the searches compete with whatever else runs (load_during_run).",
         "insert_moderator_batches: the last rows of the window, 32 per add(), into the index already built; for "
         "Milvus they land in a growing segment, which is how the steady state looks between seals.",
-        "replica_index_rss_growth_mib: this process's RSS growth while holding the SharedRecentIndex (FAISS IVF "
+        "replica_index_rss_growth_mib: this process's RSS growth while holding the FaissRedisIndex (FAISS IVF "
         "vectors + per-entry Python objects), after the build; allocator reuse makes it approximate.",
     ]
 

@@ -86,7 +86,7 @@ def _classifier_scores(pixels: NDArray[np.uint8], use: bool, notes: list[str]) -
     """The served classifier's nsfw scores (they can send items to review too); empty when unavailable."""
     if use:
         try:
-            from services.batch.explain import open_nsfw_scores
+            from services.tools.explain import open_nsfw_scores
 
             scores = open_nsfw_scores(pixels)
             return [{"nsfw": float(s)} for s in scores[:, 0]]

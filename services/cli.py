@@ -157,7 +157,7 @@ PLUGIN_MODULES = (
     "services.trainer.job_cli",
     "services.evaluation.cli",
     "services.reviewer.cli",
-    "services.batch.cli",
+    "services.tools.cli",
     "services.ops.cli",
 )
 

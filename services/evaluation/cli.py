@@ -23,8 +23,8 @@ def _log(message: str) -> None:
 def _served_threshold(model_version: str) -> tuple[float, str]:
     """The threshold the moderator applies to this version (or the version's card where no configuration lists
     it), so folder metrics describe the decisions production would make."""
-    from services.batch.dedup import default_near
     from services.evaluation.embed import EMBEDDER_REPO
+    from services.tools.dedup import default_near
 
     return default_near(model_version, EMBEDDER_REPO)
 

@@ -110,9 +110,9 @@ def _cmd_banks(args: argparse.Namespace) -> int:
 
 def _rejudge(store: HashBankStore, settings: Settings, args: argparse.Namespace, name: str, until_done: bool) -> None:
     """Re-verdicts recent uploads matching what the bank gained since the last run, printing progress per step."""
-    from services.common.banks.retro import RetroJudge, kafka_publisher
+    from services.common.banks.rejudging import Rejudger, kafka_publisher
 
-    judge = RetroJudge(store.client, settings, kafka_publisher(settings))
+    judge = Rejudger(store.client, settings, kafka_publisher(settings))
     while True:
         lock = judge.lock(name)
         if not lock.acquire(blocking=True, blocking_timeout=REJUDGE_LOCK_WAIT_S):
@@ -148,16 +148,14 @@ def _import(store: HashBankStore, settings: Settings, ops: BankOperations, args:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from services.common.index import SharedRecentIndex
+    from services.common.index import FaissRedisIndex
 
     settings = Settings()
     if settings.index.backend != "faiss":
         print(f"the {settings.index.backend} backend keeps no snapshot: nothing to compact")
         return 0
     client = connect(settings.redis, timeout_s=60.0)
-    index = SharedRecentIndex(
-        client, settings.redis.key_prefix, args.model_version, args.dim, settings.index.retention_s
-    )
+    index = FaissRedisIndex(client, settings.redis.key_prefix, args.model_version, args.dim, settings.index.retention_s)
     kept = index.compact()
     print("another replica holds the compactor lock" if kept is None else f"snapshot written: {kept} entries")
     return 0

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from services.common.banks import MalformedSignal
 from services.common.banks.exchange import ListFormat
 from services.common.banks.rejudge import RejudgeWorker
-from services.common.banks.retro import RetroJudge, kafka_publisher
+from services.common.banks.rejudging import Rejudger, kafka_publisher
 from services.common.banks.signals import SignalType
 from services.common.config import Settings
 from services.common.errors import BadInput, TransientError
@@ -613,7 +613,7 @@ def build_services(settings: Settings, rsettings: ReviewerSettings) -> ReviewerS
             load_explain_view(rsettings.explain_view),
         ),
         ingestor=ingestor,
-        rejudger=RejudgeWorker(RetroJudge(client, settings, kafka_publisher(settings)), rsettings.rejudge_max_signals),
+        rejudger=RejudgeWorker(Rejudger(client, settings, kafka_publisher(settings)), rsettings.rejudge_max_signals),
         on_label=lambda label, role: metrics.labels.add(1, {"kind": label_kind(label), "role": role}),
         on_claim=lambda: metrics.claims.add(1),
     )

@@ -64,9 +64,9 @@ class ReviewerSettings(BaseSettings):
     audit_file: Path | None = None
     # "module:function" turning image bytes into a PNG of the spatial transformer's aligned view (None when the
     # served version has no STN); empty: the page shows no aligned view and the reviewer never imports torch.
-    aligned_view: str = "services.batch.explain:aligned_png"
+    aligned_view: str = "services.tools.explain:aligned_png"
     # "module:function" turning (upload bytes, neighbour bytes) into a PNG of why they match; empty: none.
-    explain_view: str = "services.batch.explain:explanation_png"
+    explain_view: str = "services.tools.explain:explanation_png"
     # Banked signals searched per re-judging step (admin API imports and adds): each step records its progress.
     rejudge_max_signals: int = Field(default=100_000, ge=1)
     publish_timeout_s: float = 30.0

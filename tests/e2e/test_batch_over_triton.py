@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.batch.dedup import DedupOptions, default_near, run_dedup
-from services.batch.explain import explain
 from services.common.config import DecodeSettings, Settings
 from services.common.imaging import decode_image
 from services.common.photos.build import load_photo_set
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import ServedEmbedder
+from services.tools.dedup import DedupOptions, default_near, run_dedup
+from services.tools.explain import explain
 from tests.thresholds import expected_threshold
 
 

@@ -18,11 +18,11 @@ import pytest
 from numpy.typing import NDArray
 from PIL import Image
 
-from services.batch.dedup import DedupOptions, default_near, run_dedup
 from services.cli import main as sieve
 from services.common.photos.build import PhotoRecord, load_photo_set
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import ServedEmbedder
+from services.tools.dedup import DedupOptions, default_near, run_dedup
 from tests.thresholds import expected_threshold
 
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from services.batch.explain import dissect, explain, pair_evidence
 from services.cli import main as sieve
 from services.common.config import DecodeSettings
 from services.common.imaging import decode_image
 from services.common.photos.build import load_photo_set
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_version
+from services.tools.explain import dissect, explain, pair_evidence
 from tests.thresholds import expected_threshold
 
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from services.common.config import Settings
-from services.common.index import IndexEntry, SharedRecentIndex
+from services.common.index import FaissRedisIndex, IndexEntry
 from services.common.index.base import Snapshot
 from services.common.index.redis_store import RedisIndexStore
 from services.common.stack import LocalStack
@@ -25,8 +25,8 @@ def client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis.url.get_secret_value())
 
 
-def _replica(client: redis.Redis, settings: Settings, version: str = "emb:1") -> SharedRecentIndex:
-    return SharedRecentIndex(client, settings.redis.key_prefix, version, 32, retention_s=3600)
+def _replica(client: redis.Redis, settings: Settings, version: str = "emb:1") -> FaissRedisIndex:
+    return FaissRedisIndex(client, settings.redis.key_prefix, version, 32, retention_s=3600)
 
 
 def test_second_replica_sees_first_replicas_additions(client: redis.Redis, settings: Settings) -> None:
@@ -158,7 +158,7 @@ def test_a_writer_that_dies_mid_snapshot_leaves_the_current_one(client: redis.Re
 def test_a_large_window_turns_ivf_in_the_background_and_rebuilds_keep_the_setting(
     client: redis.Redis, settings: Settings
 ) -> None:
-    replica = SharedRecentIndex(client, settings.redis.key_prefix, "emb:ivf", 32, 3600, ivf_from=300, nprobe=8)
+    replica = FaissRedisIndex(client, settings.redis.key_prefix, "emb:ivf", 32, 3600, ivf_from=300, nprobe=8)
     now = time.time()
     replica.add([IndexEntry(f"v{i}", _vec(i), now) for i in range(400)])
     thread = replica.local.reindex_in_background()
@@ -167,6 +167,6 @@ def test_a_large_window_turns_ivf_in_the_background_and_rebuilds_keep_the_settin
     assert replica.local.kind.startswith("IVF")
     assert replica.search(_vec(123)[None], 1)[0][0].upload_id == "v123"
     # A replica that starts later loads the same window and turns IVF on its own schedule.
-    late = SharedRecentIndex(client, settings.redis.key_prefix, "emb:ivf", 32, 3600, ivf_from=300, nprobe=8)
+    late = FaissRedisIndex(client, settings.redis.key_prefix, "emb:ivf", 32, 3600, ivf_from=300, nprobe=8)
     assert late.sync() and len(late) == 400 and late.local.ivf_from == 300
     assert late.local.reindex() and late.search(_vec(7)[None], 1)[0][0].upload_id == "v7"

@@ -32,7 +32,7 @@ from services.common.verification import KeypointHit, KeypointIndex, LocalFeatur
 class Judged:
     """One candidate's verdict under the rule; ``inliers`` is None when it could not be verified."""
 
-    key: str  # the candidate's id: ``<bank>/<item id>`` in the moderator, an upload id in retro
+    key: str  # the candidate's id: ``<bank>/<item id>`` in the moderator, an upload id in re-judging
     cosine: float
     score: float  # fused; the cosine when unverified
     inliers: int | None

@@ -2,7 +2,7 @@
 
 An API import or add must not hold its HTTP request for a job that can run for minutes, and must not be lost
 when the process that took it stops. So the request is recorded (``<prefix>:banks:rejudge``, a hash of bank name
--> request generation) and a worker steps through ``RetroJudge.run`` (bounded by ``max_signals``, resumable from
+-> request generation) and a worker steps through ``Rejudger.run`` (bounded by ``max_signals``, resumable from
 its cursor) until the bank is done; only then is the request removed, and only if no newer one came meanwhile.
 Any process running a worker picks up what another left (a per-bank lock keeps two from stepping one bank).
 Each step's progress is kept under ``<prefix>:bank:<name>:retro`` (field ``progress``) for the API to show.
@@ -19,7 +19,7 @@ from typing import Any, cast
 import redis
 
 from services.common.audit import AuditLog
-from services.common.banks.retro import RetroJudge, RetroProgress
+from services.common.banks.rejudging import RejudgeProgress, Rejudger
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class RejudgeRequests:
         self.key = f"{prefix}:banks:rejudge"
 
     def _state_key(self, bank: str) -> str:
-        return f"{self.prefix}:bank:{bank}:retro"  # RetroJudge keeps its cursor in the same hash
+        return f"{self.prefix}:bank:{bank}:retro"  # Rejudger keeps its cursor in the same hash
 
     def request(self, bank: str, actor: str) -> None:
         pipe = self.client.pipeline(transaction=True)
@@ -50,7 +50,7 @@ class RejudgeRequests:
         raw = cast(dict[bytes, bytes], self.client.hgetall(self.key))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
-    def record(self, bank: str, progress: RetroProgress) -> None:
+    def record(self, bank: str, progress: RejudgeProgress) -> None:
         state = {"state": "done" if progress.done else "running", "at": time.time(), **progress.__dict__}
         self.client.hset(self._state_key(bank), "progress", json.dumps(state))
 
@@ -65,9 +65,7 @@ class RejudgeRequests:
 class RejudgeWorker:
     """A daemon thread that works recorded requests; ``start``/``stop``/``alive`` as the reviewer's ingestor."""
 
-    def __init__(
-        self, judge: RetroJudge, max_signals: int = 100_000, poll_s: float = 1.0, lock_s: float = 600.0
-    ) -> None:
+    def __init__(self, judge: Rejudger, max_signals: int = 100_000, poll_s: float = 1.0, lock_s: float = 600.0) -> None:
         self.judge = judge
         self.requests = RejudgeRequests(judge.client, judge.prefix)
         self.audit = AuditLog(judge.client, judge.prefix, judge.settings.audit.file)

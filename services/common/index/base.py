@@ -68,7 +68,7 @@ class IndexStore(Protocol):
 class RecentIndex(Protocol):
     """A replica's handle on the shared recent-images index of one model version, whatever backs it.
 
-    Two implementations: ``SharedRecentIndex`` (FAISS in every replica, in step through Redis) and
+    Two implementations: ``FaissRedisIndex`` (FAISS in every replica, in step through Redis) and
     ``MilvusRecentIndex`` (one Milvus collection that every replica queries). Both give read-your-writes across
     replicas: an entry ``add`` returned for is found by any replica's next ``search``.
     """

@@ -6,8 +6,8 @@ import redis
 
 from services.common.config import Settings
 from services.common.index.base import RecentIndex
+from services.common.index.faiss_redis import FaissRedisIndex
 from services.common.index.redis_store import RedisIndexStore
-from services.common.index.shared import SharedRecentIndex
 from services.common.index.write_clock import RedisWriteClock
 
 
@@ -24,7 +24,7 @@ def open_recent_index(settings: Settings, client: redis.Redis, model_version: st
         collection = collection_name(settings.milvus.collection_prefix, prefix, model_version)
         clock = RedisWriteClock(client, prefix, collection)
         return MilvusRecentIndex(settings.milvus, prefix, model_version, dim, cfg.retention_s, write_clock=clock)
-    return SharedRecentIndex(
+    return FaissRedisIndex(
         client,
         settings.redis.key_prefix,
         model_version,

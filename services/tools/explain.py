@@ -264,7 +264,7 @@ def band_of(similarity: float, cfg: DecisionSettings) -> str:
 
 def model_card_threshold(version: str, repo: Path = EMBEDDER_REPO) -> float | None:
     """The served version's calibrated threshold (model_card.json), drawn as a second marker when it differs."""
-    from services.batch.dedup import model_card_threshold as card_threshold
+    from services.tools.dedup import model_card_threshold as card_threshold
 
     return card_threshold(version, repo)
 
@@ -304,7 +304,7 @@ class Explanation:
 
 
 def _decode(data: bytes, detail_side: int = 0) -> tuple[DecodedImage, tuple[int, int]]:
-    from services.batch.dedup import true_size
+    from services.tools.dedup import true_size
 
     return decode_image(data, DecodeSettings(), WIRE_SIZE, detail_side), true_size(data)
 
@@ -389,7 +389,7 @@ def explain_pair(
     repo: Path = EMBEDDER_REPO,
 ) -> tuple[Explanation, Image.Image, list[str]]:
     """The numbers, the picture and its notes for one pair of encoded images; writes nothing."""
-    from services.batch.dedup import moderator_threshold
+    from services.tools.dedup import moderator_threshold
 
     settings = settings or Settings()
     decoded = [_decode(data_a, settings.verify.detail_side), _decode(data_b, settings.verify.detail_side)]

@@ -28,7 +28,7 @@ def stream_id_key(stream_id: str) -> tuple[int, int]:
     return int(ms or 0), int(seq or 0)
 
 
-class SharedRecentIndex:
+class FaissRedisIndex:
     """Every replica sees every recent image: it replays others' additions before each search.
 
     If Redis is down, additions wait in ``pending`` and searches use the local index; both catch up later.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from services.batch.explain import explain
+    from services.tools.explain import explain
 
     a, b = Path(args.a), Path(args.b)
     out = Path(args.out) if args.out else Path(f"explain-{a.stem}-vs-{b.stem}.png")
@@ -28,8 +28,8 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def _cmd_dedup(args: argparse.Namespace) -> int:
-    from services.batch.dedup import DedupOptions, default_near, run_dedup
     from services.evaluation.embed import ServedEmbedder
+    from services.tools.dedup import DedupOptions, default_near, run_dedup
 
     root = Path(args.dir)
     if not root.is_dir():

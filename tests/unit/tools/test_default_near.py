@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.batch.dedup import default_near, moderator_threshold
+from services.tools.dedup import default_near, moderator_threshold
 
 
 def test_a_configured_version_uses_its_configured_threshold() -> None:

@@ -45,7 +45,7 @@ from services.common.verification.shared_keypoints import SharedKeypointIndex
 
 
 @dataclass
-class RetroProgress:
+class RejudgeProgress:
     bank: str
     cursor: int  # the last banked signal (insertion sequence) searched
     signals_total: int
@@ -65,7 +65,7 @@ class _Recent:
 Publish = Callable[[list[Verdict], list[ReviewRequest]], None]
 
 
-class RetroJudge:
+class Rejudger:
     def __init__(self, client: redis.Redis, settings: Settings, publish: Publish) -> None:
         self.client = client
         self.settings = settings
@@ -93,13 +93,13 @@ class RetroJudge:
     def _done_key(self, bank: str) -> str:
         return f"{self.prefix}:bank:{bank}:rejudged"
 
-    def run(self, bank: str, max_signals: int = 100_000, chunk: int = 1000) -> RetroProgress:
+    def run(self, bank: str, max_signals: int = 100_000, chunk: int = 1000) -> RejudgeProgress:
         self.store.get(bank)
         cursor = int(cast(bytes | None, self.client.hget(self._state_key(bank), "cursor")) or 0)
         ordered = self.store.signals_after(bank, cursor)
         total = self.store.signal_count(bank)
         recent = self._recent_pdq()
-        progress = RetroProgress(bank, cursor, total, 0, 0, 0, False)
+        progress = RejudgeProgress(bank, cursor, total, 0, 0, 0, False)
         searched = self._embedding_matches(bank)  # banked images not searched yet (few: every run looks)
         self._settle(bank, searched[0], progress)
         if searched[1]:
@@ -198,7 +198,7 @@ class RetroJudge:
         channel.sync()
         return channel
 
-    def _settle(self, bank: str, found: dict[str, tuple[_Recent, BankMatch]], progress: RetroProgress) -> None:
+    def _settle(self, bank: str, found: dict[str, tuple[_Recent, BankMatch]], progress: RejudgeProgress) -> None:
         """Publishes for uploads not yet re-judged for this bank; marks them only once the broker has them."""
         if not found:
             return

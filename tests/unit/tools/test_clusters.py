@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.batch.dedup import (
+from services.tools.dedup import (
     Catalogue,
     FileEntry,
     LinkMode,
@@ -214,9 +214,9 @@ def test_true_size_reads_the_stored_size_not_the_draft_decode(tmp_path: Path) ->
 
     from PIL import Image
 
-    from services.batch.dedup import true_size
     from services.common.config import DecodeSettings
     from services.common.imaging import decode_image
+    from services.tools.dedup import true_size
 
     buf = io.BytesIO()
     exif = Image.Exif()

@@ -17,7 +17,7 @@ from skimage import data as skdata
 from services.common.banks import HashBankStore, Signal
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.rejudge import RejudgeRequests, RejudgeWorker
-from services.common.banks.retro import RetroJudge, kafka_publisher
+from services.common.banks.rejudging import Rejudger, kafka_publisher
 from services.common.config import Settings
 from services.common.exact_store import ExactMatchStore, KnownUpload
 from services.common.imaging import detail_view
@@ -86,7 +86,7 @@ def test_earlier_uploads_are_re_verdicted_exactly_once(settings: Settings) -> No
     )
 
     ensure_topics(settings.kafka)
-    judge = RetroJudge(client, settings, kafka_publisher(settings))
+    judge = Rejudger(client, settings, kafka_publisher(settings))
     first = judge.run("late", max_signals=1)
     assert (first.cursor, first.done, first.signals_total) == (1, False, 3)
     assert first.published == 3  # the embeddings (searched on the first step) and the bytes
@@ -143,7 +143,7 @@ def test_a_copy_the_descriptor_lost_among_nearer_uploads_is_found_by_its_keypoin
     embedded.add("turned", VERSION, ["item-a"], banked[None], np.zeros((1, 256, 256, 3), np.uint8))
     embedded.add_features("turned", {"item-a": _features("astronaut")})
     ensure_topics(settings.kafka)
-    progress = RetroJudge(client, settings, kafka_publisher(settings)).run("turned")
+    progress = Rejudger(client, settings, kafka_publisher(settings)).run("turned")
     assert progress.done
     if not second_pass:
         assert progress.found == 0 and client.get(upload_action_key(prefix, "up-turned")) == b"allow"
@@ -177,7 +177,7 @@ def test_a_review_bank_sends_earlier_matches_to_reviewers(settings: Settings) ->
     store.add_signals("watch", [Signal("sha256", "c" * 64, "item-w")])
 
     ensure_topics(settings.kafka)
-    assert RetroJudge(client, settings, kafka_publisher(settings)).run("watch").published == 1
+    assert Rejudger(client, settings, kafka_publisher(settings)).run("watch").published == 1
     [verdict] = read_topic(settings, settings.kafka.topic_verdicts, 1, timeout_s=60)
     assert verdict["action"] == "review" and verdict["reasons"] == ["retroactive_bank_match:watch"]
     assert verdict["bank_matches"][0]["action"] == "review"  # type: ignore[index]
@@ -227,7 +227,7 @@ def test_admin_api_adds_are_re_judged_in_the_background_in_bounded_steps(setting
     generation = requests.pending()["api-bank"]
     requests.request("api-bank", "test")
     assert not requests.finish("api-bank", generation) and "api-bank" in requests.pending()
-    worker = RejudgeWorker(RetroJudge(client, settings, kafka_publisher(settings)))
+    worker = RejudgeWorker(Rejudger(client, settings, kafka_publisher(settings)))
     assert worker.run_once() == 1 and requests.pending() == {}
     assert worker.run_once() == 0
 
@@ -248,7 +248,7 @@ def test_cli_rejudge_waits_for_the_bank_lock_the_worker_holds(
     store = HashBankStore(client, prefix)
     store.create("locked")
     store.add_signals("locked", [Signal("sha256", "c" * 64, "item-1")])
-    judge = RetroJudge(client, settings, kafka_publisher(settings))
+    judge = Rejudger(client, settings, kafka_publisher(settings))
     monkeypatch.setattr(ops_cli, "REJUDGE_LOCK_WAIT_S", 0.5)
     held = judge.lock("locked")
     assert held.acquire(blocking=False)
