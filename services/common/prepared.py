@@ -14,10 +14,10 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import NDArray
 
-from services.common.banks.signals import pdq_hex
+from services.common.banks.signals import SIGNAL_KINDS, pdq_hex
 from services.common.banks.store import UploadSignals
 from services.common.config import DecodeSettings, Settings
-from services.common.hashing import informative_phash, md5_hex, phash_hex, sha256_hex
+from services.common.hashing import md5_hex, phash_hex, sha256_hex
 from services.common.imaging import decode_image
 from services.common.verification.features import FeatureExtractor, FeatureKind, LocalFeatures
 
@@ -60,13 +60,8 @@ class PreparedImage:
     features_ms: float
 
     def signals(self) -> UploadSignals:
-        """What the banks are matched on: every hash that carries information."""
-        return UploadSignals(
-            sha256=self.sha256,
-            md5=self.md5 or None,
-            phash=self.phash if informative_phash(self.phash) else None,
-            pdq=self.pdq or None,
-        )
+        """What the banks are matched on: every signal kind's hash that carries information."""
+        return UploadSignals(**{name: kind.hash(self) for name, kind in SIGNAL_KINDS.items()})
 
 
 @lru_cache(maxsize=4)

@@ -7,7 +7,6 @@ from services.common.banks.store import (
     BankAction,
     BankMatch,
     HashBankStore,
-    HashKind,
     UploadSignals,
 )
 
@@ -17,7 +16,6 @@ __all__ = [
     "BankAction",
     "BankMatch",
     "HashBankStore",
-    "HashKind",
     "MalformedSignal",
     "Signal",
     "SignalType",

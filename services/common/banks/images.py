@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from services.common.banks.signals import Signal
+from services.common.banks.signals import Signal, image_signals_of
 from services.common.config import Settings
-from services.common.hashing import informative_phash
 from services.common.prepared import PreparedImage, PrepareSpec, prepare_image
 from services.common.verification import LocalFeatures
 
@@ -29,13 +28,7 @@ class BankedImage:
 
 
 def _signals(prepared: PreparedImage, item_id: str) -> list[Signal]:
-    item = item_id or prepared.sha256[:16]
-    signals = [Signal("sha256", prepared.sha256, item), Signal("md5", prepared.md5, item)]
-    if informative_phash(prepared.phash):
-        signals.append(Signal("phash", prepared.phash, item))
-    if prepared.pdq:
-        signals.append(Signal("pdq", prepared.pdq, item))
-    return signals
+    return image_signals_of(prepared, item_id or prepared.sha256[:16])
 
 
 def image_signals(data: bytes, settings: Settings, item_id: str = "") -> list[Signal]:

@@ -8,31 +8,77 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pdqhash
 from numpy.typing import NDArray
 
-SignalType = Literal["sha256", "md5", "pdq", "phash"]
-SIGNAL_TYPES: tuple[SignalType, ...] = ("pdq", "md5", "sha256", "phash")
-HEX_LENGTH: dict[SignalType, int] = {"sha256": 64, "md5": 32, "pdq": 64, "phash": 16}
+from services.common.hashing import informative_phash
 
+SignalType = Literal["sha256", "md5", "pdq", "phash"]
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+class ImageHashes(Protocol):
+    """What a signal kind hashes: one prepared image (``services.common.prepared.PreparedImage``)."""
+
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def md5(self) -> str: ...
+    @property
+    def phash(self) -> str: ...
+    @property
+    def pdq(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class SignalKind:
+    """One signal type with what it needs, as Hasher-Matcher-Actioner's signal types carry theirs: how it is
+    written (hex digits, names other tools use), how an image is hashed for it, and how it is matched (equal
+    values through a Redis set per value, or near ones, by Hamming distance, through the in-memory PDQ index)."""
+
+    name: SignalType
+    hex_length: int
+    aliases: tuple[str, ...]
+    hasher: Callable[[ImageHashes], str]  # "" when the image gives no usable hash of this kind
+    exact: bool  # matched by equality; False: by distance (``near``)
+
+    def normalise(self, value: str) -> str:
+        """Lower-case hex of the right length; raises MalformedSignal otherwise."""
+        text = value.strip().lower()
+        if len(text) != self.hex_length or not _HEX.match(text):
+            raise MalformedSignal(f"{self.name} must be {self.hex_length} hex digits, got {value.strip()[:80]!r}")
+        return text
+
+    def hash(self, image: ImageHashes) -> str | None:
+        value = self.hasher(image)
+        return value or None
+
+
+def _informative_phash(image: ImageHashes) -> str:
+    return image.phash if informative_phash(image.phash) else ""
+
+
+# The order exact kinds are tried in a match (bytes before pixels), then the near one.
+SIGNAL_KINDS: dict[SignalType, SignalKind] = {
+    kind.name: kind
+    for kind in (
+        SignalKind("sha256", 64, ("hash_sha256", "sha-256"), lambda image: image.sha256, exact=True),
+        SignalKind("md5", 32, ("hash_md5", "photo_md5"), lambda image: image.md5, exact=True),
+        SignalKind("phash", 16, (), _informative_phash, exact=True),
+        SignalKind("pdq", 64, ("hash_pdq", "photo_pdq"), lambda image: image.pdq, exact=False),
+    )
+}
+SIGNAL_TYPES: tuple[SignalType, ...] = ("pdq", "md5", "sha256", "phash")  # as `sieve banks export` lists them
+EXACT_KINDS: tuple[SignalKind, ...] = tuple(k for k in SIGNAL_KINDS.values() if k.exact)
 # Names other tools use for the same signal (ThreatExchange indicator types, HMA signal type names).
 ALIASES: dict[str, SignalType] = {
-    "pdq": "pdq",
-    "hash_pdq": "pdq",
-    "photo_pdq": "pdq",
-    "md5": "md5",
-    "hash_md5": "md5",
-    "photo_md5": "md5",
-    "sha256": "sha256",
-    "hash_sha256": "sha256",
-    "sha-256": "sha256",
-    "phash": "phash",
+    alias: kind.name for kind in SIGNAL_KINDS.values() for alias in (kind.name, *kind.aliases)
 }
-_HEX = re.compile(r"^[0-9a-f]+$")
 
 
 class MalformedSignal(ValueError):
@@ -48,11 +94,18 @@ def signal_type(name: str) -> SignalType:
 
 def normalise(kind: SignalType, value: str) -> str:
     """Lower-case hex of the right length; raises MalformedSignal otherwise."""
-    text = value.strip().lower()
-    want = HEX_LENGTH[kind]
-    if len(text) != want or not _HEX.match(text):
-        raise MalformedSignal(f"{kind} must be {want} hex digits, got {value.strip()[:80]!r}")
-    return text
+    return SIGNAL_KINDS[kind].normalise(value)
+
+
+def image_signals_of(image: ImageHashes, item_id: str) -> list[Signal]:
+    """Every signal kind's hash of one prepared image, under one banked item id (kinds with no usable hash left
+    out: a flat image's PDQ, an uninformative pHash)."""
+    out = []
+    for kind in SIGNAL_KINDS.values():
+        value = kind.hash(image)
+        if value is not None:
+            out.append(Signal(kind.name, value, item_id))
+    return out
 
 
 def default_item_id(kind: SignalType, value: str) -> str:

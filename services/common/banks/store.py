@@ -30,14 +30,12 @@ import redis
 
 from services.common.banks.embeddings import EmbeddingBanks
 from services.common.banks.pdq_index import PdqIndex
-from services.common.banks.signals import Signal, SignalType
+from services.common.banks.signals import EXACT_KINDS, SIGNAL_KINDS, Signal, SignalType
 from services.common.config import BankSettings
 from services.common.schemas import BankMatchEvidence
 
-HashKind = SignalType  # the name earlier callers used
 BankAction = Literal["block", "review"]
 BANK_ACTIONS: tuple[BankAction, ...] = ("block", "review")
-EXACT_TYPES: tuple[SignalType, ...] = ("sha256", "md5", "phash")
 LOG_MAXLEN = 100_000  # log entries kept; a replica that falls further behind reloads everything
 LOG_CHUNK = 1000  # PDQ signals per log entry
 _PIPE_CHUNK = 5000
@@ -248,9 +246,9 @@ class HashBankStore:
         fresh = [s for s, new in zip(batch, pipe.execute(), strict=True) if new]
         pipe = self.client.pipeline(transaction=False)
         for s in fresh:
-            if s.kind in EXACT_TYPES:
+            if SIGNAL_KINDS[s.kind].exact:
                 pipe.sadd(self._hash_key(s.kind, s.value), name)
-        pdq = [[s.value, s.item_id] for s in fresh if s.kind == "pdq"]
+        pdq = [[s.value, s.item_id] for s in fresh if not SIGNAL_KINDS[s.kind].exact]  # near: the PDQ index
         for i in range(0, len(pdq), LOG_CHUNK):
             entry = {"op": "add", "bank": name, "signals": json.dumps(pdq[i : i + LOG_CHUNK])}
             pipe.xadd(self.log_key, entry, maxlen=LOG_MAXLEN, approximate=True)  # type: ignore[arg-type]
@@ -271,9 +269,9 @@ class HashBankStore:
             removed += len(gone)
             pipe = self.client.pipeline(transaction=False)
             for s in gone:
-                if s.kind in EXACT_TYPES:
+                if SIGNAL_KINDS[s.kind].exact:
                     pipe.srem(self._hash_key(s.kind, s.value), name)
-            pdq = [[s.value, ""] for s in gone if s.kind == "pdq"]
+            pdq = [[s.value, ""] for s in gone if not SIGNAL_KINDS[s.kind].exact]
             for j in range(0, len(pdq), LOG_CHUNK):
                 entry = {"op": "remove", "bank": name, "signals": json.dumps(pdq[j : j + LOG_CHUNK])}
                 pipe.xadd(self.log_key, entry, maxlen=LOG_MAXLEN, approximate=True)  # type: ignore[arg-type]
@@ -377,13 +375,7 @@ class HashBankStore:
 
     def match(self, upload: UploadSignals) -> list[BankMatch]:
         """Each enabled bank's closest signal (exact before PDQ), sorted by distance then bank name."""
-        exact: list[tuple[SignalType, str]] = []
-        if upload.sha256:
-            exact.append(("sha256", upload.sha256))
-        if upload.md5:
-            exact.append(("md5", upload.md5))
-        if upload.phash:
-            exact.append(("phash", upload.phash))
+        exact = [(k.name, v) for k in EXACT_KINDS if (v := getattr(upload, k.name))]
         pipe = self.client.pipeline(transaction=False)
         for kind, value in exact:
             pipe.smembers(self._hash_key(kind, value))

@@ -69,3 +69,24 @@ def test_uploads_are_pdq_hashed_near_what_other_tools_compute_on_the_original() 
     assert (int(reference, 16) ^ int(ours, 16)).bit_count() <= 12  # photo set: median 2, p90 10 bits
     gray = np.asarray(original.convert("L"))
     assert pdq_hex(gray)[0] == pdq_hex(np.repeat(gray[:, :, None], 3, axis=2))[0]
+
+
+def test_each_signal_kind_carries_its_hasher_and_matching_mode() -> None:
+    import io
+
+    import skimage
+    from PIL import Image
+
+    from services.common.banks.signals import EXACT_KINDS, SIGNAL_KINDS, image_signals_of
+    from services.common.config import Settings
+    from services.common.prepared import PrepareSpec, prepare_image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, "JPEG")
+    prepared = prepare_image(buf.getvalue(), PrepareSpec.of(Settings(), keypoints=False))
+    signals = {s.kind: s.value for s in image_signals_of(prepared, "item-1")}
+    # The banked image's signals are exactly what an upload of it is matched on.
+    assert signals == {k: v for k, v in vars(prepared.signals()).items() if v is not None}
+    assert [k.name for k in EXACT_KINDS] == ["sha256", "md5", "phash"] and not SIGNAL_KINDS["pdq"].exact
+    for kind in SIGNAL_KINDS.values():
+        assert len(kind.normalise(signals[kind.name].upper())) == kind.hex_length
