@@ -90,9 +90,11 @@ def test_killing_a_partition_leader_mid_stream_loses_nothing(
     _assert_replicated(settings, cluster)
     replicas = [start_moderator(moderators, env, tmp_path) for _ in range(2)]
     stream = _stream(settings, uploads, every_s=0.5)
-    read_topic(settings, settings.kafka.topic_verdicts, 3)  # the stream is flowing
+    flowing = read_topic(settings, settings.kafka.topic_verdicts, 3)
+    assert len({v["upload_id"] for v in flowing}) >= 3, "no verdicts before the fault: the stream was not flowing"
     topic = settings.kafka.topic_uploads if victim == "uploads" else settings.kafka.topic_verdicts
     leader = cluster.leader_of(topic, 0)
+    assert stream.is_alive(), "the stream ended before the fault: nothing would be produced across it"
     cluster.node(leader).kill()
     wait_for(lambda: cluster.leader_of(topic, 0) not in (leader, -1), 60, f"a new leader for {topic}[0]")
     stream.join(120)

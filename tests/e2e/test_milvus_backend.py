@@ -7,10 +7,14 @@ The server is this module's, so killing it cannot disturb the session's stack.
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, KafkaException
+from confluent_kafka.admin import AdminClient
 from PIL import Image
 
 from services.common.config import Settings
@@ -64,9 +68,12 @@ def _plant(manifest: Manifest, folder: Path, originals: int, seed: int, prefix: 
         samples.append(PhotoSample(uid, path, None))
         with Image.open(path) as img:
             data = encode_jpeg(NEAR_DUPLICATES["crop90_jpeg50"](img.convert("RGB")), 85)
-        cpath = folder / f"{prefix}copy-{n:03d}.jpg"
+        # Not "<prefix>copy-<n>": partitions are CRC32 of the key, and names that differ from the original's in
+        # fixed places land on a fixed partition pair, always the same replica's. A hashed tail spreads them.
+        cid = f"{prefix}copy-{n:03d}-{hashlib.sha1(uid.encode()).hexdigest()[:6]}"
+        cpath = folder / f"{cid}.jpg"
         cpath.write_bytes(data)
-        copies.append(PhotoSample(f"{prefix}copy-{n:03d}", cpath, uid))
+        copies.append(PhotoSample(cid, cpath, uid))
     return samples + copies
 
 
@@ -80,6 +87,40 @@ def _check_copies_matched(settings: Settings, samples: list[PhotoSample], modera
             assert matches == [], f"{s.upload_id} flagged as a duplicate of {matches}"
         else:
             assert matches[:1] == [s.original], f"{s.upload_id} matched {matches}"
+
+
+def _owners(settings: Settings) -> dict[int, str]:
+    """uploads partition -> the group member that owns it now."""
+    admin = AdminClient(settings.kafka.client_config())
+    group = settings.kafka.consumer_group
+    try:
+        described = admin.describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15)
+    except KafkaException:  # the group's coordinator is still being found: nobody owns anything yet
+        return {}
+    return {
+        tp.partition: member.member_id
+        for member in described.members
+        for tp in member.assignment.topic_partitions
+        if tp.topic == settings.kafka.topic_uploads
+    }
+
+
+def _partitions(settings: Settings, count: int) -> dict[str, int]:
+    """upload id -> the uploads partition its event went to, read back from the topic."""
+    consumer = Consumer(
+        {**settings.kafka.client_config(), "group.id": f"where-{time.monotonic_ns()}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([settings.kafka.topic_uploads])
+    found: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    try:
+        while len(found) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                found[(msg.key() or b"").decode()] = msg.partition() or 0
+    finally:
+        consumer.close()
+    return found
 
 
 def _rows(settings: Settings) -> int:
@@ -98,6 +139,9 @@ def test_two_replicas_on_milvus_find_each_others_uploads(
     ensure_topics(settings.kafka)
     start_moderator(moderators, milvus_env, tmp_path)
     start_moderator(moderators, milvus_env, tmp_path)
+    # Both replicas own partitions before anything is published: otherwise one could decide everything.
+    wait_for(lambda: len(set(_owners(settings).values())) == 2, 120, "both replicas to own uploads partitions")
+    owners = _owners(settings)
     publisher = UploadPublisher(settings.kafka)
     originals = [s for s in samples if s.original is None]
     publisher.publish(event_for_file(s.path, s.upload_id) for s in originals)
@@ -106,6 +150,10 @@ def test_two_replicas_on_milvus_find_each_others_uploads(
     publisher.publish(event_for_file(s.path, s.upload_id) for s in samples if s.original is not None)
     _check_copies_matched(settings, samples, moderators)
     assert _rows(settings) == len(samples)
+    assert _owners(settings) == owners, "the group rebalanced mid-test: who decided what is unknown"
+    where = _partitions(settings, len(samples))
+    across = [s for s in samples if s.original and owners[where[s.upload_id]] != owners[where[s.original]]]
+    assert across, f"no copy was decided by the replica that did not see its original: {owners} {where}"
 
 
 def test_milvus_killed_mid_stream_loses_nothing(

@@ -1,13 +1,13 @@
 """Inference ahead: a batch is embedded while the previous one is decided, and never embedded twice.
 
-Real Redis (the exact-match store, the index, the keypoint store); the models are a counting stand-in for
-``ImageModels`` so the test can see which items reached them and when.
+Real Redis (the exact-match store, the index, the keypoint store) and the real Triton, behind a spy that counts
+which items reached it and when.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +19,32 @@ from PIL import Image
 
 from bench.hash_banks import LocalMessage
 from services.common.config import Settings
-from services.common.errors import TransientError
-from services.common.inference import InferenceResult
+from services.common.inference import InferenceResult, TritonModels
 from services.common.uploads import event_for_file
 from services.moderator.pipeline import Item, Pipeline
 
 pytestmark = pytest.mark.integration
 
 
-@dataclass
-class _CountingModels:
-    """Embeds an image as its mean colour (so copies are near, different photos far); records each call."""
+class _CountingTriton:
+    """The session's real Triton behind a spy that records each call's batch size. ``down`` sends the next call
+    to a port nothing listens on (a real connection failure); ``version`` relabels answers as another version,
+    as a promotion between two batches would."""
 
-    version: str = "stub:1"
-    fail_next: int = 0
-    calls: list[int] = field(default_factory=list)
+    def __init__(self, settings: Settings) -> None:
+        self.triton = TritonModels(settings.triton)
+        self.unreachable = TritonModels(settings.triton.model_copy(update={"url": "127.0.0.1:1", "timeout_s": 5.0}))
+        self.calls: list[int] = []
+        self.down = 0
+        self.version: str | None = None
 
     def infer(self, images: NDArray[Any]) -> InferenceResult:
-        if self.fail_next:
-            self.fail_next -= 1
-            raise TransientError("triton", "unavailable")
+        if self.down:
+            self.down -= 1
+            return self.unreachable.infer(images)  # raises TransientError
+        result = self.triton.infer(images)
         self.calls.append(len(images))
-        flat = images.reshape(len(images), -1, 3).astype(np.float32).mean(axis=1)
-        emb = np.concatenate([flat - flat.mean(axis=1, keepdims=True), np.ones((len(images), 1))], axis=1)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        scores = np.zeros((len(images), 1), np.float32)
-        return InferenceResult(emb.astype(np.float32), scores, ["nsfw"], self.version)
+        return replace(result, model_version=self.version) if self.version else result
 
 
 def _photo(path: Path, colour: tuple[int, int, int], seed: int) -> Path:
@@ -63,7 +63,7 @@ def _items(pipeline: Pipeline, uploads: list[tuple[str, Path]]) -> list[Item]:
 
 @pytest.fixture()
 def pipeline_and_models(settings: Settings) -> Any:
-    models = _CountingModels()
+    models = _CountingTriton(settings)
     client = redis.Redis.from_url(settings.redis.url.get_secret_value())
     pipeline = Pipeline(settings, models, client)
     yield pipeline, models
@@ -80,7 +80,10 @@ def test_a_batch_inferred_ahead_is_not_inferred_again(pipeline_and_models: Any, 
     out = pipeline.run(items)
     assert models.calls == [3]  # run used the embeddings from ahead
     assert sorted(v.upload_id for v, _ in out.verdicts) == ["u0", "u1", "u2"]
-    assert all(v.model_version == "stub:1" and "infer_ms" in v.timings for v, _ in out.verdicts)
+    served = out.verdicts[0][0].model_version
+    assert served.startswith("sieve_embedder:") and all(
+        v.model_version == served and "infer_ms" in v.timings for v, _ in out.verdicts
+    )
 
 
 def test_exact_reuploads_are_left_out_of_inference_ahead(pipeline_and_models: Any, tmp_path: Path) -> None:
@@ -95,13 +98,13 @@ def test_exact_reuploads_are_left_out_of_inference_ahead(pipeline_and_models: An
     out = {v.upload_id: v for v, _ in pipeline.run(later).verdicts}
     assert models.calls == [1, 1]
     assert out["again"].reasons == ["exact_hash_match:sha256:first"]
-    assert out["other"].model_version == "stub:1"
+    assert out["other"].model_version.startswith("sieve_embedder:")
 
 
 def test_a_failure_ahead_is_inferred_in_line(pipeline_and_models: Any, tmp_path: Path) -> None:
     pipeline, models = pipeline_and_models
     items = _items(pipeline, [("u", _photo(tmp_path / "u.png", (10, 120, 240), 3))])
-    models.fail_next = 1
+    models.down = 1
     pipeline.prepare(items)
     pipeline.infer_ahead(items)  # Triton down: logged, nothing raised, nothing inferred
     assert models.calls == [] and items[0].inferred is None
@@ -119,9 +122,10 @@ def test_items_answered_by_two_model_versions_are_decided_in_their_own_indexes(
     Image.open(photo).convert("RGB").save(copy, "JPEG", quality=80)
     items = _items(pipeline, [("old", photo), ("new", copy)])
     pipeline.prepare(items)
-    pipeline.infer_ahead(items[:1])  # the first answered by stub:1 ahead ...
-    models.version = "stub:2"  # ... then a promotion: the rest is answered by stub:2 in line
+    pipeline.infer_ahead(items[:1])  # the first answered by the served version ahead ...
+    served = items[0].inferred.result.model_version if items[0].inferred else ""
+    models.version = served + "-promoted"  # ... then a promotion: the rest is answered by the next one in line
     out = {v.upload_id: v for v, _ in pipeline.run(items).verdicts}
-    assert out["old"].model_version == "stub:1" and out["new"].model_version == "stub:2"
+    assert out["old"].model_version == served and out["new"].model_version == served + "-promoted"
     assert out["new"].duplicate_of == []  # the copy's twin lives in another embedding space
-    assert set(pipeline.indexes) == {"stub:1", "stub:2"}
+    assert set(pipeline.indexes) == {served, served + "-promoted"}
