@@ -68,7 +68,16 @@ def test_promote_backfills_then_serves_and_rollback_restores(
 
     repo = ModelRepository(repo_root)
     staged = tmp_path / "staged"
-    shutil.copytree(repo_root / "sieve_embedder" / "1", staged)  # the candidate: same network, new version
+    shutil.copytree(repo_root / "sieve_embedder" / "1", staged)
+    # The candidate is another network: version 1's embedding turned (its dimensions rolled by one), so what the
+    # promotion backfills can be told from a copy of version 1's index.
+    loader = staged / "model.py"
+    code = loader.read_text()
+    served_line = 'return respond_per_request(pb_utils, "EMBEDDING", self._embed(batch), sizes)'
+    assert served_line in code
+    loader.write_text(
+        code.replace(served_line, served_line.replace("self._embed(batch)", "np.roll(self._embed(batch), 1, axis=1)"))
+    )
 
     # A bank holding one of the photos, embedded by the serving version (as `sieve banks add` banks it).
     HashBankStore(client, settings.redis.key_prefix).create("known-bad")
@@ -77,9 +86,10 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     answered: list[str] = []
 
     def embed(batch: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """The candidate, in process (as the trainer embeds with it before Triton serves it)."""
         result = models.infer(batch)
         answered.append(result.model_version)
-        return result.embeddings
+        return np.roll(result.embeddings, 1, axis=1)
 
     log_path = tmp_path / "promotions.jsonl"
     version = promote(
@@ -103,7 +113,11 @@ def test_promote_backfills_then_serves_and_rollback_restores(
     assert models.infer(pixels[:1]).model_version == "sieve_embedder:2"
     v2 = open_recent_index(settings, client, "sieve_embedder:2", 1280)
     assert v2.sync() and len(v2.entries()) == len(paths)  # the new version's index is complete before its first verdict
-    assert v2.search(served.embeddings[3:4], 1)[0][0].upload_id == "w3"
+    now_served = models.infer(pixels)  # the candidate, served by Triton now
+    assert not np.allclose(now_served.embeddings, served.embeddings, atol=1e-3)  # another network indeed
+    found = v2.search(now_served.embeddings[3:4], 1)[0][0]
+    assert found.upload_id == "w3" and found.score > 0.99  # backfilled with the candidate's embeddings ...
+    assert v2.search(served.embeddings[3:4], 1)[0][0].score < 0.99  # ... not copied from version 1's index
     assert '"event": "promoted"' in log_path.read_text()
     # The banked image was embedded by the candidate as part of the promotion, before Triton switched to it.
     assert len(answered) == 2 and set(answered) == {"sieve_embedder:1"}  # the window, then the bank

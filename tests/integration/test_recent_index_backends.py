@@ -59,10 +59,16 @@ def test_replicas_find_each_others_uploads_at_once(open_index: Open) -> None:
 def test_each_upload_is_visible_to_another_replica_the_moment_it_is_added(open_index: Open) -> None:
     """No pause between one replica's add and another's search (Milvus Session: the shared write clock; without
     it, a search right after an insert on another client misses it most of the time)."""
+    from services.common.index.milvus_index import MilvusRecentIndex
+
     a, b = open_index(), open_index()
     for i in range(15):
         a.add([IndexEntry(f"n{i}", _vec(100 + i), time.time())])
         b.sync()
+        if isinstance(a, MilvusRecentIndex) and isinstance(b, MilvusRecentIndex):
+            # Visible because the other replica's search waits for this very write, through the shared clock
+            # (a broken clock would fall back to Strong, or guarantee an older write, and this would fail).
+            assert b._read_consistency().get("guarantee_timestamp", 0) >= a._own_write_ts > 0
         hits = b.search(_vec(100 + i)[None], 1)[0]
         assert [h.upload_id for h in hits] == [f"n{i}"], f"upload {i} not visible to the other replica"
 
@@ -87,9 +93,12 @@ def test_milvus_session_reads_survive_a_lost_write_clock(
     assert clock.read() > 0
     live.delete(clock.key)
     writer.add([IndexEntry("w1", _vec(2), time.time())])
+    assert clock.read() > 0  # the next write publishes its timestamp again
+    live.delete(clock.key)  # and now the key is lost after the last write: no replica knows a write timestamp
     dead = RedisWriteClock(redis.Redis(port=free_port(), socket_connect_timeout=1), prefix, name)
     for reader_clock in (RedisWriteClock(live, prefix, name), dead):
         reader = MilvusRecentIndex(cfg, prefix, "emb:clock", 32, 3600, write_clock=reader_clock)
+        assert reader._read_consistency() == {"consistency_level": "Strong"}  # the fallback, not a stale read
         found = reader.search(np.stack([_vec(1), _vec(2)]), 1)
         assert [[h.upload_id for h in row] for row in found] == [["w0"], ["w1"]]
 
