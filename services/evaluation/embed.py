@@ -13,15 +13,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from services.common.config import REPO_ROOT, DecodeSettings, Settings
 from services.common.errors import BadInput
 from services.common.imaging import decode_image
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDER_REPO = REPO_ROOT / "model_repo" / "sieve_embedder"
 
@@ -43,7 +45,9 @@ def latest_version(repo: Path = EMBEDDER_REPO) -> int:
 
 
 def load_version(version: int, repo: Path = EMBEDDER_REPO) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The network one version folder serves, loaded the way its model.py loads it."""
+    """The network one version folder serves, loaded the way its model.py loads it (torch: the train extra)."""
+    import torch
+
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     artifact = repo / str(version) / "model.pt"
     if artifact.exists():
@@ -79,6 +83,7 @@ def load_serving(version: int, repo: Path = EMBEDDER_REPO) -> Callable[[NDArray[
 
             return run_onnx
     network = load_version(version, repo)
+    import torch
 
     def run_torch(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
         with torch.inference_mode():

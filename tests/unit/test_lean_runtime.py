@@ -6,6 +6,7 @@ moderator's own decode-and-hash function and a worker process, and then reports 
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,32 @@ def test_a_torch_command_without_torch_says_what_to_install(tmp_path: Path) -> N
     assert done.returncode == 3, done.stderr[-2000:]
     assert "sieve explain needs torch" in done.stderr and "[train]" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sieve_embed_and_dedup_run_without_torch(tmp_path: Path) -> None:
+    """Tools people run against a live system use the ONNX model (or Triton), never torch."""
+    import numpy as np
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    env = {**os.environ, "SIEVE_TRITON_URL": "127.0.0.1:9"}  # nothing there: the in-process ONNX path
+    for args in (
+        ["embed", str(folder), "--out", str(tmp_path / "emb.npz")],
+        ["dedup", str(folder), "--out", str(tmp_path / "d")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(tmp_path / "emb.npz") as saved:
+        assert saved["embeddings"].shape[0] == 3 and str(saved["backend"]) == "in-process"
+    assert (tmp_path / "d" / "clusters.json").exists()
