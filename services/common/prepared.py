@@ -19,6 +19,7 @@ from services.common.banks.store import UploadSignals
 from services.common.config import DecodeSettings, Settings
 from services.common.hashing import md5_hex, phash_hex, sha256_hex
 from services.common.imaging import decode_image
+from services.common.timing import elapsed_ms
 from services.common.verification.features import FeatureExtractor, FeatureKind, LocalFeatures
 
 
@@ -77,7 +78,7 @@ def prepare_image(data: bytes, spec: PrepareSpec) -> PreparedImage:
     assert decoded.pdq_view is not None
     pdq, quality = pdq_hex(decoded.pdq_view)
     phash = phash_hex(decoded.pixels)
-    decode_ms = _ms(began)
+    decode_ms = elapsed_ms(began)
     features = None
     began = time.perf_counter()
     if decoded.detail is not None:
@@ -92,9 +93,5 @@ def prepare_image(data: bytes, spec: PrepareSpec) -> PreparedImage:
         format=decoded.format,
         features=features,
         decode_ms=decode_ms,
-        features_ms=_ms(began) if features is not None else 0.0,
+        features_ms=elapsed_ms(began) if features is not None else 0.0,
     )
-
-
-def _ms(began: float) -> float:
-    return round((time.perf_counter() - began) * 1000.0, 3)

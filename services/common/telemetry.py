@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.config import TelemetrySettings
+from services.common.timing import elapsed_ms
 
 KafkaHeaders = Sequence[tuple[str, bytes | str | None]] | dict[str, bytes | str | None] | None
 
@@ -116,7 +117,7 @@ def stage_timer(timings: dict[str, float], name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        timings[name] = round((time.perf_counter() - began) * 1000.0, 3)
+        timings[name] = elapsed_ms(began)
 
 
 class JsonLogFormatter(logging.Formatter):

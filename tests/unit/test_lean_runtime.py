@@ -70,17 +70,25 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
-def test_a_torch_command_without_torch_says_what_to_install(tmp_path: Path) -> None:
-    for name in ("a.png", "b.png"):
-        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / name)
-    done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TORCH, "explain", str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+def _sieve_without_torch(*args: str) -> subprocess.CompletedProcess[str]:
+    """``sieve ARGS`` in a fresh interpreter where importing torch fails, as in the serving install; Triton
+    pointed at a port nothing listens on, so tools take their in-process path."""
+    env = {**os.environ, "SIEVE_TRITON_URL": "127.0.0.1:9"}
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *args],
         cwd=REPO_ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_a_torch_command_without_torch_says_what_to_install(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / name)
+    done = _sieve_without_torch("explain", str(tmp_path / "a.png"), str(tmp_path / "b.png"))
     assert done.returncode == 3, done.stderr[-2000:]
     assert "sieve explain needs torch" in done.stderr and "[train]" in done.stderr
     assert "Traceback" not in done.stderr
@@ -95,20 +103,11 @@ def test_sieve_embed_and_dedup_run_without_torch(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-    env = {**os.environ, "SIEVE_TRITON_URL": "127.0.0.1:9"}  # nothing there: the in-process ONNX path
     for args in (
         ["embed", str(folder), "--out", str(tmp_path / "emb.npz")],
         ["dedup", str(folder), "--out", str(tmp_path / "d")],
     ):
-        done = subprocess.run(
-            [sys.executable, "-c", WITHOUT_TORCH, *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        done = _sieve_without_torch(*args)
         assert done.returncode == 0, done.stderr[-2000:]
     with np.load(tmp_path / "emb.npz") as saved:
         assert saved["embeddings"].shape[0] == 3 and str(saved["backend"]) == "in-process"

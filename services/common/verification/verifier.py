@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 
 from services.common.config import VerificationSettings
 from services.common.index.base import Neighbour
+from services.common.timing import elapsed_ms
 from services.common.verification.features import FeatureExtractor, LocalFeatures
 from services.common.verification.keypoint_index import KeypointHit, KeypointIndex
 from services.common.verification.matching import Verification, count_inliers, fuse
@@ -150,4 +151,4 @@ def verify_upload(
         verifier = _verifiers[key] = Verifier(settings)
     extract = verifier.extractor.extract_mirrored
     query = QueryFeatures(features, (lambda: extract(detail)) if detail is not None else None)
-    return verifier.verify(query, neighbours, references), round((time.perf_counter() - began) * 1000.0, 3)
+    return verifier.verify(query, neighbours, references), elapsed_ms(began)

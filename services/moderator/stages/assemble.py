@@ -12,6 +12,7 @@ from services.common.banks.near import NearBankMatcher
 from services.common.config import DecisionSettings
 from services.common.schemas import Action, ReviewReason, ReviewRequest
 from services.common.telemetry import tracer
+from services.common.timing import elapsed_ms
 from services.common.upload_keys import upload_action_key
 from services.common.verdicts import build_verdict, over_model
 from services.common.verification import QueryFeatures, Verifier
@@ -125,7 +126,7 @@ class Assembler:
             found = self.near_banks.match(model_version, embedding_of(item), query)
         except redis.RedisError:
             return []  # the hash banks were checked already; a banked embedding is a second chance
-        item.timings["bank_verify_ms"] = round((time.perf_counter() - began) * 1000.0, 3)
+        item.timings["bank_verify_ms"] = elapsed_ms(began)
         return found
 
     def _select_reviews(self, decided: list[tuple[Item, Decision, list[str]]]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from services.common.banks import BankMatch, HashBankStore
 from services.common.exact_store import ExactMatchStore, KnownUpload
 from services.common.hashing import informative_phash
 from services.common.schemas import Action, BankMatchEvidence, DuplicateMatch, Verdict
+from services.common.timing import elapsed_ms
 from services.common.verdicts import build_verdict, over_model
 from services.moderator.stages.envelope import BatchOutput, Item
 
@@ -31,18 +32,18 @@ class FastPaths:
             except redis.RedisError:
                 banks, item.bank_check_failed = [], True
             if any(m.action == "block" for m in banks):
-                item.timings["hash_ms"] = _ms(began)
+                item.timings["hash_ms"] = elapsed_ms(began)
                 outcome = over_model(Action.BLOCK, banks)
                 verdict = _fast_verdict(item, outcome.action, [], {}, "", outcome.reasons, outcome.evidence)
                 out.verdicts.append((verdict, item.span))
                 continue
             if banks:  # only review banks: the model still judges it, and a reviewer sees it whatever it says
-                item.timings["hash_ms"] = _ms(began)
+                item.timings["hash_ms"] = elapsed_ms(began)
                 item.bank_review = banks
                 remaining.append(item)
                 continue
             known = self._exact_lookup(item)
-            item.timings["hash_ms"] = _ms(began)
+            item.timings["hash_ms"] = elapsed_ms(began)
             if known is None and item.image.sha256 in first_in_batch:
                 remaining.append(item)  # decided after its twin, by the model's near-duplicate search
                 continue
@@ -104,7 +105,3 @@ def _fast_verdict(
         timings=item.timings,
         bank_matches=bank_matches or [],
     )
-
-
-def _ms(began: float) -> float:
-    return round((time.perf_counter() - began) * 1000.0, 3)

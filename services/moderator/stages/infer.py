@@ -9,6 +9,7 @@ import numpy as np
 
 from services.common.errors import TransientError
 from services.common.inference import ImageModels
+from services.common.timing import elapsed_ms
 from services.moderator.metrics import ModeratorMetrics
 from services.moderator.stages.envelope import Inferred, Item
 from services.moderator.stages.fast_path import FastPaths
@@ -62,7 +63,7 @@ class Inference:
         t0 = time.time_ns()
         began = time.perf_counter()
         result = self.models.infer(batch)
-        infer_ms = round((time.perf_counter() - began) * 1000.0, 3)
+        infer_ms = elapsed_ms(began)
         t1 = time.time_ns()
         self.metrics.stage("triton", infer_ms / 1000.0)
         for row, item in enumerate(items):

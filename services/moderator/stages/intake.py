@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from services.common.errors import BadInput
 from services.common.schemas import DeadLetter, ErrorKind, UploadEvent
 from services.common.telemetry import extract_context, tracer
+from services.common.timing import elapsed_ms
 from services.moderator.processed import ProcessedEvents
 from services.moderator.stages.envelope import BatchOutput, Item
 
@@ -47,7 +48,7 @@ def parse(item: Item) -> None:
         kind = ErrorKind.MALFORMED_EVENT if _is_json_error(exc, raw) else ErrorKind.SCHEMA_VIOLATION
         detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:5])
         item.failure = BadInput(kind, detail[:2000])
-    item.timings["parse_ms"] = round((time.perf_counter() - began) * 1000.0, 3)
+    item.timings["parse_ms"] = elapsed_ms(began)
 
 
 class Redeliveries:

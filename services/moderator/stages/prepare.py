@@ -19,6 +19,7 @@ from services.common.fetch import FetcherRegistry
 from services.common.prepared import PrepareSpec, prepare_image
 from services.common.schemas import ErrorKind
 from services.common.telemetry import tracer
+from services.common.timing import elapsed_ms
 from services.moderator.stages.envelope import Item
 from services.moderator.stages.intake import parse
 from services.moderator.stages.workers import Workers
@@ -63,12 +64,12 @@ class Preparer:
                 with _tracer.start_as_current_span("fetch", context=ctx) as span:
                     began = time.perf_counter()
                     data = self.fetcher.fetch(item.event.image_uri)
-                    item.timings["fetch_ms"] = _ms(began)
+                    item.timings["fetch_ms"] = elapsed_ms(began)
                     span.set_attribute("sieve.bytes", len(data))
                 with _tracer.start_as_current_span("decode", context=ctx) as span:
                     began = time.perf_counter()
                     image = self.workers.call(prepare_image, data, self.spec)
-                    item.timings["prepare_ms"] = _ms(began)  # in the worker, with the hand-over both ways
+                    item.timings["prepare_ms"] = elapsed_ms(began)  # in the worker, with the hand-over both ways
                     item.timings["decode_ms"] = image.decode_ms
                     if image.features is not None:
                         item.timings["features_ms"] = image.features_ms
@@ -88,7 +89,3 @@ class Preparer:
                 log.exception("unexpected error preparing %s", item.event.upload_id)
                 item.failure = BadInput(ErrorKind.CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}")
                 return
-
-
-def _ms(began: float) -> float:
-    return round((time.perf_counter() - began) * 1000.0, 3)
