@@ -1,4 +1,5 @@
-"""One setting off, then on: the e2e stage twice on one stack, in one run, and the throughput ratio."""
+"""One setting off, then on: the e2e stage twice on one stack, in one run, and the throughput ratio. A setting may be
+several variables that one feature spans (the second pass: keypoints, and the uploads' regions)."""
 
 from __future__ import annotations
 
@@ -13,32 +14,37 @@ def saturation(result: dict[str, Any]) -> dict[str, Any]:
     return next(row for row in result["rows"] if row["case"] == "saturation")
 
 
-def off_then_on(variable: str, labels: tuple[str, str], quick: bool) -> dict[str, Any]:
-    """``variable`` set to false, then true; the rest of the environment as it is."""
-    return one_then_other(variable, {labels[0]: "false", labels[1]: "true"}, quick)
+Variables = str | tuple[str, ...]
 
 
-def one_then_other(variable: str, cases: dict[str, str], quick: bool) -> dict[str, Any]:
-    """The e2e stage once per value of ``variable`` (first case first), on one stack; ratio: second over first."""
+def off_then_on(variables: Variables, labels: tuple[str, str], quick: bool) -> dict[str, Any]:
+    """``variables`` set to false, then true; the rest of the environment as it is."""
+    return one_then_other(variables, {labels[0]: "false", labels[1]: "true"}, quick)
+
+
+def one_then_other(variables: Variables, cases: dict[str, str], quick: bool) -> dict[str, Any]:
+    """The e2e stage once per value of ``variables`` (first case first), on one stack; ratio: second over first."""
+    names = (variables,) if isinstance(variables, str) else variables
     labels = list(cases)
     stack = LocalStack()
     stack.start()
     runs: dict[str, dict[str, Any]] = {}
-    previous = os.environ.get(variable)
+    previous = {name: os.environ.get(name) for name in names}
     try:
         for label, value in cases.items():
-            os.environ[variable] = value
+            os.environ.update({name: value for name in names})
             runs[label] = stage_e2e.run(quick=quick, stack=stack)
     finally:
-        if previous is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = previous
+        for name, was in previous.items():
+            if was is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = was
         stack.stop()
     off, on = saturation(runs[labels[0]]), saturation(runs[labels[1]])
     ratio = on["images_per_s"] / off["images_per_s"] if off["images_per_s"] else 0.0
     return {
-        "variable": variable,
+        "variables": list(names),
         "cases": cases,
         "saturation_uploads_per_s": {"without": off["images_per_s"], "with": on["images_per_s"]},
         "throughput_ratio": round(ratio, 3),
@@ -46,13 +52,16 @@ def one_then_other(variable: str, cases: dict[str, str], quick: bool) -> dict[st
     }
 
 
-def cost_of(stage: str, variable: str, labels: tuple[str, str], goal_ratio: float, quick: bool) -> dict[str, Any]:
+def cost_of(
+    stage: str, variables: Variables, labels: tuple[str, str], goal_ratio: float, quick: bool
+) -> dict[str, Any]:
     """A feature's end-to-end cost as a result: throughput with it on over without, against ``goal_ratio``."""
-    compared = off_then_on(variable, labels, quick)
+    compared = off_then_on(variables, labels, quick)
     ratio = compared["throughput_ratio"]
     return {
         "stage": stage,
         "quick": quick,
+        "variables": compared["variables"],
         "saturation_uploads_per_s": compared["saturation_uploads_per_s"],
         "throughput_ratio": ratio,
         "goal_ratio": goal_ratio,

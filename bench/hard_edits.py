@@ -31,6 +31,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from services.common.calibration import (
 )
 from services.common.config import DecisionSettings, VerificationSettings
 from services.common.index.base import Neighbour
+from services.common.regions import nearest_view, region_views
 from services.common.verification import FeatureExtractor, LocalFeatures, QueryFeatures, Verifier, detail_view
 from services.common.verification.keypoint_index import KeypointIndex
 from services.evaluation.benchmark import wire_pixels
@@ -86,6 +88,22 @@ def pil(data: bytes, max_side: int) -> Image.Image:
 # ------------------------------------------------------------------------------------------------- methods
 
 Embed = Callable[[Sequence[bytes]], NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class QueryRegions:
+    """The served model on a query's regions (the moderator's ``embed_regions``, in process), and the
+    references' stored embeddings they are compared with."""
+
+    embed: Callable[[bytes], NDArray[np.float32]]
+    references: NDArray[np.float32]
+
+
+def served_regions(version: int, references: NDArray[np.float32]) -> QueryRegions:
+    from services.evaluation.embed import load_serving
+
+    run = load_serving(version)
+    return QueryRegions(lambda data: _normalised(run(region_views(wire_pixels(data)[None]))), references)
 
 
 def served_embedder(version: int) -> Embed:
@@ -200,14 +218,16 @@ def verified_similarity(
     threshold: float,
     band: float = DecisionSettings().review_margin,
     keypoints: KeypointIndex | None = None,
+    regions: QueryRegions | None = None,
 ) -> tuple[NDArray[np.float64], dict[str, Any]]:
     """The moderator's rule on every query: top candidates by cosine, verified, fused scores written back; then,
-    where no fused score is sure, the second pass (``keypoints``' most-voted references, verified alike)."""
+    where no fused score is sure, the second pass (``keypoints``' most-voted references, verified alike); last,
+    where no pair matched and one is undersold, the query's regions against those references (``regions``)."""
     cfg = verifier.settings
     idx, scores = top_k(sim, max(TOP_K, cfg.top_k))
     out = np.asarray(sim, dtype=np.float64).copy()
-    pairs = mirrored = second = second_pairs = second_matches = 0
-    second_s = 0.0
+    pairs = mirrored = second = second_pairs = second_matches = region_queries = region_lifted = 0
+    second_s = region_s = 0.0
     began = time.perf_counter()
     for q, data in enumerate(queries):
         neighbours = [Neighbour(str(int(i)), float(s)) for i, s in zip(idx[q], scores[q], strict=True)]
@@ -225,17 +245,29 @@ def verified_similarity(
         best = max((v.score for v in verified), default=None)
         if best is None and neighbours and not chosen:
             best = neighbours[0].score  # nothing verified: the descriptor's best stands
-        if keypoints is None or not verifier.needs_second_pass(best, threshold):
+        if keypoints is not None and verifier.needs_second_pass(best, threshold):
+            second += 1
+            t = time.perf_counter()
+            hits = verifier.keypoint_candidates(keypoints, query.features, exclude=references)
+            extra = [Neighbour(h.upload_id, float(sim[q, int(h.upload_id)])) for h in hits]
+            found = verifier.verify(query, extra, {n.upload_id: ref_features[int(n.upload_id)] for n in extra})
+            for v in found:
+                out[q, int(v.upload_id)] = v.score
+                second_matches += int(v.score >= threshold)
+            verified += found
+            second_pairs += len(extra)
+            second_s += time.perf_counter() - t
+        undersold = [v for v in verified if verifier.undersold(v.inliers, v.score, threshold)]
+        if regions is None or not undersold or any(v.score >= threshold for v in verified):
             continue
-        second += 1
         t = time.perf_counter()
-        hits = verifier.keypoint_candidates(keypoints, query.features, exclude=references)
-        extra = [Neighbour(h.upload_id, float(sim[q, int(h.upload_id)])) for h in hits]
-        for v in verifier.verify(query, extra, {n.upload_id: ref_features[int(n.upload_id)] for n in extra}):
-            out[q, int(v.upload_id)] = v.score
-            second_matches += int(v.score >= threshold)
-        second_pairs += len(extra)
-        second_s += time.perf_counter() - t
+        region_queries += 1
+        query_regions = regions.embed(data)
+        for v in undersold:
+            closer = verifier.closer(v, nearest_view(query_regions, regions.references[int(v.upload_id)]))
+            out[q, int(v.upload_id)] = closer.score
+            region_lifted += int(closer.score >= threshold)
+        region_s += time.perf_counter() - t
     elapsed = time.perf_counter() - began
     cost: dict[str, Any] = {
         "pairs_verified": pairs,
@@ -250,6 +282,13 @@ def verified_similarity(
             "ms_per_second_pass": round(second_s * 1000 / max(second, 1), 2),
             "index_descriptors": keypoints.descriptors,
             "index_bytes_per_image": round(keypoints.memory_bytes() / max(len(keypoints), 1)),
+        }
+    if regions is not None:
+        cost["query_regions"] = {
+            "queries": region_queries,
+            "share_of_queries": round(region_queries / max(len(queries), 1), 4),
+            "pairs_over_threshold": region_lifted,
+            "ms_per_query_with_regions": round(region_s * 1000 / max(region_queries, 1), 2),
         }
     return out, cost
 
@@ -464,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def keypoints_of(ref_features: Sequence[LocalFeatures]) -> KeypointIndex | None:
         return keypoint_index_of(ref_features, verifier) if not args.first_pass_only else None
 
+    def regions_of(references: NDArray[np.float32]) -> QueryRegions | None:
+        return served_regions(version, references) if vcfg.query_regions else None
+
     methods: dict[str, Embed] = {served_key: served_embedder(version)}
     if version != 2:
         methods["served_v2"] = served_embedder(2)
@@ -480,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ms = (time.perf_counter() - began) * 1000 / (len(test.ref_data) + len(test.query_data))
         similarities[name] = queries @ refs.T
         if name == served_key:
-            test_query_embeddings = queries  # reused by the normalisation study
+            test_query_embeddings, test_refs = queries, refs  # reused by the normalisation study and the regions
         results["methods"][name] = score_table(similarities[name], test.truth_index(), test.families, None)
         results["methods"][name]["ms_per_image"] = round(ms, 2)
         log(f"{name}: µAP {results['methods'][name]['micro_ap']} ({ms:.1f} ms/image)")
@@ -499,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verifier,
             at,
             keypoints=keypoints_of(val_features),
+            regions=regions_of(val_embeddings[1]),
         )
         truth = val.truth_index()
         idx, top = top_k(fused, 1)
@@ -536,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 verifier,
                 threshold,
                 keypoints=keypoints_of(ref_features),
+                regions=regions_of(test_refs),
             )
         feature_ms = (time.perf_counter() - began) * 1000 / len(hard_set.ref_data)
         if hard_set is test:
@@ -557,7 +601,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["current_families"] = {served_key: score_table(current_sim, current.truth_index(), current.families, None)}
     ref_features = features_of(current.ref_data, verifier.extractor, vcfg.detail_side)
     fused, _ = verified_similarity(
-        current_sim, current.query_data, ref_features, verifier, threshold, keypoints=keypoints_of(ref_features)
+        current_sim,
+        current.query_data,
+        ref_features,
+        verifier,
+        threshold,
+        keypoints=keypoints_of(ref_features),
+        regions=regions_of(current_refs),
     )
     results["current_families"]["served_system"] = score_table(
         fused, current.truth_index(), current.families, threshold

@@ -181,14 +181,16 @@ def _write(img: Image.Image, path: Path) -> Path:
 
 # Which signals to bank, whether to bank embeddings, whether with the images' keypoints (without them an
 # embedding match is the cosine alone: how banked embeddings matched before verification), and whether the
-# moderator runs the second pass (the banked images its keypoints vote for; on by default).
-BankContents = tuple[Callable[[Signal], bool], bool, bool, bool]
+# moderator runs the second pass (the banked images its keypoints vote for; on by default), and whether it embeds
+# an upload's regions where geometry agrees with a banked image its score undersold (SIEVE_VERIFY_QUERY_REGIONS).
+BankContents = tuple[Callable[[Signal], bool], bool, bool, bool, bool]
 CONTENTS: dict[str, BankContents] = {
-    "exact_only": (lambda s: s.kind in ("sha256", "phash"), False, False, True),  # what banks held before issue 17
-    "exact_and_pdq": (lambda s: True, False, False, True),
-    "exact_pdq_and_embedding_cosine_only": (lambda s: True, True, False, True),
-    "exact_pdq_and_embedding_first_pass_only": (lambda s: True, True, True, False),
-    "exact_pdq_and_embedding": (lambda s: True, True, True, True),
+    "exact_only": (lambda s: s.kind in ("sha256", "phash"), False, False, True, True),  # banks before issue 17
+    "exact_and_pdq": (lambda s: True, False, False, True, True),
+    "exact_pdq_and_embedding_cosine_only": (lambda s: True, True, False, True, True),
+    "exact_pdq_and_embedding_first_pass_only": (lambda s: True, True, True, False, False),
+    "exact_pdq_and_embedding_without_query_regions": (lambda s: True, True, True, True, False),
+    "exact_pdq_and_embedding": (lambda s: True, True, True, True, True),
 }
 
 
@@ -244,12 +246,12 @@ def _catch_rates(
     bank_pixels = np.stack([image.pixels for image in images])
     item_ids = [image.item_id for image in images]
     photo_of_item = {item: f"{r.package}:{r.original_path}" for item, r in zip(item_ids, banked, strict=True)}
-    for name, (keep, with_embeddings, with_keypoints, second_pass) in CONTENTS.items():
+    for name, (keep, with_embeddings, with_keypoints, second_pass, query_regions) in CONTENTS.items():
         prefix = f"bench-{name}"
         settings = base.model_copy(
             update={
                 "redis": base.redis.model_copy(update={"key_prefix": prefix}),
-                "verify": base.verify.model_copy(update={"second_pass": second_pass}),
+                "verify": base.verify.model_copy(update={"second_pass": second_pass, "query_regions": query_regions}),
             }
         )
         store = HashBankStore(client, prefix)
@@ -297,6 +299,7 @@ def _catch_rates(
             hard_edited_uploads=len(hard),
             unrelated_uploads=len(per_family["unrelated"]),
             pipeline_ms_per_upload=round(elapsed * 1000 / len(uploads), 2),
+            uploads_with_regions_embedded=pipeline.assembler.near_banks.regions_embedded,
         )
         progress(
             f"{name}: catch {row['catch_rate']:.3f}, hard {row['hard_catch_rate']:.3f}, "

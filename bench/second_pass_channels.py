@@ -35,21 +35,13 @@ from services.common.calibration import VALIDATION_HALF
 from services.common.config import DecisionSettings, DecodeSettings, VerificationSettings
 from services.common.imaging import decode_image, detail_view
 from services.common.index.base import Neighbour
+from services.common.regions import REGIONS  # the regions the moderator embeds
 from services.common.verification import QueryFeatures, Verifier
 from services.evaluation.embed import load_serving
 from services.evaluation.hard_set import build_set, photo_sources
 from services.evaluation.hard_sources import VALIDATION_DISTRACTORS, fillers, texture_images
 from services.evaluation.metrics import top_k
 
-Box = tuple[float, float, float, float]
-REGIONS: tuple[Box, ...] = (
-    (0.15, 0.15, 0.85, 0.85),
-    (0.25, 0.25, 0.75, 0.75),
-    (0.0, 0.0, 0.6, 0.6),
-    (0.4, 0.0, 1.0, 0.6),
-    (0.0, 0.4, 0.6, 1.0),
-    (0.4, 0.4, 1.0, 1.0),
-)
 PER_VIEW = 3
 CHANNELS = ("keypoints", "rotations", "query_regions")
 

@@ -33,6 +33,7 @@ class PrepareSpec:
     pdq_min_quality: int
     feature_kind: FeatureKind = "orb"
     max_features: int = 500
+    min_side: int = 0  # views smaller than this are enlarged before keypoints are found (FeatureExtractor)
 
     @classmethod
     def of(cls, settings: Settings, keypoints: bool = True) -> PrepareSpec:
@@ -44,6 +45,7 @@ class PrepareSpec:
             pdq_min_quality=settings.banks.pdq_min_quality,
             feature_kind=verify.kind,
             max_features=verify.max_features,
+            min_side=verify.min_side,
         )
 
 
@@ -66,9 +68,9 @@ class PreparedImage:
 
 
 @lru_cache(maxsize=4)
-def extractor_for(kind: FeatureKind, max_features: int) -> FeatureExtractor:
+def extractor_for(kind: FeatureKind, max_features: int, min_side: int) -> FeatureExtractor:
     """One extractor per process and setting (OpenCV's detector is built once)."""
-    return FeatureExtractor(kind, max_features)
+    return FeatureExtractor(kind, max_features, min_side)
 
 
 def prepare_image(data: bytes, spec: PrepareSpec) -> PreparedImage:
@@ -82,7 +84,7 @@ def prepare_image(data: bytes, spec: PrepareSpec) -> PreparedImage:
     features = None
     began = time.perf_counter()
     if decoded.detail is not None:
-        features = extractor_for(spec.feature_kind, spec.max_features).extract(decoded.detail)
+        features = extractor_for(spec.feature_kind, spec.max_features, spec.min_side).extract(decoded.detail)
     return PreparedImage(
         sha256=sha256_hex(data),
         md5=md5_hex(data),

@@ -61,7 +61,7 @@ class MatchEvidence(_Strict):
     """Why a neighbour scored what it did: the descriptor's cosine and the local-feature check behind it."""
 
     upload_id: str
-    cosine: float
+    cosine: float  # the best region's, where the upload's regions came closer (reasons: query_regions:<id>)
     inliers: int  # keypoint matches consistent with one homography (RANSAC)
     mirrored: bool = False  # matched against the mirrored upload
     score: float  # fused score, compared with the version's threshold

@@ -70,7 +70,7 @@ class Pipeline:
             redis_client, prefix, settings.banks.sync_interval_s, self.verifier.keypoint_index
         )
         self.bank_rule = BankEmbeddingRule(self.thresholds, self.verifier)
-        near_banks = NearBankMatcher(self.banks, embedding_banks, self.bank_rule)
+        near_banks = NearBankMatcher(self.banks, embedding_banks, self.bank_rule, models.infer)
         feature_store = FeatureStore(redis_client, prefix, retention)
         self.keypoints = SharedKeypointIndex(feature_store, self.verifier.keypoint_index(), retention)
         processed = ProcessedEvents(redis_client, prefix, settings.moderator.dedup_ttl_s)
@@ -80,7 +80,12 @@ class Pipeline:
         self.fast_paths = FastPaths(self.banks, ExactMatchStore(redis_client, prefix, retention))
         self.inference = Inference(models, self.metrics, self.fast_paths)
         self.verify = VerifyStage(
-            self.verifier, feature_store, KeypointChannel(self.verifier, self.keypoints), self.workers, self.metrics
+            self.verifier,
+            feature_store,
+            KeypointChannel(self.verifier, self.keypoints),
+            self.workers,
+            self.metrics,
+            models.infer,
         )
         self.assembler = Assembler(
             redis_client, prefix, ReviewSelector(redis_client, prefix, settings.review), near_banks, self.verifier
@@ -142,7 +147,7 @@ class Pipeline:
         cfg = self.decision_for(model_version)
         passes = first_pass(index, group, cfg.top_k)
         batch_features = {i.upload_id: i.image.features for i in group if i.image and i.image.features is not None}
-        verified = self.verify.group(group, passes, cfg, index, batch_features)
+        verified = self.verify.group(model_version, group, passes, cfg, index, batch_features)
         for item, first, checked in zip(group, passes, verified, strict=True):
             assert item.inferred is not None
             item.timings["infer_ms"] = round(item.inferred.infer_ms, 3)

@@ -158,6 +158,7 @@ class AdminStore:
             self.bank_store,
             EmbeddingBanks(client, key_prefix, self.bank_settings.sync_interval_s, verifier.keypoint_index),
             BankEmbeddingRule(self.resolver, verifier),
+            models.infer if models is not None else None,
         )
         self.ops = BankOperations(self.bank_store, audit, self.settings, models, self.near_banks.embeddings)
         self.ledger = PromotionLedger(client, key_prefix)
@@ -281,7 +282,7 @@ class AdminStore:
             try:
                 result = self.models.infer(image.pixels[None])
                 query = QueryFeatures(image.features) if image.features is not None else None
-                found += self.near_banks.match(result.model_version, result.embeddings[0], query)
+                found += self.near_banks.match(result.model_version, result.embeddings[0], query, image.pixels)
                 near = result.model_version
             except TransientError as exc:
                 near = f"unavailable: {exc}"  # the hash matches still answer

@@ -315,7 +315,7 @@ def keypoint_match(a: DecodedImage, b: DecodedImage, settings: Settings) -> tupl
     cfg = settings.verify
     if a.detail is None or b.detail is None:
         raise ValueError("decode both images with a detail view first")
-    extractor = FeatureExtractor(cfg.kind, cfg.max_features)
+    extractor = FeatureExtractor(cfg.kind, cfg.max_features, cfg.min_side)
     reference = extractor.extract(b.detail)
     query = extractor.extract(a.detail)
     direct = match_geometry(query, reference, cfg.ratio, cfg.ransac_px)

@@ -31,7 +31,7 @@ from services.common.verification.keypoint_index import VOCABULARY_PATH
 
 def descriptors_of_background_photos(limit: int | None = None) -> NDArray[np.uint8]:
     cfg = VerificationSettings()
-    extractor = FeatureExtractor("orb", cfg.max_features)
+    extractor = FeatureExtractor("orb", cfg.max_features, cfg.min_side)
     manifest = load_photo_set()
     records = [r for r in manifest.split("train") if background_half(r.group) == BACKGROUND_HALF][:limit]
     rows = []

@@ -55,7 +55,9 @@ def test_hard_copies_are_linked_with_keypoint_evidence(
             assert float(verified["score"]) > float(verified["cosine"])  # type: ignore[arg-type]
             threshold = DecisionSettings().threshold_for(str(verdict["model_version"]))
             if float(verified["cosine"]) < threshold:  # type: ignore[arg-type]
-                assert f"verified_match:{original}:{verified['inliers']}" in verdict["reasons"], verdict  # type: ignore[operator]
+                # the channel that found it: the descriptor's neighbours, or the keypoint vote (second pass)
+                said = {f"{kind}:{original}:{verified['inliers']}" for kind in ("verified_match", "keypoint_match")}
+                assert said & set(verdict["reasons"]), verdict  # type: ignore[arg-type]
     # Measured: 6 of 8 with sieve_embedder:2, 5 of 8 with :3 (better on the hard benchmark's 465 copies, 0.931
     # against 0.923 F1; one copy here moved just under the threshold).
     assert found >= 5, f"only {found} of {len(copies)} hard copies linked"

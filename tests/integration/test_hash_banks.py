@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, ImageFilter
 from pydantic import SecretStr
 
 from services.cli import main as sieve
@@ -357,3 +357,82 @@ def test_the_match_api_finds_an_edited_copy_of_a_banked_image(settings: Settings
     assert (match["bank"], match["content_id"]) == ("known", "coffee")
     assert match["inliers"] > 12 and match["score"] >= settings.banks.embedding_thresholds[body["near_matches_by"]]
     assert all(m["signal_type"] != "sha256" for m in body["matches"])
+
+
+def test_a_crop_of_a_banked_image_is_near_one_of_its_regions(settings: Settings) -> None:
+    """Banking embeds the image's fixed regions beside the whole (services/common/regions.py): a small corner
+    crop, far from the whole, is near the region it came from, and the bank's search reports that cosine."""
+    from skimage import data as skdata
+
+    from services.common.banks.images import banked_image
+    from services.common.inference import TritonModels
+    from services.common.prepared import PrepareSpec, prepare_image
+    from services.common.regions import REGIONS
+
+    photo = Image.fromarray(skdata.astronaut()).convert("RGB")
+    banked = banked_image(encode_jpeg(photo, 92), settings)
+    client = _client(settings)
+    prefix = f"{settings.redis.key_prefix}-regions"
+    models = TritonModels(settings.triton)
+    version = EmbeddingBanks(client, prefix).embed_and_add("regions", models, ["astronaut"], banked.pixels[None])
+    stored = client.hget(f"{prefix}:bankreg:{version}", "regions/astronaut")
+    dimensions = models.infer(banked.pixels[None]).embeddings.shape[1]
+    assert stored is not None and len(stored) == len(REGIONS) * 4 * dimensions
+
+    w, h = photo.size  # the top-left 36% of the photo, shrunk to a thumbnail and re-encoded
+    crop = photo.crop((0, 0, int(w * 0.6), int(h * 0.6))).resize((150, 150))
+    query = prepare_image(encode_jpeg(crop, 80), PrepareSpec.of(settings)).pixels
+    embedding = models.infer(query[None]).embeddings[0]
+    whole = EmbeddingBanks(client, prefix).vectors("regions")[0][2][0]
+    whole_cosine = float(whole @ embedding / np.linalg.norm(embedding))
+    [hit] = EmbeddingBanks(client, prefix).search(version, embedding)
+    assert hit.item_id == "astronaut"
+    assert hit.cosine > whole_cosine + 0.05  # a region, not the whole, is what the crop is near
+    EmbeddingBanks(client, prefix).remove_bank("regions")
+    assert client.hlen(f"{prefix}:bankreg:{version}") == 0
+
+
+def test_a_banked_photo_pasted_into_a_collage_is_found_by_the_uploads_regions(settings: Settings) -> None:
+    """The banked photo fills one corner of a collage: the whole upload's embedding is far from it while its
+    keypoints agree, so the matcher embeds the upload's regions (through Triton) and judges the nearest pair of
+    views again; without the served models at hand for that, the same upload is not matched."""
+    from skimage import data as skdata
+
+    from services.common.banks.images import banked_image
+    from services.common.banks.near import BankEmbeddingRule, NearBankMatcher
+    from services.common.inference import TritonModels
+    from services.common.thresholds import ThresholdResolver
+    from services.common.verification import QueryFeatures, Verifier
+
+    photo = Image.fromarray(skdata.coffee()).convert("RGB")
+    banked = banked_image(encode_jpeg(photo, 92), settings)
+    client = _client(settings)
+    prefix = f"{settings.redis.key_prefix}-collage"
+    store = HashBankStore(client, prefix)
+    store.create("known")
+    models = TritonModels(settings.triton)
+    EmbeddingBanks(client, prefix).embed_and_add("known", models, ["coffee"], banked.pixels[None], [banked.features])
+    collage = Image.new("RGB", (600, 600))  # coffee in the top-left 60%, three softened photos around it
+    collage.paste(photo.resize((360, 360)), (0, 0))
+    tiles = [("astronaut", (240, 360), (360, 0)), ("chelsea", (360, 240), (0, 360)), ("rocket", (240, 240), (360, 360))]
+    for name, size, at in tiles:
+        tile = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize(size)
+        collage.paste(tile.filter(ImageFilter.GaussianBlur(2)), at)
+    upload = banked_image(encode_jpeg(collage, 85), settings)
+    result = models.infer(upload.pixels[None])
+    assert upload.features is not None
+    query = QueryFeatures(upload.features)
+    verifier = Verifier(settings.verify)
+    rule = BankEmbeddingRule(ThresholdResolver(settings.decision, settings.banks), verifier)
+
+    def matcher(with_regions: bool) -> NearBankMatcher:
+        embeddings = EmbeddingBanks(client, prefix, keypoint_index=verifier.keypoint_index)
+        return NearBankMatcher(store, embeddings, rule, models.infer if with_regions else None)
+
+    version, embedding = result.model_version, result.embeddings[0]
+    assert matcher(False).match(version, embedding, query, upload.pixels) == []
+    [match] = matcher(True).match(version, embedding, query, upload.pixels)
+    assert (match.bank, match.item_id) == ("known", "coffee")
+    assert match.inliers is not None and match.inliers > settings.verify.inlier_floor
+    assert match.score is not None and match.score >= rule.threshold(version, None)
+    store.remove("known")

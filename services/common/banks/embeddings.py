@@ -6,6 +6,9 @@ edits. Layout in Redis (``<prefix>`` is SIEVE_REDIS_KEY_PREFIX, ``<mv>`` a model
 
 - ``<prefix>:bankemb:<mv>``          hash    ``<bank>/<item id>`` -> float32 embedding bytes (L2-normalised)
 - ``<prefix>:bankemb:<mv>:rev``      string  bumped on every change; replicas reload that version when it moves
+- ``<prefix>:bankreg:<mv>``          hash    ``<bank>/<item id>`` -> the embeddings of the image's fixed regions
+                                             (services/common/regions.py), len(REGIONS) x d float32: a crop
+                                             of a banked photo is near one of them though far from the whole
 - ``<prefix>:bankpix:<bank>``        hash    item id -> the decoded model input (uint8, 256x256x3), kept so a
                                              new model version can re-embed the bank (``reembed``)
 - ``<prefix>:bankfeat:<bank>``       hash    item id -> the image's keypoints (``LocalFeatures``): an embedding
@@ -13,7 +16,11 @@ edits. Layout in Redis (``<prefix>`` is SIEVE_REDIS_KEY_PREFIX, ``<mv>`` a model
                                              they do not depend on the model version
 
 Embedding banks hold banked images, not exchanged hash lists, so they stay small (thousands): a replica
-reloads a version's vectors whole when its revision moves rather than following a log.
+reloads a version's vectors whole when its revision moves rather than following a log. That is also why regions
+pay for their memory here (7 KB more per 256-d image) and not in the recent window of millions.
+
+A banked image's cosine to an upload is the best of its whole and its regions' cosines, in the first pass and
+in the keypoint channel alike; verification and the bank's threshold then judge it as before.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import redis
 from numpy.typing import NDArray
 
 from services.common.inference import ImageModels
+from services.common.regions import REGIONS, region_views
 from services.common.verification import KeypointHit, KeypointIndex, LocalFeatures
 
 log = logging.getLogger(__name__)
@@ -41,14 +49,16 @@ EmbedFn = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
 class EmbeddingHit:
     bank: str
     item_id: str
-    cosine: float
+    cosine: float  # the best of the image's views: the whole or one of its regions
+    whole: float | None = None  # the whole image's cosine, where a region's was better
 
 
 @dataclass
 class _VersionIndex:
     rev: int
     banks: dict[str, tuple[faiss.IndexFlatIP, list[str]]] = field(default_factory=dict)
-    vectors: dict[str, NDArray[np.float32]] = field(default_factory=dict)  # "<bank>/<item id>" -> embedding
+    # "<bank>/<item id>" -> its views' embeddings, (1 + regions, d): the whole first
+    vectors: dict[str, NDArray[np.float32]] = field(default_factory=dict)
     keypoints: KeypointIndex | None = None  # built on first use: only uploads the first pass is unsure of need it
     checked_at: float = 0.0
 
@@ -70,6 +80,9 @@ class EmbeddingBanks:
     def _key(self, model_version: str) -> str:
         return f"{self.prefix}:bankemb:{model_version}"
 
+    def _regions_key(self, model_version: str) -> str:
+        return f"{self.prefix}:bankreg:{model_version}"
+
     def _pixels_key(self, bank: str) -> str:
         return f"{self.prefix}:bankpix:{bank}"
 
@@ -79,14 +92,26 @@ class EmbeddingBanks:
     # -- writing --------------------------------------------------------------------------------------
 
     def add(
-        self, bank: str, model_version: str, item_ids: list[str], embeddings: NDArray[Any], pixels: NDArray[Any]
+        self,
+        bank: str,
+        model_version: str,
+        item_ids: list[str],
+        embeddings: NDArray[Any],
+        pixels: NDArray[Any],
+        regions: NDArray[Any] | None = None,
     ) -> None:
-        """Banks images' embeddings (and their model inputs, for re-embedding under a later version)."""
+        """Banks images' embeddings (and their model inputs, for re-embedding under a later version);
+        ``regions`` (n, len(REGIONS), d) are their regions' embeddings, where known."""
         vectors = _normalised(embeddings)
         pipe = self.client.pipeline(transaction=True)
-        for item_id, vector, image in zip(item_ids, vectors, pixels, strict=True):
-            pipe.hset(self._key(model_version), f"{bank}{SEP}{item_id}", vector.tobytes())
+        for row, (item_id, vector, image) in enumerate(zip(item_ids, vectors, pixels, strict=True)):
+            key = f"{bank}{SEP}{item_id}"
+            pipe.hset(self._key(model_version), key, vector.tobytes())
             pipe.hset(self._pixels_key(bank), item_id, np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+            if regions is not None:
+                pipe.hset(self._regions_key(model_version), key, _normalised(regions[row]).tobytes())
+            else:
+                pipe.hdel(self._regions_key(model_version), key)  # a re-banked image's old regions are not its own
         pipe.incr(f"{self._key(model_version)}:rev")
         pipe.execute()
 
@@ -125,17 +150,24 @@ class EmbeddingBanks:
         pixels: NDArray[Any],
         features: list[LocalFeatures | None] | None = None,
     ) -> str:
-        """Embeds with the served model; returns the model version that answered."""
-        version = ""
-        for i in range(0, len(item_ids), 32):
-            result = models.infer(pixels[i : i + 32])
-            self.add(bank, result.model_version, item_ids[i : i + 32], result.embeddings, pixels[i : i + 32])
-            version = result.model_version
+        """Embeds (the whole and its regions) with the served model; returns the model version that answered."""
+        answered: list[str] = []
+
+        def embed(views: NDArray[np.uint8]) -> NDArray[np.float32]:
+            result = models.infer(views)
+            answered.append(result.model_version)
+            return cast(NDArray[np.float32], result.embeddings)
+
+        for i in range(0, len(item_ids), 8):
+            chunk = pixels[i : i + 8]
+            whole, regions = _embed_views(embed, chunk)
+            self.add(bank, answered[-1], item_ids[i : i + 8], whole, chunk, regions)
+        version = answered[-1] if answered else ""
         if features is not None:
             self.add_features(bank, dict(zip(item_ids, features, strict=True)))
         return version
 
-    def reembed(self, models: ImageModels, banks: list[str], batch: int = 32) -> tuple[str, int]:
+    def reembed(self, models: ImageModels, banks: list[str], batch: int = 8) -> tuple[str, int]:
         """Every banked image embedded again by the served version (by hand: ``sieve banks reembed``)."""
         answered: list[str] = []
 
@@ -147,7 +179,7 @@ class EmbeddingBanks:
         count = self._reembed(embed, lambda: answered[-1], banks, batch)
         return (answered[-1] if answered else ""), count
 
-    def reembed_as(self, embed: EmbedFn, model_version: str, banks: list[str], batch: int = 32) -> int:
+    def reembed_as(self, embed: EmbedFn, model_version: str, banks: list[str], batch: int = 8) -> int:
         """Every banked image embedded by a version not served yet (a promotion, before the switch)."""
         return self._reembed(embed, lambda: model_version, banks, batch)
 
@@ -159,8 +191,8 @@ class EmbeddingBanks:
             for i in range(0, len(ids), batch):
                 chunk = ids[i : i + batch]
                 pixels = np.stack([np.frombuffer(rows[c.encode()], dtype=np.uint8).reshape(256, 256, 3) for c in chunk])
-                vectors = embed(pixels)
-                self.add(bank, version(), chunk, vectors, pixels)
+                whole, regions = _embed_views(embed, pixels)
+                self.add(bank, version(), chunk, whole, pixels, regions)
                 count += len(chunk)
         return count
 
@@ -187,6 +219,7 @@ class EmbeddingBanks:
             pipe = self.client.pipeline(transaction=True)
             if fields:
                 pipe.hdel(key, *fields)
+                pipe.hdel(self._regions_key(key.removeprefix(f"{self.prefix}:bankemb:")), *fields)
             pipe.incr(f"{key}:rev")
             pipe.execute()
         self.client.delete(self._pixels_key(bank), self._features_key(bank))
@@ -227,18 +260,29 @@ class EmbeddingBanks:
         return current
 
     def _load(self, model_version: str, rev: int) -> _VersionIndex:
+        """One flat index per bank over every view (whole and regions) of its images; a row maps to its item."""
+        regions = {
+            key.decode(): raw for key, raw in self.client.hscan_iter(self._regions_key(model_version), count=1000)
+        }
         per_bank: dict[str, tuple[list[str], list[NDArray[np.float32]]]] = {}
-        for key, raw in self.client.hscan_iter(self._key(model_version), count=1000):
-            bank, _, item_id = key.decode().partition(SEP)
-            ids, vectors = per_bank.setdefault(bank, ([], []))
-            ids.append(item_id)
-            vectors.append(np.frombuffer(raw, dtype=np.float32))
         loaded = _VersionIndex(rev)
+        for key, raw in self.client.hscan_iter(self._key(model_version), count=1000):
+            name = key.decode()
+            bank, _, item_id = name.partition(SEP)
+            whole = np.frombuffer(raw, dtype=np.float32)
+            views = whole[None]
+            extra = regions.get(name)
+            if extra is not None and len(extra) == len(REGIONS) * whole.nbytes:
+                views = np.concatenate([views, np.frombuffer(extra, dtype=np.float32).reshape(len(REGIONS), -1)])
+            ids, vectors = per_bank.setdefault(bank, ([], []))
+            ids.extend([item_id] * len(views))
+            vectors.append(views)
+            loaded.vectors[name] = views
         for bank, (ids, vectors) in per_bank.items():
-            index = faiss.IndexFlatIP(len(vectors[0]))
-            index.add(np.stack(vectors))
+            stacked = np.concatenate(vectors)
+            index = faiss.IndexFlatIP(stacked.shape[1])
+            index.add(stacked)
             loaded.banks[bank] = (index, ids)
-            loaded.vectors.update({f"{bank}{SEP}{item}": v for item, v in zip(ids, vectors, strict=True)})
         return loaded
 
     def _keypoints(self, version: _VersionIndex) -> KeypointIndex:
@@ -259,13 +303,21 @@ class EmbeddingBanks:
         """Each bank's nearest banked image for one embedding, most similar first."""
         query = _normalised(embedding.reshape(1, -1))
         hits = []
-        for bank, (index, ids) in self._index(model_version).banks.items():
+        version = self._index(model_version)
+        for bank, (index, ids) in version.banks.items():
             if index.d != query.shape[1]:
                 continue
-            scores, rows = index.search(query, 1)
+            _, rows = index.search(query, 1)
             if rows[0, 0] >= 0:
-                hits.append(EmbeddingHit(bank, ids[int(rows[0, 0])], float(scores[0, 0])))
+                item_id = ids[int(rows[0, 0])]
+                views = version.vectors[f"{bank}{SEP}{item_id}"]
+                hits.append(_hit(bank, item_id, views @ query[0]))
         return sorted(hits, key=lambda h: -h.cosine)
+
+    def views(self, model_version: str, keys: list[str]) -> dict[str, NDArray[np.float32]]:
+        """``<bank>/<item id>`` -> the embeddings of its views (whole first, then regions), for those known."""
+        vectors = self._index(model_version).vectors
+        return {key: vectors[key] for key in keys if key in vectors}
 
     def search_keypoints(
         self,
@@ -280,12 +332,25 @@ class EmbeddingBanks:
         query = _normalised(embedding.reshape(1, -1))[0]
         hits = []
         for hit in pick(self._keypoints(version), features):
-            vector = version.vectors.get(hit.upload_id)
-            if vector is None or vector.shape != query.shape:
+            views = version.vectors.get(hit.upload_id)
+            if views is None or views.shape[1] != query.shape[0]:
                 continue
             bank, _, item_id = hit.upload_id.partition(SEP)
-            hits.append(EmbeddingHit(bank, item_id, float(np.dot(vector, query))))
+            hits.append(_hit(bank, item_id, views @ query))
         return hits
+
+
+def _hit(bank: str, item_id: str, cosines: NDArray[np.float32]) -> EmbeddingHit:
+    """``cosines`` of the image's views, the whole first."""
+    best, whole = float(np.max(cosines)), float(cosines[0])
+    return EmbeddingHit(bank, item_id, best, whole if best > whole else None)
+
+
+def _embed_views(embed: EmbedFn, pixels: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """The images' embeddings and their regions' ((n, d) and (n, len(REGIONS), d)), in one call of ``embed``."""
+    n = len(pixels)
+    vectors = embed(np.concatenate([pixels, region_views(pixels)]))
+    return vectors[:n], vectors[n:].reshape(n, len(REGIONS), -1)
 
 
 def _normalised(vectors: NDArray[Any]) -> NDArray[np.float32]:

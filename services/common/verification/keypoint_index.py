@@ -128,40 +128,34 @@ class KeypointIndex:
                 return []
             k = min(self.neighbours * 4, int(self._index.ntotal))
             distances, slots = self._index.search(np.ascontiguousarray(query.descriptors, dtype=np.uint8), k)
-            names = {slot: upload_id for slot, (upload_id, _) in self._slots.items()}
-        return _tally(distances, slots, self.max_distance, self.neighbours, names, top, min_votes, set(exclude))
+        out = []
+        for slot, count in tally(distances, slots, self.max_distance, self.neighbours):
+            if count < min_votes:
+                break
+            known = self._slots.get(slot)  # evicted since the search: skipped
+            if known is None or known[0] in exclude:
+                continue
+            out.append(KeypointHit(known[0], count))
+            if len(out) >= top:
+                break
+        return out
 
 
-def _tally(
-    distances: NDArray[Any],
-    slots: NDArray[np.int64],
-    max_distance: int,
-    neighbours: int,
-    names: dict[int, str],
-    top: int,
-    min_votes: int,
-    exclude: set[str],
-) -> list[KeypointHit]:
-    """One vote per (query descriptor, reference): a reference's repeated texture must not outvote a copy."""
-    close = (distances <= max_distance) & (slots >= 0)
-    votes: dict[int, int] = {}
-    for row_slots, row_close in zip(slots, close, strict=True):
-        seen: list[int] = []
-        for slot in row_slots[row_close].tolist():
-            if slot not in seen:
-                seen.append(slot)
-                if len(seen) > neighbours:
-                    break
-                votes[slot] = votes.get(slot, 0) + 1
-    ranked = sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
-    out = []
-    for slot, count in ranked:
-        if count < min_votes:
-            break
-        name = names.get(slot)
-        if name is None or name in exclude:
-            continue
-        out.append(KeypointHit(name, count))
-        if len(out) >= top:
-            break
-    return out
+def tally(
+    distances: NDArray[Any], slots: NDArray[np.int64], max_distance: int, neighbours: int
+) -> list[tuple[int, int]]:
+    """(slot, votes), most votes first (ties: lower slot first). Each query descriptor votes once for each of the
+    first ``neighbours`` distinct references among its matches within ``max_distance``: a reference's repeated
+    texture must not outvote a copy. Vectorised: on a 2-core machine the loop it replaced cost more than the
+    FAISS search (5.7 ms a query on the validation set)."""
+    if slots.size == 0:
+        return []
+    close = (distances <= max_distance) & (slots >= 0)  # a prefix of each row: FAISS sorts by distance
+    k = slots.shape[1]
+    earlier = np.tril(np.ones((k, k), dtype=bool), -1)  # earlier[j, i]: position i comes before j
+    repeated = ((slots[:, :, None] == slots[:, None, :]) & earlier[None]).any(axis=2)
+    fresh = close & ~repeated
+    voting = fresh & (np.cumsum(fresh, axis=1) <= neighbours)
+    found, counts = np.unique(slots[voting], return_counts=True)
+    order = np.lexsort((found, -counts))
+    return [(int(found[i]), int(counts[i])) for i in order]

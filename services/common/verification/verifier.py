@@ -35,7 +35,7 @@ class QueryFeatures:
 class Verifier:
     def __init__(self, settings: VerificationSettings) -> None:
         self.settings = settings
-        self.extractor = FeatureExtractor(settings.kind, settings.max_features)
+        self.extractor = FeatureExtractor(settings.kind, settings.max_features, settings.min_side)
 
     def candidates(self, neighbours: Sequence[Neighbour], threshold: float, band: float = 0.0) -> list[Neighbour]:
         """The nearest ``top_k`` that a full inlier bonus could lift to within ``band`` of the threshold (the
@@ -94,13 +94,29 @@ class Verifier:
             Neighbour(h.upload_id, float(np.dot(stored[h.upload_id], embedding))) for h in hits if h.upload_id in stored
         ]
 
-    def score(self, cosine: float, inliers: int, query_keypoints: int, reference_keypoints: int) -> float:
+    def score(self, cosine: float, inliers: int, query_keypoints: int = 0, reference_keypoints: int = 0) -> float:
         """The fused score of one verified pair; a miss counts against it only when both sides had keypoints
-        enough for the check to mean something."""
+        enough for the check to mean something (with inliers above the floor there is no miss)."""
         cfg = self.settings
         informative = min(query_keypoints, reference_keypoints) >= cfg.miss_min_keypoints
         penalty = cfg.miss_penalty if informative else 0.0
         return fuse(cosine, inliers, cfg.weight, cfg.inlier_floor, cfg.inlier_cap, penalty, cfg.cosine_floor)
+
+    def undersold(self, inliers: int | None, score: float, threshold: float) -> bool:
+        """Geometry agrees with a reference (inliers above the floor) and the fused score still falls short: the
+        upload may hold the reference inside a larger picture (a meme, a collage, a screenshot), where the whole
+        upload's embedding is far from it, so its regions are worth embedding (``query_regions``)."""
+        cfg = self.settings
+        agrees = inliers is not None and inliers > cfg.inlier_floor
+        return cfg.enabled and cfg.query_regions and agrees and score < threshold
+
+    def closer(self, verified: Verification, cosine: float) -> Verification:
+        """A verified pair rescored with a better cosine (a region of the upload against the reference); its
+        geometry stands, so the pair is not matched again."""
+        if cosine <= verified.cosine:
+            return verified
+        score = round(self.score(cosine, verified.inliers), 6)
+        return Verification(verified.upload_id, cosine, verified.inliers, verified.mirrored, score)
 
     def verify(
         self, query: QueryFeatures, neighbours: Sequence[Neighbour], references: Mapping[str, LocalFeatures]

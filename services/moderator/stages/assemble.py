@@ -123,7 +123,7 @@ class Assembler:
             query = QueryFeatures(image.features, lambda: extractor.extract_mirrored(detail))
         began = time.perf_counter()
         try:
-            found = self.near_banks.match(model_version, embedding_of(item), query)
+            found = self.near_banks.match(model_version, embedding_of(item), query, image.pixels)
         except redis.RedisError:
             return []  # the hash banks were checked already; a banked embedding is a second chance
         item.timings["bank_verify_ms"] = elapsed_ms(began)

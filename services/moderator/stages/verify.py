@@ -1,19 +1,26 @@
 """Local-feature verification of an upload's candidates; their fused scores replace the cosines.
 
 Every upload of a group is verified at once in the worker processes (``verify_upload`` is pure); the second pass
-(references found by keypoints) follows for those still unsure, and is verified the same way.
+(references found by keypoints) follows for those still unsure, and is verified the same way. Last, uploads whose
+geometry agrees with a reference that their score undersold (``Verifier.undersold``: a photo pasted into a meme or
+a collage) have their regions embedded, all in one call, and the best region's cosine replaces the whole's.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import redis
+from numpy.typing import NDArray
 
 from services.common.config import DecisionSettings
 from services.common.errors import TransientError
 from services.common.index import Neighbour, RecentIndex
+from services.common.regions import Infer, embed_regions, nearest_view
 from services.common.schemas import MatchEvidence
+from services.common.timing import elapsed_ms
 from services.common.verification import FeatureStore, LocalFeatures, Verification, Verifier, rescored, verify_upload
 from services.moderator.metrics import ModeratorMetrics
 from services.moderator.stages.candidates import FirstPass, KeypointChannel, embedding_of
@@ -40,6 +47,10 @@ class _Pending:
     first: list[Verification] = field(default_factory=list)
     second: list[Verification] = field(default_factory=list)
     second_candidates: list[Neighbour] = field(default_factory=list)
+    by_regions: set[str] = field(default_factory=set)  # references a region of the upload came closer to
+
+    def verified(self) -> list[Verification]:
+        return self.first + self.second
 
 
 class VerifyStage:
@@ -50,15 +61,18 @@ class VerifyStage:
         channel: KeypointChannel,
         workers: Workers,
         metrics: ModeratorMetrics,
+        infer: Infer | None = None,
     ) -> None:
         self.verifier = verifier
         self.feature_store = feature_store
         self.channel = channel
         self.workers = workers
         self.metrics = metrics
+        self.infer = infer  # the served models, for uploads' regions (None: not looked at)
 
     def group(
         self,
+        model_version: str,
         group: list[Item],
         passes: list[FirstPass],
         cfg: DecisionSettings,
@@ -97,9 +111,56 @@ class VerifyStage:
             pending[n].second = found
             pending[n].item.span.set_attribute("sieve.second_pass_candidates", len(second_round[n]))
 
+        batch_vectors = {p.entry.upload_id: p.entry.vector for p in passes}
+        self._by_query_regions(model_version, pending, threshold, index, batch_vectors)
         for n, p in pending.items():
             out[n] = _verified(p, threshold)
         return out
+
+    def _by_query_regions(
+        self,
+        model_version: str,
+        pending: dict[int, _Pending],
+        threshold: float,
+        index: RecentIndex,
+        batch_vectors: dict[str, NDArray[np.float32]],
+    ) -> None:
+        """Uploads with no match yet and an undersold pair: their regions, embedded in one call, against the
+        stored embeddings of those references."""
+        unsure = [
+            p
+            for p in pending.values()
+            if not any(v.score >= threshold for v in p.verified())
+            and any(self.verifier.undersold(v.inliers, v.score, threshold) for v in p.verified())
+        ]
+        if not unsure or self.infer is None:
+            return
+        began = time.perf_counter()
+        wanted = {v.upload_id for p in unsure for v in p.verified()} - set(batch_vectors)
+        try:
+            embedded = embed_regions(self.infer, [_pixels(p.item) for p in unsure], model_version)
+            stored = {**index.vectors(sorted(wanted)), **batch_vectors} if embedded is not None else {}
+        except (TransientError, redis.RedisError):
+            for p in unsure:
+                p.reasons.append("regions_unavailable")  # the whole upload's scores stand
+            return
+        if embedded is None:
+            return  # another version answered: a promotion in between
+        ms = elapsed_ms(began) / len(unsure)
+        for p, regions in zip(unsure, embedded, strict=True):
+
+            def closer(v: Verification, regions: NDArray[np.float32] = regions, p: _Pending = p) -> Verification:
+                if v.upload_id not in stored or not self.verifier.undersold(v.inliers, v.score, threshold):
+                    return v
+                rescored = self.verifier.closer(v, nearest_view(regions, stored[v.upload_id]))
+                if rescored is not v:
+                    p.by_regions.add(v.upload_id)
+                return rescored
+
+            p.first, p.second = [closer(v) for v in p.first], [closer(v) for v in p.second]
+            p.item.timings["query_regions_ms"] = ms
+            p.item.span.set_attribute("sieve.query_regions", True)
+        self.metrics.stage("query_regions", ms * len(unsure) / 1000.0)
 
     def _verify(
         self,
@@ -149,7 +210,8 @@ def _verified(p: _Pending, threshold: float) -> Verified:
     reasons = list(p.reasons)
     for kind, group in (("verified_match", p.first), ("keypoint_match", p.second)):
         reasons += [f"{kind}:{v.upload_id}:{v.inliers}" for v in group if v.score >= threshold > v.cosine]
-    verified = p.first + p.second
+    reasons += [f"query_regions:{u}" for u in sorted(p.by_regions)]  # their evidence's cosine is a region's
+    verified = p.verified()
     matches = [
         MatchEvidence(
             upload_id=v.upload_id, cosine=round(v.cosine, 6), inliers=v.inliers, mirrored=v.mirrored, score=v.score
@@ -158,3 +220,8 @@ def _verified(p: _Pending, threshold: float) -> Verified:
     ]
     p.item.span.set_attribute("sieve.verified", len(verified))
     return Verified(rescored(neighbours, verified), matches, reasons)
+
+
+def _pixels(item: Item) -> NDArray[np.uint8]:
+    assert item.image is not None
+    return item.image.pixels

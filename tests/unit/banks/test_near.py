@@ -65,3 +65,21 @@ def test_without_keypoints_the_cosine_decides(rule: BankEmbeddingRule) -> None:
             ("b/x", True, 0.81, None),
             ("b/y", False, 0.79, None),
         ]
+
+
+def test_a_regions_cosine_counts_only_with_geometric_support(rule: BankEmbeddingRule) -> None:
+    """A region near the upload lifts a verified copy; unverified, or without inliers, the whole image's cosine
+    is the score (seven views give a look-alike seven chances)."""
+    banked = {"b/astronaut": _features("astronaut"), "b/coffee": _features("coffee")}
+    query = QueryFeatures(_features("astronaut", crop=True))
+    candidates = [Neighbour("b/coffee", 0.83), Neighbour("b/astronaut", 0.78)]  # both best at a region
+    thresholds = {c.upload_id: THRESHOLD for c in candidates}
+    whole = {"b/coffee": 0.60, "b/astronaut": 0.55}
+    judged = {j.key: j for j in rule.judge(query, candidates, thresholds, banked, whole)}
+    stranger, copy = judged["b/coffee"], judged["b/astronaut"]
+    assert not stranger.matched and stranger.score == pytest.approx(0.60 - VerificationSettings().miss_penalty)
+    assert stranger.cosine == 0.83  # the region's cosine is still what the evidence shows
+    assert copy.matched and copy.inliers is not None and copy.inliers > VerificationSettings().inlier_floor
+    assert copy.score > 0.78  # the region's cosine, plus the bonus
+    [unverified] = rule.judge(None, [Neighbour("b/x", 0.85)], {"b/x": THRESHOLD}, {}, {"b/x": 0.7})
+    assert not unverified.matched and unverified.score == pytest.approx(0.7)

@@ -96,3 +96,33 @@ def test_the_second_pass_runs_unless_a_candidate_is_surely_a_copy() -> None:
     assert verifier.needs_second_pass(0.75, 0.7)  # over the threshold, but not by the margin
     assert not verifier.needs_second_pass(0.81, 0.7)
     assert not Verifier(VerificationSettings(second_pass=False)).needs_second_pass(None, 0.7)
+
+
+def _tally_by_loop(
+    distances: np.ndarray, slots: np.ndarray, max_distance: int, neighbours: int
+) -> list[tuple[int, int]]:
+    """The rule as first written, one descriptor at a time: the specification the vectorised tally must meet."""
+    votes: dict[int, int] = {}
+    for row_distances, row_slots in zip(distances, slots, strict=True):
+        seen: list[int] = []
+        for distance, slot in zip(row_distances.tolist(), row_slots.tolist(), strict=True):
+            if distance > max_distance or slot < 0 or slot in seen:
+                continue
+            seen.append(slot)
+            if len(seen) > neighbours:
+                break
+            votes[slot] = votes.get(slot, 0) + 1
+    return sorted(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def test_the_vectorised_tally_counts_votes_as_the_rule_says() -> None:
+    from services.common.verification.keypoint_index import tally
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        rows, k = int(rng.integers(1, 300)), int(rng.integers(1, 17))
+        distances = np.sort(rng.integers(0, 90, (rows, k)), axis=1).astype(np.int32)
+        slots = rng.integers(-1, 12, (rows, k)).astype(np.int64)  # few references: repeats within a row
+        slots[distances > 80] = -1  # FAISS pads a short row with -1
+        for neighbours in (1, 4):
+            assert tally(distances, slots, 40, neighbours) == _tally_by_loop(distances, slots, 40, neighbours)

@@ -177,3 +177,36 @@ def test_neighbours_without_features_keep_their_cosine_and_order_follows_fused_s
     ranked = rescored(neighbours, verified)
     assert ranked[0].upload_id == "orig" and ranked[0].score > 0.55
     assert next(n for n in ranked if n.upload_id == "unknown").score == 0.3
+
+
+def test_a_thumbnail_is_enlarged_before_its_keypoints_are_found() -> None:
+    """ORB finds next to nothing in a 90-pixel crop; enlarged to min_side first, the crop has keypoints enough to
+    verify against its original, reported in the thumbnail's own pixels."""
+    photo = _photo("astronaut")
+    thumb = photo.crop((100, 40, 400, 340)).resize((90, 90))
+    gray = detail_view(thumb, 512)
+    plain = FeatureExtractor("orb", 500).extract(gray)
+    enlarged = FeatureExtractor("orb", 500, min_side=320).extract(gray)
+    assert len(plain) < 40 < len(enlarged)
+    assert (enlarged.width, enlarged.height) == (90, 90)
+    assert enlarged.points.min() >= 0 and enlarged.points.max() < 90
+    reference = FeatureExtractor("orb", 500, min_side=320).extract(detail_view(photo, 512))
+    assert count_inliers(enlarged, reference) > VerificationSettings().inlier_floor >= count_inliers(plain, reference)
+
+
+def test_only_an_undersold_pair_is_worth_its_regions_and_a_closer_cosine_keeps_its_geometry() -> None:
+    from services.common.verification import Verification
+
+    cfg = VerificationSettings()
+    verifier = Verifier(cfg)
+    floor = cfg.inlier_floor
+    assert verifier.undersold(floor + 9, 0.5, 0.67)  # geometry agrees, the score falls short
+    assert not verifier.undersold(floor, 0.5, 0.67)  # no geometry: a look-alike as likely as a copy
+    assert not verifier.undersold(None, 0.5, 0.67)  # never verified
+    assert not verifier.undersold(floor + 9, 0.7, 0.67)  # matched already
+    assert not Verifier(VerificationSettings(query_regions=False)).undersold(floor + 9, 0.5, 0.67)
+    pair = Verification("ref", 0.35, floor + 9, False, verifier.score(0.35, floor + 9))
+    closer = verifier.closer(pair, 0.93)
+    assert (closer.upload_id, closer.inliers, closer.cosine) == ("ref", floor + 9, 0.93)
+    assert closer.score == pytest.approx(pair.score + 0.93 - 0.35)  # the inlier bonus stands
+    assert verifier.closer(pair, 0.2) is pair  # a region further than the whole changes nothing
