@@ -42,8 +42,9 @@ def load_view_function(spec: str) -> Callable[..., Any] | None:
     """``"package.module:function"`` -> the function, imported on its first call; empty -> None (the page hides
     that view).
 
-    The default views draw with torch (the STN's warp, Grad-CAM), which the serving image leaves out: the reviewer
-    starts without it, and a view asked for where torch is missing answers 501 saying what to install.
+    The aligned view draws with torch (the STN's warp), which the serving image leaves out: the reviewer starts
+    without it, and a view asked for where a package is missing answers 501 saying what to install. The explain
+    view draws without torch, leaving out only Grad-CAM and the warp.
     """
     if not spec:
         return None
@@ -53,15 +54,15 @@ def load_view_function(spec: str) -> Callable[..., Any] | None:
     loaded: list[Callable[..., Any]] = []
 
     def view(*args: Any) -> Any:
-        if not loaded:
-            try:
+        try:
+            if not loaded:
                 fn = getattr(importlib.import_module(module_name), attr)
-            except ModuleNotFoundError as exc:
-                raise ImageRefused(501, f"this view needs {exc.name}: pip install 'sieve[train]'") from exc
-            if not callable(fn):
-                raise TypeError(f"{spec} is not callable")
-            loaded.append(fn)
-        return loaded[0](*args)
+                if not callable(fn):
+                    raise TypeError(f"{spec} is not callable")
+                loaded.append(fn)
+            return loaded[0](*args)
+        except ModuleNotFoundError as exc:  # at import, or inside the view (the aligned view imports torch late)
+            raise ImageRefused(501, f"this view needs {exc.name}: pip install 'sieve[train]'") from exc
 
     return view
 

@@ -9,20 +9,16 @@ thresholds, and what the content classifier says about each image.
 from __future__ import annotations
 
 import base64
-import functools
 import html
 import io
 import json
 import math
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
@@ -30,163 +26,12 @@ from services.common.config import REPO_ROOT, DecisionSettings, DecodeSettings, 
 from services.common.imaging import DecodedImage, decode_image
 from services.common.models.open_nsfw import caffe_input, network_path, nsfw_probability
 from services.common.verification import FeatureExtractor, GeometricMatch, Verifier, match_geometry
-from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_version, triton_reachable
+from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_serving, triton_reachable
+from services.tools.pair_evidence import PairEvidence, pose_of
 
 WIRE_SIZE = 256  # what the moderator sends to Triton: uint8 NHWC 256x256
 CLASSIFIER_CONFIG = REPO_ROOT / "model_repo" / "sieve_classifier" / "config.pbtxt"
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-
-Tensor = torch.Tensor
-
-
-# ------------------------------------------------------------------------------------------ the network, cut
-
-
-@dataclass
-class Anatomy:
-    """The served network cut at its last convolutional feature map, where Grad-CAM reads gradients.
-
-    Works for the eager modules and for the TorchScript export alike: it only calls submodules and methods
-    that the export keeps (``normalise``, ``predict_theta``, ``warp``, ``features``, ``pool``, ``reduce``,
-    ``align``, ``flags``), so no second copy of the weights and no second model loader is needed.
-    """
-
-    name: str
-    stn: bool
-    stn_note: str
-    prepare: Callable[[Tensor], tuple[Tensor, Tensor | None]]  # uint8 NHWC -> (backbone input, θ or None)
-    features: Callable[[Tensor], Tensor]
-    head: Callable[[Tensor], Tensor]  # feature map -> L2-normalised embedding
-    network: Callable[[Tensor], Tensor]  # the whole served forward, for the parity check
-    align: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
-    flags: Callable[[Tensor], Tensor] | None = None
-    categories: list[str] = field(default_factory=list)
-
-    def embed(self, images: Tensor) -> Tensor:
-        """Embedding through the cut pieces; equals ``network(images)`` (the tests hold it to that)."""
-        x, _ = self.prepare(images)
-        return self.head(self.features(x))
-
-
-def dissect(network: Any, name: str) -> Anatomy:
-    """Split v1 (GeM baseline) or v2+ (STN, eager or TorchScript) into prepare / features / head."""
-    from services.common.models.gem import GeMEmbedder
-
-    if isinstance(network, GeMEmbedder):
-        gem: GeMEmbedder = network
-        size = gem.normalize.size
-        return Anatomy(
-            name=name,
-            stn=False,
-            stn_note=f"{name} has no spatial transformer: the backbone sees the whole image resized to {size} px, "
-            "so there is no warped view to show.",
-            prepare=lambda images: (gem.normalize(images), None),
-            features=gem.trunk.features,
-            head=lambda fmap: F.normalize(gem.pool(fmap), dim=1),
-            network=gem,
-        )
-    if all(hasattr(network, attr) for attr in ("align", "predict_theta", "warp", "features", "reduce", "pool")):
-        size = int(network.input_size)
-        learned = bool(network.use_stn)
-
-        def prepare(images: Tensor) -> tuple[Tensor, Tensor | None]:
-            x = network.normalise(images)
-            theta = network.predict_theta(x)
-            return network.warp(x, theta, size), theta
-
-        def head(fmap: Tensor) -> Tensor:
-            return F.normalize(network.reduce(network.pool(fmap)), dim=1)
-
-        note = "" if learned else f"{name} was built with use_stn=False (the ablation): its θ is the fixed identity."
-        return Anatomy(
-            name=name,
-            stn=True,
-            stn_note=note,
-            prepare=prepare,
-            features=network.features,
-            head=head,
-            network=network,
-            align=network.align,
-            flags=network.flags,
-            categories=[str(c) for c in network.categories],
-        )
-    raise TypeError(f"{name}: unknown embedder type {type(network).__name__}; explain cannot cut it for Grad-CAM")
-
-
-# -------------------------------------------------------------------------------------------------- evidence
-
-
-@dataclass
-class PairEvidence:
-    similarity: float  # cosine of the two embeddings, computed in-process on the same artifact
-    heat_view: NDArray[np.float32]  # (2, S, S) Grad-CAM in [0, 1] on what the backbone saw (warped for STN)
-    heat_input: NDArray[np.float32]  # (2, 256, 256) the same heat mapped back onto the decoded input
-    heat_peak: list[float]  # raw Grad-CAM maxima before normalisation (0 means no positive evidence)
-    theta: NDArray[np.float32] | None  # (2, 2, 3)
-    warped: NDArray[np.uint8] | None  # (2, 256, 256, 3), the STN's "aligned view"
-    stn_flags: list[dict[str, float]] | None
-
-
-def pair_evidence(anatomy: Anatomy, pixels: NDArray[np.uint8]) -> PairEvidence:
-    """Grad-CAM of cos(emb_a, emb_b) w.r.t. each image's last feature map, plus the STN view when there is one.
-
-    Only the head needs gradients (the feature maps are leaves), so this costs one forward pass and a tiny
-    backward; both images go through in one batch (eval-mode BatchNorm keeps them independent).
-    """
-    images = torch.from_numpy(np.ascontiguousarray(pixels))
-    with torch.no_grad():
-        x, theta = anatomy.prepare(images)
-        fmap = anatomy.features(x)
-    with torch.enable_grad():
-        leaf = fmap.detach().clone().requires_grad_(True)
-        emb = anatomy.head(leaf)
-        sim = (emb[0] * emb[1]).sum()
-        (grad,) = torch.autograd.grad(sim, leaf)
-    weights = grad.mean(dim=(2, 3), keepdim=True)  # one weight per channel: the Grad-CAM recipe
-    cam = F.relu((weights * leaf.detach()).sum(dim=1, keepdim=True))
-    peak = cam.amax(dim=(1, 2, 3))
-    size = int(x.shape[-1])
-    view = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
-    view = view / peak.clamp_min(1e-12).view(-1, 1, 1, 1)
-    if theta is not None:
-        # The warp samples input point θ·p for output point p, so the heat at input point q is heat(θ⁻¹·q).
-        bottom = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=theta.dtype).expand(theta.shape[0], 1, 3)
-        inverse = torch.linalg.inv(torch.cat([theta, bottom], dim=1))[:, :2, :]
-        grid = F.affine_grid(inverse, [theta.shape[0], 1, WIRE_SIZE, WIRE_SIZE], align_corners=False)
-        on_input = F.grid_sample(view, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    else:
-        on_input = F.interpolate(view, size=(WIRE_SIZE, WIRE_SIZE), mode="bilinear", align_corners=False)
-    warped: NDArray[np.uint8] | None = None
-    stn_flags: list[dict[str, float]] | None = None
-    with torch.no_grad():
-        if anatomy.align is not None:
-            _, aligned = anatomy.align(images)
-            warped = aligned.numpy().astype(np.uint8)
-        if anatomy.flags is not None and anatomy.categories:
-            probs = anatomy.flags(images).numpy()
-            stn_flags = [{c: round(float(p), 4) for c, p in zip(anatomy.categories, row, strict=True)} for row in probs]
-    return PairEvidence(
-        similarity=float(sim.detach()),
-        heat_view=view[:, 0].numpy().astype(np.float32),
-        heat_input=on_input[:, 0].clamp(0.0, 1.0).numpy().astype(np.float32),
-        heat_peak=[float(p) for p in peak],
-        theta=None if theta is None else theta.detach().numpy().astype(np.float32),
-        warped=warped,
-        stn_flags=stn_flags,
-    )
-
-
-def pose_of(theta: NDArray[np.float32]) -> dict[str, float]:
-    """θ in words a reviewer can check against the picture: rotation, scale and shift of the sampled window."""
-    a, b, tx = (float(v) for v in theta[0])
-    c, d, ty = (float(v) for v in theta[1])
-    return {
-        "rotation_deg": round(math.degrees(math.atan2(c, a)), 2),
-        "scale": round(math.sqrt(abs(a * d - b * c)), 3),
-        "shift_x": round(tx, 3),
-        "shift_y": round(ty, 3),
-    }
-
 
 # ------------------------------------------------------------------------------------------------ classifier
 
@@ -324,12 +169,6 @@ def keypoint_match(a: DecodedImage, b: DecodedImage, settings: Settings) -> tupl
     return best, mirrored, len(query), len(reference)
 
 
-@functools.lru_cache(maxsize=2)
-def _anatomy(version: int, repo: Path, local_name: str) -> Anatomy:
-    """Loaded once per version: the reviewer service explains many pairs with the same network."""
-    return dissect(load_version(version, repo), local_name)
-
-
 def explain(
     a: Path,
     b: Path,
@@ -366,16 +205,30 @@ def aligned_png(data: bytes) -> bytes | None:
     None when the newest version has no spatial transformer (the page then hides the figure, rather than
     showing the input again as if it were a warp).
     """
+    from services.tools.gradcam import aligned_view, anatomy_of  # torch: the page says what to install without it
+
     version = latest_version(EMBEDDER_REPO)
-    anatomy = _anatomy(version, EMBEDDER_REPO, f"{EMBEDDER_REPO.name}:{version}")
-    if anatomy.align is None:
-        return None
     decoded, _ = _decode(data)
-    with torch.no_grad():
-        _, aligned = anatomy.align(torch.from_numpy(decoded.pixels[None].copy()))
+    view = aligned_view(anatomy_of(version, EMBEDDER_REPO, f"{EMBEDDER_REPO.name}:{version}"), decoded.pixels)
+    if view is None:
+        return None
     buf = io.BytesIO()
-    Image.fromarray(aligned[0].numpy().astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray(view).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def network_evidence(pixels: NDArray[np.uint8], version: int, repo: Path, local_name: str) -> PairEvidence:
+    """Grad-CAM and the warp where torch is installed; else the served artifact's cosine alone (ONNX in process),
+    and the picture says what is missing."""
+    try:
+        from services.tools.gradcam import anatomy_of, pair_evidence
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        embeddings = load_serving(version, repo)(pixels).astype(np.float64)
+        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        return PairEvidence.without_network(float(embeddings[0] @ embeddings[1]))
+    return pair_evidence(anatomy_of(version, repo, local_name), pixels)
 
 
 def explain_pair(
@@ -396,15 +249,14 @@ def explain_pair(
     pixels = np.stack([d.pixels for d, _ in decoded]).astype(np.uint8)
     version = latest_version(repo)
     local_name = f"{repo.name}:{version}"
-    anatomy = _anatomy(version, repo, local_name)
-    evidence = pair_evidence(anatomy, pixels)
+    evidence = network_evidence(pixels, version, repo, local_name)
     served = served_view(pixels, settings, prefer_triton, local_name)
     similarity = served.similarity if served.similarity is not None else evidence.similarity
     threshold, source = moderator_threshold(served.model_version, settings.decision)
     cfg = settings.decision.model_copy(update={"duplicate_threshold": threshold})
     notes: list[str] = []
-    if anatomy.stn_note:
-        notes.append(anatomy.stn_note)
+    if evidence.stn_note:
+        notes.append(evidence.stn_note)
     if served.model_version != local_name:
         notes.append(
             f"Triton answered with {served.model_version}; the warp and heat maps come from {local_name}, the newest "
@@ -445,11 +297,11 @@ def explain_pair(
         duplicate_threshold=cfg.duplicate_threshold,
         review_margin=cfg.review_margin,
         card_threshold=card,
-        stn=anatomy.stn,
-        stn_note=anatomy.stn_note,
+        stn=evidence.stn,
+        stn_note=evidence.stn_note,
         pose=None if evidence.theta is None else [pose_of(t) for t in evidence.theta],
-        heat_peak=[round(p, 6) for p in evidence.heat_peak],
-        heat_std=[round(float(h.std()), 4) for h in evidence.heat_input],
+        heat_peak=[round(p, 6) for p in evidence.heat_peak or []],
+        heat_std=[] if evidence.heat_input is None else [round(float(h.std()), 4) for h in evidence.heat_input],
         scores=served.scores,
         classifier_source=served.classifier_source,
         flag_threshold=cfg.flag_threshold,
@@ -604,7 +456,9 @@ def _quad(theta: NDArray[np.float32], size: int) -> list[tuple[float, float]]:
 def render(result: Explanation, pixels: NDArray[np.uint8], ev: PairEvidence, notes: list[str]) -> Image.Image:
     """One picture: a row per image (input, warp, heat), then the similarity bar, the scores and the notes."""
     columns: list[str] = ["input as decoded (256x256)"]
-    if result.stn:
+    if ev.heat_input is None:
+        columns += ["spatial transformer and Grad-CAM"]
+    elif result.stn:
         columns += ["STN warped view", "Grad-CAM on the warped view", "Grad-CAM back on the input"]
     else:
         columns += ["spatial transformer", "Grad-CAM of cos(A, B)"]
@@ -645,7 +499,9 @@ def render(result: Explanation, pixels: NDArray[np.uint8], ev: PairEvidence, not
         if ev.theta is not None:
             ImageDraw.Draw(inp).polygon(_quad(ev.theta[row], PANEL), outline=(255, 214, 0), width=2)
         panels.append((inp, result.sizes[row] + ("  (yellow: STN window)" if ev.theta is not None else "")))
-        if result.stn and ev.warped is not None and result.pose is not None:
+        if ev.heat_input is None or ev.heat_view is None:
+            panels.append((_placeholder(result.stn_note), "not drawn in this install"))
+        elif result.stn and ev.warped is not None and result.pose is not None:
             pose = result.pose[row]
             caption = f"rot {pose['rotation_deg']:+.1f}°  scale {pose['scale']:.2f}  " + (
                 f"shift {pose['shift_x']:+.2f},{pose['shift_y']:+.2f}"
@@ -704,13 +560,19 @@ def _similarity_bar(draw: ImageDraw.ImageDraw, r: Explanation, x0: int, y0: int,
         draw.line((px(tick), bottom, px(tick), bottom + 4), fill=MUTED)
         draw.text((px(tick) - 10, bottom + 5), f"{tick:.1f}", fill=MUTED, font=small)
     draw.line((px(thr), top - 4, px(thr), bottom + 4), fill=INK, width=2)
+
+    def beside(x: float, label: str) -> float:
+        """Left of its marker, or right of it where the left would run off the picture."""
+        width = draw.textlength(label, font=small)
+        return x - width - 6 if x - width - 6 >= x0 else x + 6
+
     label = f"duplicate threshold for {r.model_version}: {thr:.3g}  (review band ±{margin:.2f})"
-    draw.text((px(thr) - draw.textlength(label, font=small) - 6, top - 16), label, fill=INK, font=small)
+    draw.text((beside(px(thr), label), top - 16), label, fill=INK, font=small)
     if r.card_threshold is not None and abs(r.card_threshold - thr) > 1e-6:
         card_x = px(r.card_threshold)
         draw.line((card_x, top - 4, card_x, bottom + 4), fill=(60, 60, 200), width=2)
         label = f"{r.model_version} model card {r.card_threshold:.3f}"
-        draw.text((card_x - draw.textlength(label, font=small) - 6, top - 30), label, fill=(60, 60, 200), font=small)
+        draw.text((beside(card_x, label), top - 30), label, fill=(60, 60, 200), font=small)
     s = px(r.score)
     draw.polygon([(s - 8, bottom + 22), (s + 8, bottom + 22), (s, bottom + 4)], fill=INK)
     draw.text((s - 20, bottom + 24), f"{r.score:.3f}", fill=INK, font=_font(13, bold=True))

@@ -109,3 +109,50 @@ def test_killing_a_partition_leader_mid_stream_loses_nothing(
     assert all(len(d) == 1 for d in decisions.values()), decisions
     assert read_topic(settings, settings.kafka.topic_dlq, 1, timeout_s=3) == []
     assert all(r.proc is not None and r.proc.poll() is None for r in replicas), logs
+
+
+def test_with_two_of_three_brokers_lost_a_write_fails_loudly_and_lands_once_they_are_back(
+    cluster: KafkaCluster, on_cluster: tuple[Settings, dict[str, str]], tmp_path: Path
+) -> None:
+    """acks=all and min.insync.replicas=2 (what ensure_topics gives every topic): with two brokers gone a write
+    cannot be acknowledged, and the producer says so instead of reporting success for a record that vanished."""
+    from confluent_kafka import Consumer
+    from confluent_kafka.admin import NewTopic
+
+    from services.common.errors import TransientError
+    from services.common.kafka_io import AckedProducer
+
+    settings, _ = on_cluster
+    topic = f"sieve-two-lost-{time.time_ns()}"
+    admin = AdminClient(settings.kafka.client_config())
+    admin.create_topics([NewTopic(topic, 1, 3, config={"min.insync.replicas": "2"})])[topic].result(30)
+    wait_for(lambda: cluster.leader_of(topic, 0) > 0, 30, f"a leader for {topic}")
+    survivor = cluster.leader_of(topic, 0)
+    for node in cluster.nodes:
+        if node.node_id != survivor:
+            node.kill()
+    producer = AckedProducer(settings.kafka, {"message.timeout.ms": 8000})
+    producer.produce(topic, "lost", b"written while two of three brokers were down")
+    with pytest.raises(TransientError, match=r"unacknowledged|errors"):
+        producer.flush(30)
+
+    cluster.restart(tmp_path / "logs", 180)
+    retry = AckedProducer(settings.kafka)
+    retry.produce(topic, "lost", b"written again once they were back")
+    retry.flush(60)
+    consumer = Consumer(
+        {**settings.kafka.client_config(), "group.id": f"check-{topic}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not values:
+        msg = consumer.poll(1.0)
+        if msg is not None and msg.error() is None:
+            values.append(msg.value())
+    time.sleep(2)  # anything else in the partition arrives by now
+    while (msg := consumer.poll(1.0)) is not None:
+        if msg.error() is None:
+            values.append(msg.value())
+    consumer.close()
+    assert values == [b"written again once they were back"]  # the refused write did not land behind our back

@@ -22,7 +22,8 @@ from services.common.imaging import decode_image
 from services.common.photos.build import load_photo_set
 from services.common.transforms import NEAR_DUPLICATES, encode_jpeg
 from services.evaluation.embed import EMBEDDER_REPO, latest_version, load_version
-from services.tools.explain import dissect, explain, pair_evidence
+from services.tools.explain import explain
+from services.tools.gradcam import dissect, pair_evidence
 from tests.thresholds import expected_threshold
 
 
@@ -78,6 +79,7 @@ def test_heat_maps_follow_the_evidence_not_a_constant(photos: dict[str, Path]) -
     assert np.allclose(whole, cut, atol=1e-5)  # Grad-CAM looks at exactly the served computation
     ev = pair_evidence(anatomy, pixels)
     assert ev.similarity == pytest.approx(float(whole[0] @ whole[1]), abs=1e-5)
+    assert ev.heat_input is not None
     for heat in ev.heat_input:
         assert heat.max() == pytest.approx(1.0, abs=0.05) and heat.min() < 0.2 and heat.std() > 0.05
 
@@ -119,6 +121,7 @@ def test_stn_version_shows_the_warp_and_maps_heat_back(photos: dict[str, Path], 
         whole = anatomy.network(torch.from_numpy(pixels)).numpy()
     assert ev.similarity == pytest.approx(float(whole[0] @ whole[1]), abs=1e-5)
     # Heat outside the STN window cannot exist: the backbone never saw those pixels.
+    assert ev.heat_input is not None
     corner = ev.heat_input[:, :6, :6]
     assert float(corner.max()) == 0.0
     assert Image.open(out).width > 1000  # four panels per row

@@ -262,3 +262,28 @@ def test_cli_rejudge_waits_for_the_bank_lock_the_worker_holds(
     assert sieve(["banks", "rejudge", "locked", "--actor", "tester"]) == 0
     progress = json.loads(capsys.readouterr().out.splitlines()[-1])["rejudge"]
     assert progress["published"] == 1 and progress["done"] is True
+
+
+def test_the_worker_skips_a_bank_the_cli_holds_and_steps_the_others(settings: Settings) -> None:
+    """The lock from the other side: while ``sieve banks rejudge`` holds one bank, the background worker leaves
+    it alone (its cursor does not move) and still steps every other pending bank; once released, it is worked."""
+    prefix = f"{settings.redis.key_prefix}-held"  # no other test's pending requests
+    settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"key_prefix": prefix})})
+    client = redis.Redis.from_url(settings.redis.url.get_secret_value())
+    store = HashBankStore(client, prefix)
+    requests = RejudgeRequests(client, prefix)
+    for bank, value in (("held-by-cli", "a"), ("free", "b")):
+        store.create(bank)
+        store.add_signals(bank, [Signal("sha256", value * 64, f"item-{bank}")])
+        requests.request(bank, "test")
+    judge = Rejudger(client, settings, kafka_publisher(settings))
+    worker = RejudgeWorker(judge)
+    held = judge.lock("held-by-cli")  # what the CLI takes before stepping a bank
+    assert held.acquire(blocking=False)
+    try:
+        assert worker.run_once() == 1
+        assert "held-by-cli" in requests.pending() and "free" not in requests.pending()
+        assert client.hget(f"{prefix}:bank:held-by-cli:retro", "cursor") is None  # not stepped
+    finally:
+        held.release()
+    assert worker.run_once() == 1 and "held-by-cli" not in requests.pending()

@@ -85,13 +85,38 @@ def _sieve_without_torch(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_torch_command_without_torch_says_what_to_install(tmp_path: Path) -> None:
-    for name in ("a.png", "b.png"):
-        Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / name)
-    done = _sieve_without_torch("explain", str(tmp_path / "a.png"), str(tmp_path / "b.png"))
+def test_a_torch_command_without_torch_says_what_to_install() -> None:
+    done = _sieve_without_torch("train", "--views-only")
     assert done.returncode == 3, done.stderr[-2000:]
-    assert "sieve explain needs torch" in done.stderr and "[train]" in done.stderr
+    assert "sieve train needs torch" in done.stderr and "[train]" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sieve_explain_runs_without_torch_and_says_what_it_leaves_out(tmp_path: Path) -> None:
+    """The scores, thresholds and keypoint matches come from the served artifacts; Grad-CAM and the warp need
+    the network in torch, and the picture says so instead of failing."""
+    import numpy as np
+
+    from services.common.config import DecodeSettings
+    from services.common.imaging import decode_image
+    from services.evaluation.embed import latest_version, load_serving
+
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).resize((480, 360))
+    photo.save(tmp_path / "a.png")
+    photo.crop((40, 30, 440, 330)).save(tmp_path / "b.png")
+    out = tmp_path / "why.png"
+    done = _sieve_without_torch("explain", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["backend"] == "in-process" and result["heat_peak"] == [] and result["pose"] is None
+    assert "[train]" in result["stn_note"]
+    pixels = [decode_image((tmp_path / n).read_bytes(), DecodeSettings(), 256).pixels for n in ("a.png", "b.png")]
+    embeddings = load_serving(latest_version())(np.stack(pixels))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    assert result["similarity"] == pytest.approx(float(embeddings[0] @ embeddings[1]), abs=1e-4)
+    assert result["inliers"] > 12  # the crop's keypoints still matched: verification needs no torch
+    assert Image.open(out).width >= 900
 
 
 def test_sieve_embed_and_dedup_run_without_torch(tmp_path: Path) -> None:

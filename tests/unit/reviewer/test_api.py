@@ -245,3 +245,11 @@ def test_item_view_shows_bank_evidence_and_keypoint_inliers(tmp_path: Path) -> N
         assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
         assert c.get("/api/banks/hashes/items/h-1/image", headers=H).status_code == 404
         assert c.get(banks["watch"]["image_url"]).status_code == 401  # reviewers only
+
+
+def test_a_view_that_needs_a_missing_package_only_when_called_answers_501_too() -> None:
+    view = load_aligned_view("tests.unit.reviewer.view_importing_late:view")
+    assert view is not None
+    with pytest.raises(ImageRefused) as refused:
+        view(b"x")
+    assert refused.value.status == 501 and "sieve_package_that_is_not_installed" in refused.value.detail
