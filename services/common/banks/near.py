@@ -36,6 +36,11 @@ from services.common.telemetry import meter
 from services.common.thresholds import ThresholdResolver
 from services.common.verification import KeypointHit, KeypointIndex, LocalFeatures, QueryFeatures, Verifier
 
+log = logging.getLogger(__name__)
+_regions_embedded = meter("sieve.banks").create_counter(
+    "sieve_bank_query_regions", description="uploads whose regions were embedded to judge a banked image again"
+)
+
 
 @dataclass(frozen=True)
 class Judged:
@@ -84,12 +89,6 @@ class BankEmbeddingRule:
                 score -= c.score - own  # no inlier bonus: the fused score is linear in the cosine (matching.fuse)
             out.append(Judged(c.upload_id, c.score, score, inliers, score >= thresholds[c.upload_id]))
         return out
-
-
-log = logging.getLogger(__name__)
-_regions_embedded = meter("sieve.banks").create_counter(
-    "sieve_bank_query_regions", description="uploads whose regions were embedded to judge a banked image again"
-)
 
 
 class NearBankMatcher:
