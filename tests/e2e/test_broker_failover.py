@@ -63,6 +63,8 @@ def _stream(settings: Settings, uploads: list[tuple[str, Path]], every_s: float)
 def _assert_replicated(settings: Settings, cluster: KafkaCluster) -> None:
     admin = AdminClient(settings.kafka.client_config())
     topics = [settings.kafka.topic_uploads, settings.kafka.topic_verdicts]
+    # A topic just created reaches every broker's metadata a moment later; the one asked may not know it yet.
+    wait_for(lambda: set(topics) <= set(admin.list_topics(timeout=10).topics), 30, f"{topics} in the metadata")
     meta = admin.list_topics(timeout=10)
     for topic in topics:
         assert all(len(p.replicas) == 3 for p in meta.topics[topic].partitions.values()), topic
