@@ -113,11 +113,13 @@ def test_killing_a_partition_leader_mid_stream_loses_nothing(
     assert all(r.proc is not None and r.proc.poll() is None for r in replicas), logs
 
 
-def test_with_two_of_three_brokers_lost_a_write_fails_loudly_and_lands_once_they_are_back(
+def test_with_two_of_three_brokers_lost_a_write_fails_loudly_and_its_retry_lands_once_they_are_back(
     cluster: KafkaCluster, on_cluster: tuple[Settings, dict[str, str]], tmp_path: Path
 ) -> None:
     """acks=all and min.insync.replicas=2 (what ensure_topics gives every topic): with two brokers gone a write
-    cannot be acknowledged, and the producer says so instead of reporting success for a record that vanished."""
+    cannot be acknowledged, and the producer says so instead of reporting success. Its outcome is unknown, not
+    refused: the surviving leader may hold it and the returning followers copy it (seen in a full run), which is
+    why a failed flush means "redeliver", and verdicts are idempotent. The retry lands; nothing else appears."""
     from confluent_kafka import Consumer
     from confluent_kafka.admin import NewTopic
 
@@ -157,4 +159,5 @@ def test_with_two_of_three_brokers_lost_a_write_fails_loudly_and_lands_once_they
         if msg.error() is None:
             values.append(msg.value())
     consumer.close()
-    assert values == [b"written again once they were back"]  # the refused write did not land behind our back
+    assert b"written again once they were back" in values
+    assert set(values) <= {b"written while two of three brokers were down", b"written again once they were back"}
